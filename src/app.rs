@@ -1,0 +1,248 @@
+//! Binds everything a sidecar needs, starts its tasks, and hands back the
+//! bound addresses (so tests can use port 0).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{Admin, AdminState};
+use crate::config::{CertSource, Settings};
+use crate::drain::Drain;
+use crate::filewatch::{read_all, Reloader};
+use crate::identity::{chains_to, CaFiles, Issuer, LeafRequest, Rotator};
+use crate::metrics::Metrics;
+use crate::proxy::{self, Inbound, Outbound, Shared, UpstreamListener};
+use crate::tls::{MeshTls, TrustBundle};
+
+/// The addresses a running sidecar listens on.
+#[derive(Debug, Clone)]
+pub struct BoundAddrs {
+    pub inbound: SocketAddr,
+    pub outbound: Vec<SocketAddr>,
+    pub upstreams: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// A bound, not yet running, sidecar.
+pub struct App {
+    addrs: BoundAddrs,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    tls: Arc<MeshTls>,
+    drain: Drain,
+    inbound: Inbound,
+    outbound: Outbound,
+    admin: Admin,
+    issuer: (Vec<Vec<u8>>, Issuer),
+    bundle_pem: Vec<u8>,
+}
+
+impl App {
+    /// Loads the trust bundle and issuer and binds every listener. Each
+    /// error names the flag or file at fault.
+    pub async fn bind(settings: Settings) -> Result<App> {
+        let metrics = Arc::new(Metrics::new());
+        let td = settings.id.trust_domain().clone();
+        let bundle_pem = std::fs::read(&settings.trust_bundle)
+            .with_context(|| format!("--trust-bundle {}", settings.trust_bundle.display()))?;
+        let bundle = TrustBundle::from_pem(&settings.trust_bundle, &bundle_pem).map_err(|e| anyhow!("--trust-bundle: {e}"))?;
+        let CertSource::LocalIssuer { cert, key } = &settings.cert_source;
+        let files = CaFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let issuer_pem = read_all(&[files.cert.clone(), files.key.clone()]).map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
+        let issuer = Issuer::from_pem(&files, &issuer_pem[0], &issuer_pem[1], &td).map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
+        if !chains_to(&issuer.chain, &bundle.certs) {
+            warn!(issuer = %issuer.subject, "the issuer does not chain to --trust-bundle; peers using the same bundle will refuse this sidecar");
+        }
+        let tls = Arc::new(MeshTls::new(td, bundle));
+
+        let drain = Drain::new();
+        let inbound_listener = bind_inbound(settings.inbound_listen)?;
+        let explicit = settings.inbound_target.is_some() || !settings.upstreams.is_empty();
+        let mut transparent = Vec::new();
+        if !explicit {
+            for addr in &settings.outbound_listen {
+                match proxy::bind("--outbound-listen", *addr) {
+                    Ok(l) => transparent.push(l),
+                    Err(e) if addr.is_ipv6() && is_no_ipv6(&e) => warn!(%addr, "IPv6 is off; not listening there"),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let mut upstreams = Vec::new();
+        for u in &settings.upstreams {
+            upstreams.push(UpstreamListener {
+                listener: proxy::bind("--upstream", u.listen)?,
+                upstream: u.clone(),
+            });
+        }
+        let admin_listener = proxy::bind("--admin-listen", settings.admin_listen)?;
+        let addrs = BoundAddrs {
+            inbound: inbound_listener.local_addr()?,
+            outbound: transparent.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            upstreams: upstreams.iter().filter_map(|u| u.listener.local_addr().ok()).collect(),
+            admin: admin_listener.local_addr()?,
+        };
+        let shared = Arc::new(Shared {
+            tls: tls.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+            mode: settings.inbound_mode,
+            opaque_ports: settings.opaque_ports.clone(),
+            connect_timeout: settings.connect_timeout,
+            handshake_timeout: settings.handshake_timeout,
+            detect_timeout: settings.detect_timeout,
+            idle_timeout: settings.idle_timeout,
+        });
+        Ok(App {
+            addrs,
+            inbound: Inbound::new(inbound_listener, settings.inbound_target, shared.clone()),
+            outbound: Outbound {
+                transparent,
+                upstreams,
+                shared,
+            },
+            admin: Admin::new(
+                admin_listener,
+                AdminState {
+                    metrics: metrics.clone(),
+                    tls: tls.clone(),
+                    drain: drain.clone(),
+                },
+            ),
+            issuer: (issuer_pem, issuer),
+            bundle_pem,
+            settings,
+            metrics,
+            tls,
+            drain,
+        })
+    }
+
+    pub fn addrs(&self) -> &BoundAddrs {
+        &self.addrs
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The handle that starts a graceful shutdown (`drain().begin()`).
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
+    }
+
+    /// Runs until a shutdown begins, then drains. Returns once every
+    /// connection has finished or the drain timeout has passed.
+    pub async fn run(self) -> Result<()> {
+        let exit = CancellationToken::new();
+        let _stop_background = exit.clone().drop_guard();
+        let s = &self.settings;
+        let td = s.id.trust_domain().clone();
+        let (issuer_pem, issuer) = self.issuer;
+        let (issuer_tx, issuer_rx) = tokio::sync::watch::channel(Arc::new(issuer));
+
+        let CertSource::LocalIssuer { cert, key } = &s.cert_source;
+        let files = CaFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let parse_td = td.clone();
+        Reloader::new(
+            "issuer",
+            vec![files.cert.clone(), files.key.clone()],
+            &issuer_pem,
+            move |c| Issuer::from_pem(&files, &c[0], &c[1], &parse_td).map_err(|e| e.to_string()),
+            move |issuer| {
+                issuer_tx.send_replace(Arc::new(issuer));
+            },
+            self.metrics.issuer_reloads.clone(),
+        )
+        .spawn(s.file_poll_interval, exit.clone())
+        .context("watching --ca-cert/--ca-key")?;
+
+        let bundle_path = s.trust_bundle.clone();
+        let tls = self.tls.clone();
+        Reloader::new(
+            "trust bundle",
+            vec![bundle_path.clone()],
+            &[self.bundle_pem],
+            move |c| TrustBundle::from_pem(&bundle_path, &c[0]),
+            move |bundle| {
+                if let Err(e) = tls.set_bundle(bundle) {
+                    warn!(error = %e, "new trust bundle could not be used");
+                }
+            },
+            self.metrics.trust_bundle_reloads.clone(),
+        )
+        .spawn(s.file_poll_interval, exit.clone())
+        .context("watching --trust-bundle")?;
+
+        let tls = self.tls.clone();
+        let rotator = Rotator {
+            request: LeafRequest {
+                id: s.id.clone(),
+                ttl: s.cert_ttl,
+            },
+            issuer: issuer_rx,
+            publish: Box::new(move |leaf| {
+                if let Err(e) = tls.set_leaf(leaf) {
+                    warn!(error = %e, "new certificate could not be used");
+                }
+            }),
+            metrics: self.metrics.clone(),
+        };
+        tokio::spawn(rotator.run(exit.clone()));
+        let admin = tokio::spawn(self.admin.run());
+        let inbound = tokio::spawn(self.inbound.run());
+        let outbound = tokio::spawn(self.outbound.run());
+        let a = &self.addrs;
+        info!(
+            id = %s.id,
+            inbound = %a.inbound,
+            outbound = ?a.outbound,
+            upstreams = ?a.upstreams,
+            admin = %a.admin,
+            "listening"
+        );
+
+        self.drain.stopping().await;
+        let _ = tokio::join!(inbound, outbound);
+        info!(open = self.drain.open(), timeout = ?s.drain_timeout, "draining");
+        let left = self.drain.wait(s.drain_timeout).await;
+        if left > 0 {
+            warn!(left, "drain timeout reached; closing the remaining connections");
+        } else {
+            info!("drained");
+        }
+        admin.abort();
+        Ok(())
+    }
+}
+
+/// Binds the inbound listener; `[::]` falls back to `0.0.0.0` where IPv6 is off.
+fn bind_inbound(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    match proxy::bind("--inbound-listen", addr) {
+        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() && is_no_ipv6(&e) => {
+            warn!("IPv6 is off; inbound listener falls back to IPv4 only");
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            Ok(proxy::bind("--inbound-listen", v4)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+fn is_no_ipv6(e: &proxy::Error) -> bool {
+    match e {
+        proxy::Error::Bind { source, .. } => {
+            matches!(source.raw_os_error(), Some(code) if code == nix::libc::EAFNOSUPPORT || code == nix::libc::EADDRNOTAVAIL)
+        }
+        _ => false,
+    }
+}
+

@@ -1,0 +1,61 @@
+//! Graceful shutdown: stop accepting, let open connections finish for up to
+//! the drain timeout, then exit.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Shared by every listener: `stopping` ends accept loops, `connections`
+/// tracks the tasks that must finish (or time out) before exit.
+#[derive(Clone, Default)]
+pub struct Drain {
+    stopping: CancellationToken,
+    connections: TaskTracker,
+}
+
+impl Drain {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts the shutdown: listeners stop accepting and `/ready` turns 503.
+    pub fn begin(&self) {
+        self.stopping.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Resolves when the shutdown has begun.
+    pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.stopping.cancelled()
+    }
+
+    /// A token that is cancelled when the shutdown begins, for background tasks.
+    pub fn token(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Runs a connection task that the drain waits for.
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.connections.spawn(fut);
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Waits for open connections to finish, at most `timeout`. Returns how
+    /// many were still open when it gave up.
+    pub async fn wait(&self, timeout: Duration) -> usize {
+        self.connections.close();
+        let _ = tokio::time::timeout(timeout, self.connections.wait()).await;
+        self.connections.len()
+    }
+}

@@ -1,0 +1,126 @@
+//! Keeping this sidecar's leaf certificate fresh: renewal scheduling, backoff,
+//! and reloading the issuer files when they change.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Issuer, Leaf, LeafRequest};
+use crate::metrics::Metrics;
+
+/// How long to wait before renewing a leaf: half of its remaining lifetime,
+/// moved by `jitter` (in -1..=1) by up to 5% of that lifetime, so a fleet
+/// started together does not renew together.
+pub fn renewal_delay(received_at: SystemTime, not_after: SystemTime, jitter: f64) -> Duration {
+    let life = not_after.duration_since(received_at).unwrap_or_default();
+    let fraction = 0.5 + 0.05 * jitter.clamp(-1.0, 1.0);
+    life.mul_f64(fraction)
+}
+
+/// Capped exponential backoff with jitter, for retrying a failed renewal.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    cap: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, cap: Duration) -> Self {
+        Backoff { first, cap, next: first }
+    }
+
+    /// The next delay: doubles each time up to the cap; `jitter` in 0..=1
+    /// takes up to a fifth off.
+    pub fn next_delay(&mut self, jitter: f64) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        base.mul_f64(1.0 - 0.2 * jitter.clamp(0.0, 1.0))
+    }
+
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// The issuer in use; the issuer file reloader writes it, the rotator reads it.
+pub type IssuerWatch = watch::Receiver<Arc<Issuer>>;
+
+/// Renews this sidecar's leaf from the current issuer: on schedule, at once
+/// when the issuer changes, and with backoff after a failure (the still-valid
+/// leaf stays in use meanwhile).
+pub struct Rotator {
+    pub request: LeafRequest,
+    pub issuer: IssuerWatch,
+    pub publish: Box<dyn Fn(Arc<Leaf>) + Send + Sync>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Rotator {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            let issuer = self.issuer.borrow_and_update().clone();
+            let delay = match issuer.issue(&self.request) {
+                Ok(mut leaf) => {
+                    let delay = renewal_delay(leaf.received_at, leaf.not_after, rand::random::<f64>() * 2.0 - 1.0);
+                    leaf.renew_at = Some(SystemTime::now() + delay);
+                    info!(id = %leaf.id, serial = %leaf.serial, renew_in = ?delay, "certificate issued");
+                    self.metrics.cert_rotations.with_label_values(&["ok"]).inc();
+                    self.metrics.set_cert_expiry(leaf.not_after);
+                    (self.publish)(Arc::new(leaf));
+                    backoff.reset();
+                    delay
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay(rand::random());
+                    warn!(error = %e, retry_in = ?delay, "certificate renewal failed; keeping the current one");
+                    self.metrics.cert_rotations.with_label_values(&["error"]).inc();
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                changed = self.issuer.changed() => if changed.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_half_the_remaining_life_within_jitter() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let cases = [
+            (3600, 0.0, 1800.0),
+            (3600, 1.0, 1980.0),
+            (3600, -1.0, 1620.0),
+            (2, 0.0, 1.0),
+            (0, 0.0, 0.0),
+        ];
+        for (life, jitter, want) in cases {
+            let got = renewal_delay(t0, t0 + Duration::from_secs(life), jitter).as_secs_f64();
+            assert!((got - want).abs() < 1e-6, "life {life} jitter {jitter}: {got}");
+        }
+        // Already expired: renew at once.
+        assert_eq!(renewal_delay(t0, t0 - Duration::from_secs(5), 0.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let got: Vec<u128> = (0..5).map(|_| b.next_delay(0.0).as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 500, 500]);
+        assert_eq!(b.next_delay(1.0).as_millis(), 400);
+        b.reset();
+        assert_eq!(b.next_delay(0.0).as_millis(), 100);
+    }
+}

@@ -1,0 +1,15 @@
+//! portcullis: a per-pod service-mesh sidecar. See DESIGN.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod ca_cli;
+pub mod config;
+pub mod demo;
+pub mod drain;
+pub mod filewatch;
+pub mod identity;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod tls;

@@ -1,0 +1,47 @@
+//! The `portcullis` binary: parses the command line and dispatches.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use portcullis::config::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(*args),
+        Command::Ca(cmd) => portcullis::ca_cli::run(cmd),
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portcullis::demo::run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run(args: portcullis::config::RunArgs) -> anyhow::Result<()> {
+    let settings = args.settings().map_err(anyhow::Error::msg)?;
+    portcullis::logging::init(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async {
+        let app = portcullis::app::App::bind(settings).await?;
+        let drain = app.drain();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            drain.begin();
+        });
+        app.run().await
+    })
+}

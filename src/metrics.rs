@@ -1,0 +1,112 @@
+//! The sidecar's Prometheus metrics: one typed struct registered into one
+//! registry made at start-up (no global registry), so tests can run many
+//! sidecars in one process and read each one's numbers.
+
+use std::time::SystemTime;
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the sidecar exports. Names are a contract (dashboards, alerts).
+pub struct Metrics {
+    registry: Registry,
+    pub connections_opened: IntCounterVec,
+    pub connections_closed: IntCounterVec,
+    pub connections_open: IntGaugeVec,
+    pub received_bytes: IntCounterVec,
+    pub sent_bytes: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_handshake_duration: HistogramVec,
+    pub cert_expiry: Gauge,
+    pub cert_rotations: IntCounterVec,
+    pub trust_bundle_reloads: IntCounterVec,
+    pub issuer_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let connections_open = IntGaugeVec::new(
+            Opts::new("portcullis_tcp_connections_open", "TCP connections open now."),
+            &["direction", "port"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(connections_open.clone())).expect("unique metric");
+        let tls_handshake_duration = HistogramVec::new(
+            HistogramOpts::new("portcullis_tls_handshake_duration_seconds", "Time to complete a TLS handshake.")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            &["direction"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(tls_handshake_duration.clone())).expect("unique metric");
+        let cert_expiry = Gauge::new(
+            "portcullis_cert_expiry_timestamp_seconds",
+            "Unix time at which the current leaf certificate expires.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(cert_expiry.clone())).expect("unique metric");
+        let build_info = IntGaugeVec::new(Opts::new("portcullis_build_info", "Build information (value 1)."), &["version"])
+            .expect("valid metric");
+        r.register(Box::new(build_info.clone())).expect("unique metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            connections_opened: counter(r, "portcullis_tcp_connections_opened_total", "TCP connections accepted.", &["direction", "port"]),
+            connections_closed: counter(r, "portcullis_tcp_connections_closed_total", "TCP connections closed.", &["direction", "port"]),
+            received_bytes: counter(
+                r,
+                "portcullis_tcp_received_bytes_total",
+                "Payload bytes received from the accepted side of a connection.",
+                &["direction", "port"],
+            ),
+            sent_bytes: counter(
+                r,
+                "portcullis_tcp_sent_bytes_total",
+                "Payload bytes sent to the accepted side of a connection.",
+                &["direction", "port"],
+            ),
+            tls_handshakes: counter(r, "portcullis_tls_handshakes_total", "Mesh TLS handshakes by outcome.", &["direction", "result"]),
+            cert_rotations: counter(r, "portcullis_cert_rotations_total", "Leaf certificate renewals by outcome.", &["result"]),
+            trust_bundle_reloads: counter(r, "portcullis_trust_bundle_reloads_total", "Trust bundle reloads by outcome.", &["result"]),
+            issuer_reloads: counter(r, "portcullis_issuer_reloads_total", "Issuer (CA files) reloads by outcome.", &["result"]),
+            connections_open,
+            tls_handshake_duration,
+            cert_expiry,
+            build_info,
+            registry,
+        }
+    }
+
+    pub fn set_cert_expiry(&self, not_after: SystemTime) {
+        let secs = not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.cert_expiry.set(secs);
+    }
+
+    /// The registry, for later modules to register their own metrics into.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is utf-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,121 @@
+//! The data path: inbound (peers → app) and outbound (app → peers)
+//! listeners, protocol detection, original destinations and byte copying.
+
+mod detect;
+mod inbound;
+mod orig_dst;
+mod outbound;
+mod splice;
+
+pub use detect::{detect, Detected};
+pub use inbound::Inbound;
+pub use orig_dst::original_destination;
+pub use outbound::{Outbound, UpstreamListener};
+pub use splice::{splice, Traffic};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::InboundMode;
+use crate::drain::Drain;
+use crate::metrics::Metrics;
+use crate::tls::MeshTls;
+
+/// Errors of the data path; each one ends only its own connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding {flag} {addr}: {source}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("connect to {0}: timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("original destination: {0}")]
+    OriginalDst(String),
+}
+
+/// What every connection handler needs, shared by all listeners.
+pub struct Shared {
+    pub tls: Arc<MeshTls>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+    pub mode: InboundMode,
+    pub opaque_ports: Vec<u16>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub detect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Shared {
+    /// Connects to `addr` within the connect timeout, with TCP_NODELAY.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => Err(Error::ConnectTimeout(addr)),
+            Ok(Err(e)) => Err(Error::Connect(addr, e)),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+        }
+    }
+}
+
+/// Binds a TCP listener with SO_REUSEADDR; an IPv6 wildcard also accepts IPv4.
+pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    let err = |source| Error::Bind { flag, addr, source };
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).map_err(err)?;
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(1024).map_err(err)?;
+    TcpListener::from_std(socket.into()).map_err(err)
+}
+
+/// Counts one connection as open until dropped.
+pub struct ConnGuard {
+    closed: IntCounter,
+    open: IntGauge,
+}
+
+impl ConnGuard {
+    pub fn new(metrics: &Metrics, direction: &str, port: u16) -> Self {
+        let port = port.to_string();
+        let labels = [direction, port.as_str()];
+        metrics.connections_opened.with_label_values(&labels).inc();
+        let open = metrics.connections_open.with_label_values(&labels);
+        open.inc();
+        ConnGuard {
+            closed: metrics.connections_closed.with_label_values(&labels),
+            open,
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.open.dec();
+        self.closed.inc();
+    }
+}
+
+/// Byte counters for one connection, resolved once.
+pub fn traffic(metrics: &Metrics, direction: &str, port: u16) -> Traffic {
+    let port = port.to_string();
+    Traffic {
+        received: metrics.received_bytes.with_label_values(&[direction, &port]),
+        sent: metrics.sent_bytes.with_label_values(&[direction, &port]),
+    }
+}

@@ -1,0 +1,171 @@
+//! The inbound listener: peers connect here; mesh mTLS is terminated, the
+//! peer's identity read from its certificate, and the bytes forwarded to the app.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, Instrument};
+
+use super::{detect, original_destination, splice, traffic, ConnGuard, Detected, Shared};
+use crate::config::InboundMode;
+use crate::tls::{handshake_result, peer_identity};
+
+/// On opaque ports a plaintext client may wait for the server to speak, so
+/// only this long is spent looking for a mesh ClientHello (a sidecar sends
+/// its hello as soon as it connects).
+const OPAQUE_GRACE: Duration = Duration::from_millis(10);
+
+/// Who is on the other end of an inbound connection.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Mesh(crate::identity::SpiffeId),
+    Unauthenticated,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Mesh(id) => write!(f, "{id}"),
+            Peer::Unauthenticated => f.write_str("unauthenticated"),
+        }
+    }
+}
+
+/// The bound inbound listener.
+pub struct Inbound {
+    listener: TcpListener,
+    /// Explicit mode target; `None` means use the original destination.
+    target: Option<SocketAddr>,
+    shared: Arc<Shared>,
+}
+
+impl Inbound {
+    pub fn new(listener: TcpListener, target: Option<SocketAddr>, shared: Arc<Shared>) -> Self {
+        Inbound { listener, target, shared }
+    }
+
+    /// Accepts until the drain begins.
+    pub async fn run(self) {
+        let drain = self.shared.drain.clone();
+        loop {
+            let (stream, source) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        debug!(error = %e, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                _ = drain.stopping() => return,
+            };
+            let shared = self.shared.clone();
+            let target = self.target;
+            let span = tracing::info_span!("inbound", %source);
+            drain.spawn(serve(shared, stream, source, target).instrument(span));
+        }
+    }
+}
+
+async fn serve(shared: Arc<Shared>, stream: TcpStream, _source: SocketAddr, target: Option<SocketAddr>) {
+    let _ = stream.set_nodelay(true);
+    let started = Instant::now();
+    let target = match target {
+        Some(t) => t,
+        None => match original_destination(&stream) {
+            Ok(t) => t,
+            Err(e) => {
+                info!(error = %e, "inbound connection refused");
+                return;
+            }
+        },
+    };
+    let port = target.port();
+    let _guard = ConnGuard::new(&shared.metrics, "inbound", port);
+    let opaque = shared.opaque_ports.contains(&port);
+    let wait = match (shared.mode, opaque) {
+        (InboundMode::Strict, _) => shared.handshake_timeout,
+        (InboundMode::Permissive, true) => OPAQUE_GRACE.min(shared.detect_timeout),
+        (InboundMode::Permissive, false) => shared.detect_timeout,
+    };
+    let detected = match detect(&stream, wait).await {
+        Ok(d) => d,
+        Err(e) => return debug!(error = %e, "inbound connection failed before its first byte"),
+    };
+    let handshakes = &shared.metrics.tls_handshakes;
+    match (detected, shared.mode) {
+        (Detected::Closed, _) => {}
+        (Detected::MeshTls, _) => {
+            let remaining = shared.handshake_timeout.saturating_sub(started.elapsed());
+            serve_mesh(&shared, stream, target, remaining).await;
+        }
+        (Detected::Silent, InboundMode::Strict) => {
+            handshakes.with_label_values(&["inbound", "timeout"]).inc();
+            info!(port, "inbound connection refused: no TLS ClientHello in time");
+        }
+        (other, InboundMode::Strict) => {
+            let result = if other == Detected::OtherTls { "no_alpn" } else { "plaintext_refused" };
+            handshakes.with_label_values(&["inbound", result]).inc();
+            info!(port, result, "inbound connection refused: strict mode accepts only mesh mTLS");
+        }
+        (_, InboundMode::Permissive) => forward(&shared, stream, target, Peer::Unauthenticated).await,
+    }
+}
+
+async fn serve_mesh(shared: &Shared, stream: TcpStream, target: SocketAddr, timeout: Duration) {
+    let snapshot = shared.tls.snapshot();
+    let handshakes = &shared.metrics.tls_handshakes;
+    let Some(config) = snapshot.server.clone() else {
+        handshakes.with_label_values(&["inbound", "no_certificate"]).inc();
+        return info!("inbound connection refused: no certificate yet");
+    };
+    let started = Instant::now();
+    let tls = match tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream)).await {
+        Err(_) => {
+            handshakes.with_label_values(&["inbound", "timeout"]).inc();
+            return info!("inbound handshake timed out");
+        }
+        Ok(Err(e)) => {
+            let result = handshake_result(&e);
+            handshakes.with_label_values(&["inbound", result]).inc();
+            return info!(result, error = %e, "inbound handshake failed");
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let (_, conn) = tls.get_ref();
+    let peer = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| peer_identity(c, shared.tls.trust_domain()));
+    let Some(Ok(peer)) = peer else {
+        handshakes.with_label_values(&["inbound", "bad_identity"]).inc();
+        return info!("inbound connection refused: peer identity unreadable");
+    };
+    shared
+        .metrics
+        .tls_handshake_duration
+        .with_label_values(&["inbound"])
+        .observe(started.elapsed().as_secs_f64());
+    handshakes.with_label_values(&["inbound", "ok"]).inc();
+    forward(shared, tls, target, Peer::Mesh(peer)).await;
+}
+
+/// Connects to the app and copies bytes until both sides are done.
+async fn forward<S>(shared: &Shared, accepted: S, target: SocketAddr, peer: Peer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let app = match shared.connect(target).await {
+        Ok(s) => s,
+        Err(e) => return info!(%peer, error = %e, "inbound connection dropped: app unreachable"),
+    };
+    debug!(%peer, %target, "inbound connection forwarded");
+    let traffic = traffic(&shared.metrics, "inbound", target.port());
+    if let Err(e) = splice(accepted, app, shared.idle_timeout, &traffic).await {
+        debug!(%peer, error = %e, "inbound connection ended with an error");
+    }
+}

@@ -1,0 +1,75 @@
+//! Copying bytes both ways between two streams, passing half-closes on and
+//! closing connections that stay idle too long.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Byte counters of one connection, from the accepted side's point of view.
+pub struct Traffic {
+    pub received: IntCounter,
+    pub sent: IntCounter,
+}
+
+const BUFFER: usize = 64 * 1024;
+
+/// Copies `accepted` ⇄ `upstream` until both directions have ended. When one
+/// side stops sending, the other side's write half is shut down and the
+/// opposite direction keeps going. Ends with `TimedOut` after `idle` with no
+/// bytes either way.
+pub async fn splice<A, U>(accepted: A, upstream: U, idle: Duration, traffic: &Traffic) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut ar, mut aw) = tokio::io::split(accepted);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = pump(&mut ar, &mut uw, &traffic.received, &last, start);
+    let down = pump(&mut ur, &mut aw, &traffic.sent, &last, start);
+    let both = async { tokio::try_join!(up, down).map(|_| ()) };
+    let idle_watch = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let deadline = start + since + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        r = both => r,
+        _ = idle_watch => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    }
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, counter: &IntCounter, last: &AtomicU64, start: Instant) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closes TCP without close_notify: treat as end of stream.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // Pass the half-close on; the peer may already be gone.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        counter.inc_by(n as u64);
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,115 @@
+//! The current TLS configs. One writer (rotator and bundle reloader, through
+//! `set_leaf`/`set_bundle`), many readers; a connection takes one snapshot
+//! and keeps it, so a rotation never touches an open connection.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::client::Resumption;
+use rustls::server::NoServerSessionStorage;
+use rustls::{ClientConfig, ServerConfig};
+
+use super::{provider, Error, MeshVerifier, TrustBundle, ALPN};
+use crate::identity::{Leaf, TrustDomain};
+
+/// What new handshakes use right now.
+pub struct Snapshot {
+    pub leaf: Option<Arc<Leaf>>,
+    pub bundle: Arc<TrustBundle>,
+    /// `None` until the first leaf arrives.
+    pub server: Option<Arc<ServerConfig>>,
+    pub client: Option<Arc<ClientConfig>>,
+}
+
+impl Snapshot {
+    /// Whether a leaf is held and still in date.
+    pub fn has_valid_leaf(&self) -> bool {
+        self.leaf.as_ref().is_some_and(|l| l.not_after > SystemTime::now())
+    }
+}
+
+/// The mesh TLS state shared by all listeners.
+pub struct MeshTls {
+    td: TrustDomain,
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<()>,
+}
+
+impl MeshTls {
+    pub fn new(td: TrustDomain, bundle: TrustBundle) -> Self {
+        let snapshot = Snapshot {
+            leaf: None,
+            bundle: Arc::new(bundle),
+            server: None,
+            client: None,
+        };
+        MeshTls {
+            td,
+            current: ArcSwap::from_pointee(snapshot),
+            writer: Mutex::new(()),
+        }
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.td
+    }
+
+    /// The configs for the next handshake.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Uses `leaf` for every new handshake.
+    pub fn set_leaf(&self, leaf: Arc<Leaf>) -> Result<(), Error> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let bundle = self.current.load().bundle.clone();
+        self.publish(Some(leaf), bundle)
+    }
+
+    /// Verifies peers against `bundle` from the next handshake on.
+    pub fn set_bundle(&self, bundle: TrustBundle) -> Result<(), Error> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let leaf = self.current.load().leaf.clone();
+        self.publish(leaf, Arc::new(bundle))
+    }
+
+    fn publish(&self, leaf: Option<Arc<Leaf>>, bundle: Arc<TrustBundle>) -> Result<(), Error> {
+        let (server, client) = match &leaf {
+            Some(leaf) => {
+                let (s, c) = build_configs(&self.td, leaf, &bundle)?;
+                (Some(Arc::new(s)), Some(Arc::new(c)))
+            }
+            None => (None, None),
+        };
+        self.current.store(Arc::new(Snapshot {
+            leaf,
+            bundle,
+            server,
+            client,
+        }));
+        Ok(())
+    }
+}
+
+/// Server and client configs for one leaf and bundle. Session resumption is
+/// off so that every connection is verified against the current bundle.
+fn build_configs(td: &TrustDomain, leaf: &Leaf, bundle: &TrustBundle) -> Result<(ServerConfig, ClientConfig), Error> {
+    let verifier = Arc::new(MeshVerifier::new(bundle.roots.clone(), td.clone())?);
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(leaf.chain.clone(), leaf.key.clone_key())?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    server.send_tls13_tickets = 0;
+    server.session_storage = Arc::new(NoServerSessionStorage {});
+    let mut client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(leaf.chain.clone(), leaf.key.clone_key())?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    client.resumption = Resumption::disabled();
+    client.enable_sni = false;
+    Ok((server, client))
+}

@@ -1,0 +1,179 @@
+//! Certificate verification for the mesh: the chain must reach the trust
+//! bundle, and the peer's identity is its one `spiffe://` URI SAN inside our
+//! trust domain.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
+use x509_parser::prelude::*;
+
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// Why a certificate's identity is not acceptable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate has no spiffe:// URI SAN")]
+    Missing,
+    #[error("certificate has {0} URI SANs; exactly one is allowed")]
+    Several(usize),
+    #[error("certificate SPIFFE id is invalid: {0}")]
+    Invalid(String),
+    #[error("peer is in trust domain {0}, not ours")]
+    WrongTrustDomain(String),
+    #[error("peer is {got}, expected {want}")]
+    Unexpected { got: String, want: String },
+    #[error("certificate does not parse")]
+    Unparsable,
+}
+
+/// The SPIFFE id of a peer certificate in trust domain `td`.
+pub fn peer_identity(cert: &CertificateDer<'_>, td: &TrustDomain) -> Result<SpiffeId, IdentityError> {
+    let (_, x) = X509Certificate::from_der(cert.as_ref()).map_err(|_| IdentityError::Unparsable)?;
+    let san = x.subject_alternative_name().map_err(|_| IdentityError::Unparsable)?;
+    let uris: Vec<&str> = san
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let uri = match uris.as_slice() {
+        [] => return Err(IdentityError::Missing),
+        [one] => *one,
+        many => return Err(IdentityError::Several(many.len())),
+    };
+    if !uri.starts_with("spiffe://") {
+        return Err(IdentityError::Missing);
+    }
+    let id = SpiffeId::parse(uri).map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    if id.trust_domain() != td {
+        return Err(IdentityError::WrongTrustDomain(id.trust_domain().to_string()));
+    }
+    Ok(id)
+}
+
+fn identity_failure(e: IdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Verifies mesh peers in both directions against one trust bundle.
+#[derive(Debug)]
+pub struct MeshVerifier {
+    roots: Arc<RootCertStore>,
+    td: TrustDomain,
+    algs: WebPkiSupportedAlgorithms,
+    client: Arc<dyn ClientCertVerifier>,
+}
+
+impl MeshVerifier {
+    pub fn new(roots: Arc<RootCertStore>, td: TrustDomain) -> Result<Self, super::Error> {
+        let provider = super::provider();
+        let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .clear_root_hint_subjects()
+            .build()?;
+        Ok(MeshVerifier {
+            roots,
+            td,
+            algs: provider.signature_verification_algorithms,
+            client,
+        })
+    }
+}
+
+impl ClientCertVerifier for MeshVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.client.verify_client_cert(end_entity, intermediates, now)?;
+        peer_identity(end_entity, &self.td).map_err(identity_failure)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for MeshVerifier {
+    /// The server name is ignored: mesh servers are named by their SPIFFE id,
+    /// which the connection checks against its expected peer after the handshake.
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algs.all)?;
+        peer_identity(end_entity, &self.td).map_err(identity_failure)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
