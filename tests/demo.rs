@@ -18,21 +18,33 @@ async fn get(addr: SocketAddr, path: &str) -> String {
         s.read_to_string(&mut answer).await.unwrap();
         answer
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("GET timed out")
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("GET timed out")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_carries_a_request_and_cleans_up() {
     let demo = portcullis::demo::start(DemoArgs { port: 0 }).await.unwrap();
     let dir = demo.dir.clone();
-    assert!(dir.join("ca.crt").is_file(), "the CA is written to {}", dir.display());
+    assert!(
+        dir.join("ca.crt").is_file(),
+        "the CA is written to {}",
+        dir.display()
+    );
     assert!(demo.listen.ip().is_loopback() && demo.listen.port() != 0);
 
     let answer = get(demo.listen, "/hello/there?x=1").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
-    assert!(body.starts_with("hello from the demo app\nGET /hello/there?x=1\n"), "{body}");
-    assert!(body.contains("x-demo-test: yes"), "request headers are echoed: {body}");
+    assert!(
+        body.starts_with("hello from the demo app\nGET /hello/there?x=1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("x-demo-test: yes"),
+        "request headers are echoed: {body}"
+    );
 
     for admin in [demo.client.admin, demo.server.admin] {
         let ready = get(admin, "/ready").await;
@@ -40,10 +52,16 @@ async fn demo_carries_a_request_and_cleans_up() {
     }
     // The hop between the sidecars really was mesh TLS.
     let metrics = get(demo.server.admin, "/metrics").await;
-    assert!(metrics.contains("portcullis_tls_handshakes_total"), "{metrics}");
+    assert!(
+        metrics.contains("portcullis_tls_handshakes_total"),
+        "{metrics}"
+    );
 
     let banner = demo.banner("HTTP/1.1 200 OK");
-    assert!(banner.contains(&format!("curl http://{}/hello", demo.listen)), "{banner}");
+    assert!(
+        banner.contains(&format!("curl http://{}/hello", demo.listen)),
+        "{banner}"
+    );
 
     demo.stop().await.unwrap();
     assert!(!dir.exists(), "{} is removed", dir.display());

@@ -16,7 +16,9 @@ fn pattern(i: usize) -> u8 {
 }
 
 fn digest(data: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,15 +49,34 @@ async fn sixty_four_mib_each_way_with_half_close() {
     assert_eq!(digest(&got), want, "checksums match");
 
     let inbound = [("direction", "inbound")];
-    assert_eq!(pair.b.metric("portcullis_tcp_received_bytes_total", &inbound), SIZE as f64);
-    assert_eq!(pair.b.metric("portcullis_tcp_sent_bytes_total", &inbound), SIZE as f64);
+    assert_eq!(
+        pair.b
+            .metric("portcullis_tcp_received_bytes_total", &inbound),
+        SIZE as f64
+    );
+    assert_eq!(
+        pair.b.metric("portcullis_tcp_sent_bytes_total", &inbound),
+        SIZE as f64
+    );
     let outbound = [("direction", "outbound")];
-    assert_eq!(pair.a.metric("portcullis_tcp_received_bytes_total", &outbound), SIZE as f64);
-    assert_eq!(pair.b.metric("portcullis_tls_handshakes_total", &[("result", "ok")]), 1.0);
-    eventually("connection closed on both sides", Duration::from_secs(5), || async {
-        pair.a.metric("portcullis_tcp_connections_open", &[]) == 0.0
-            && pair.b.metric("portcullis_tcp_connections_open", &[]) == 0.0
-    })
+    assert_eq!(
+        pair.a
+            .metric("portcullis_tcp_received_bytes_total", &outbound),
+        SIZE as f64
+    );
+    assert_eq!(
+        pair.b
+            .metric("portcullis_tls_handshakes_total", &[("result", "ok")]),
+        1.0
+    );
+    eventually(
+        "connection closed on both sides",
+        Duration::from_secs(5),
+        || async {
+            pair.a.metric("portcullis_tcp_connections_open", &[]) == 0.0
+                && pair.b.metric("portcullis_tcp_connections_open", &[]) == 0.0
+        },
+    )
     .await;
 }
 
@@ -70,14 +91,19 @@ async fn server_can_answer_after_client_half_closes() {
         let (mut s, _) = app.accept().await.unwrap();
         let mut req = Vec::new();
         s.read_to_end(&mut req).await.unwrap();
-        s.write_all(format!("got {} bytes", req.len()).as_bytes()).await.unwrap();
+        s.write_all(format!("got {} bytes", req.len()).as_bytes())
+            .await
+            .unwrap();
         s.shutdown().await.unwrap();
     });
     let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
     b_args.extend(["--inbound-target".into(), app_addr.to_string()]);
     let b = Sidecar::start(&b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
     let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
-    a_args.extend(["--upstream".into(), format!("127.0.0.1:0={}", b.addrs.inbound)]);
+    a_args.extend([
+        "--upstream".into(),
+        format!("127.0.0.1:0={}", b.addrs.inbound),
+    ]);
     let a = Sidecar::start(&a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
     let s = TcpStream::connect(a.upstream()).await.unwrap();
     let out = tokio::time::timeout(Duration::from_secs(10), round_trip(s, b"twelve bytes"))

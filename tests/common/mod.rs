@@ -62,7 +62,10 @@ impl Ca {
     pub fn root(parent: &Path, name: &str, trust_domain: &str) -> Ca {
         let dir = parent.join(name);
         let td = TrustDomain::new(trust_domain).unwrap();
-        let files = NewCa::root(&td, Duration::from_secs(86400)).unwrap().write(&dir, false).unwrap();
+        let files = NewCa::root(&td, Duration::from_secs(86400))
+            .unwrap()
+            .write(&dir, false)
+            .unwrap();
         Ca { dir, files }
     }
 
@@ -87,23 +90,35 @@ impl Ca {
     /// A leaf with arbitrary URI SANs and validity, signed by this CA, for
     /// playing bad peers.
     pub fn custom_leaf(&self, uris: &[&str], valid_from: SystemTime, valid_to: SystemTime) -> Leaf {
-        let ca_params = CertificateParams::from_ca_cert_pem(&String::from_utf8(self.cert_pem()).unwrap()).unwrap();
+        let ca_params =
+            CertificateParams::from_ca_cert_pem(&String::from_utf8(self.cert_pem()).unwrap())
+                .unwrap();
         let ca_key = KeyPair::from_pem(&std::fs::read_to_string(&self.files.key).unwrap()).unwrap();
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::OrganizationName, "test");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "test");
         params.is_ca = IsCa::ExplicitNoCa;
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
         params.not_before = valid_from.into();
         params.not_after = valid_to.into();
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         let chain = vec![cert.der().clone(), CertificateDer::from(ca.der().to_vec())];
-        Leaf::new(id("test"), chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into()).unwrap()
+        Leaf::new(
+            id("test"),
+            chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap()
     }
 }
 
@@ -123,7 +138,9 @@ pub async fn tls_connect(
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
 }
 
 /// An in-process sidecar.
@@ -161,7 +178,10 @@ impl Sidecar {
         };
         let admin = sidecar.addrs.admin;
         eventually("sidecar ready", Duration::from_secs(10), || async move {
-            http_get(admin, "/ready").await.map(|(s, _)| s == 200).unwrap_or(false)
+            http_get(admin, "/ready")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
         })
         .await;
         sidecar
@@ -205,7 +225,9 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if n != name {
                 return None;
             }
-            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
@@ -216,14 +238,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     http_request(addr, "GET", path).await
 }
 
-pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
     let status = buf.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -233,7 +264,9 @@ pub async fn echo_server() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
