@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -70,7 +70,8 @@ impl Admin {
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
@@ -81,13 +82,25 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
         (&Method::GET, "/live") => reply(StatusCode::OK, TEXT, "live\n"),
         (&Method::GET, "/ready") => match not_ready_reason(state) {
             None => reply(StatusCode::OK, TEXT, "ready\n"),
-            Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {why}\n")),
+            Some(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!("not ready: {why}\n"),
+            ),
         },
-        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.encode()),
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.encode(),
+        ),
         (&Method::GET, "/certs") => reply(StatusCode::OK, JSON, certs_json(state).to_string()),
         (&Method::POST, "/shutdown") => {
             if !peer.ip().to_canonical().is_loopback() {
-                return reply(StatusCode::FORBIDDEN, TEXT, "shutdown is allowed from loopback only\n");
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    TEXT,
+                    "shutdown is allowed from loopback only\n",
+                );
             }
             info!("shutdown requested through the admin endpoint");
             state.drain.begin();

@@ -48,14 +48,17 @@ impl App {
         let td = settings.id.trust_domain().clone();
         let bundle_pem = std::fs::read(&settings.trust_bundle)
             .with_context(|| format!("--trust-bundle {}", settings.trust_bundle.display()))?;
-        let bundle = TrustBundle::from_pem(&settings.trust_bundle, &bundle_pem).map_err(|e| anyhow!("--trust-bundle: {e}"))?;
+        let bundle = TrustBundle::from_pem(&settings.trust_bundle, &bundle_pem)
+            .map_err(|e| anyhow!("--trust-bundle: {e}"))?;
         let CertSource::LocalIssuer { cert, key } = &settings.cert_source;
         let files = CaFiles {
             cert: cert.clone(),
             key: key.clone(),
         };
-        let issuer_pem = read_all(&[files.cert.clone(), files.key.clone()]).map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
-        let issuer = Issuer::from_pem(&files, &issuer_pem[0], &issuer_pem[1], &td).map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
+        let issuer_pem = read_all(&[files.cert.clone(), files.key.clone()])
+            .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
+        let issuer = Issuer::from_pem(&files, &issuer_pem[0], &issuer_pem[1], &td)
+            .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
         if !chains_to(&issuer.chain, &bundle.certs) {
             warn!(issuer = %issuer.subject, "the issuer does not chain to --trust-bundle; peers using the same bundle will refuse this sidecar");
         }
@@ -69,7 +72,9 @@ impl App {
             for addr in &settings.outbound_listen {
                 match proxy::bind("--outbound-listen", *addr) {
                     Ok(l) => transparent.push(l),
-                    Err(e) if addr.is_ipv6() && is_no_ipv6(&e) => warn!(%addr, "IPv6 is off; not listening there"),
+                    Err(e) if addr.is_ipv6() && is_no_ipv6(&e) => {
+                        warn!(%addr, "IPv6 is off; not listening there")
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -84,8 +89,14 @@ impl App {
         let admin_listener = proxy::bind("--admin-listen", settings.admin_listen)?;
         let addrs = BoundAddrs {
             inbound: inbound_listener.local_addr()?,
-            outbound: transparent.iter().filter_map(|l| l.local_addr().ok()).collect(),
-            upstreams: upstreams.iter().filter_map(|u| u.listener.local_addr().ok()).collect(),
+            outbound: transparent
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect(),
+            upstreams: upstreams
+                .iter()
+                .filter_map(|u| u.listener.local_addr().ok())
+                .collect(),
             admin: admin_listener.local_addr()?,
         };
         let shared = Arc::new(Shared {
@@ -216,7 +227,10 @@ impl App {
         info!(open = self.drain.open(), timeout = ?s.drain_timeout, "draining");
         let left = self.drain.wait(s.drain_timeout).await;
         if left > 0 {
-            warn!(left, "drain timeout reached; closing the remaining connections");
+            warn!(
+                left,
+                "drain timeout reached; closing the remaining connections"
+            );
         } else {
             info!("drained");
         }
@@ -245,4 +259,3 @@ fn is_no_ipv6(e: &proxy::Error) -> bool {
         _ => false,
     }
 }
-

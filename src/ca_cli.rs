@@ -16,7 +16,11 @@ pub fn run(cmd: CaCommand) -> Result<()> {
         } => {
             let td = TrustDomain::new(&trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
             let files = NewCa::root(&td, ttl)?.write(&out, force)?;
-            println!("wrote {} and {} (trust domain {td})", files.cert.display(), files.key.display());
+            println!(
+                "wrote {} and {} (trust domain {td})",
+                files.cert.display(),
+                files.key.display()
+            );
         }
         CaCommand::Issue {
             ca,
@@ -27,21 +31,39 @@ pub fn run(cmd: CaCommand) -> Result<()> {
             force,
         } => {
             let id = SpiffeId::parse(&id).map_err(|e| anyhow!("--id: {e}"))?;
-            let issuer = Issuer::load(&CaFiles::in_dir(&ca), id.trust_domain()).map_err(|e| anyhow!("--ca: {e}"))?;
+            let issuer = Issuer::load(&CaFiles::in_dir(&ca), id.trust_domain())
+                .map_err(|e| anyhow!("--ca: {e}"))?;
             if intermediate {
                 let files = NewCa::intermediate(&issuer, ttl)?.write(&out, force)?;
-                println!("wrote intermediate CA {} and {}", files.cert.display(), files.key.display());
+                println!(
+                    "wrote intermediate CA {} and {}",
+                    files.cert.display(),
+                    files.key.display()
+                );
             } else {
-                let leaf = issuer.issue(&LeafRequest { id: id.clone(), ttl })?;
-                std::fs::create_dir_all(&out).map_err(|e| anyhow!("--out {}: {e}", out.display()))?;
+                let leaf = issuer.issue(&LeafRequest {
+                    id: id.clone(),
+                    ttl,
+                })?;
+                std::fs::create_dir_all(&out)
+                    .map_err(|e| anyhow!("--out {}: {e}", out.display()))?;
                 let crt = out.join("tls.crt");
                 let key = out.join("tls.key");
                 crate::identity::write_file(&crt, leaf.chain_pem().as_bytes(), 0o644, force)?;
                 crate::identity::write_file(&key, leaf.key_pem().as_bytes(), 0o600, force)?;
-                println!("wrote {} and {} for {id} (serial {})", crt.display(), key.display(), leaf.serial);
+                println!(
+                    "wrote {} and {} for {id} (serial {})",
+                    crt.display(),
+                    key.display(),
+                    leaf.serial
+                );
             }
         }
-        CaCommand::Inspect { files, bundle, json } => {
+        CaCommand::Inspect {
+            files,
+            bundle,
+            json,
+        } => {
             let paths: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
             let reports = inspect_files(&paths, bundle.as_deref())?;
             if json {

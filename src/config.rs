@@ -106,10 +106,20 @@ pub struct RunArgs {
     pub service_account: String,
 
     /// Issuer certificate (a CA, then its chain) that signs this sidecar's leaf.
-    #[arg(long, env = "PORTCULLIS_CA_CERT", value_name = "FILE", requires = "ca_key")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
     pub ca_cert: Option<PathBuf>,
     /// The issuer's private key.
-    #[arg(long, env = "PORTCULLIS_CA_KEY", value_name = "FILE", requires = "ca_cert")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
     pub ca_key: Option<PathBuf>,
     /// PEM roots that peers' certificates must chain to.
     #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE", value_name = "FILE")]
@@ -120,7 +130,12 @@ pub struct RunArgs {
 
     #[arg(long, env = "PORTCULLIS_INBOUND_LISTEN", default_value = "[::]:15006")]
     pub inbound_listen: SocketAddr,
-    #[arg(long, env = "PORTCULLIS_OUTBOUND_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:15001,[::1]:15001")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_OUTBOUND_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001,[::1]:15001"
+    )]
     pub outbound_listen: Vec<SocketAddr>,
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
@@ -130,10 +145,20 @@ pub struct RunArgs {
     pub inbound_target: Option<SocketAddr>,
     /// Explicit mode: LISTEN=DEST[=SPIFFE_ID] carries connections accepted on
     /// LISTEN over mTLS to the sidecar at DEST.
-    #[arg(long, env = "PORTCULLIS_UPSTREAM", value_delimiter = ',', value_name = "LISTEN=DEST[=ID]")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_UPSTREAM",
+        value_delimiter = ',',
+        value_name = "LISTEN=DEST[=ID]"
+    )]
     pub upstream: Vec<String>,
 
-    #[arg(long, env = "PORTCULLIS_INBOUND_MODE", value_enum, default_value = "strict")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_INBOUND_MODE",
+        value_enum,
+        default_value = "strict"
+    )]
     pub inbound_mode: InboundMode,
     /// Ports whose clients may wait for the server to speak first.
     #[arg(
@@ -161,7 +186,12 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_FILE_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
 
-    #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// A tracing filter: `info`, `debug`, `portcullis=debug,warn`…
     #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
@@ -181,16 +211,26 @@ impl Upstream {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = s.splitn(3, '=');
         let (Some(l), Some(d)) = (parts.next(), parts.next()) else {
-            return Err(format!("--upstream {s:?}: expected LISTEN=DEST[=SPIFFE_ID]"));
+            return Err(format!(
+                "--upstream {s:?}: expected LISTEN=DEST[=SPIFFE_ID]"
+            ));
         };
-        let listen = l.parse().map_err(|_| format!("--upstream {s:?}: {l:?} is not an address like 127.0.0.1:8080"))?;
-        let dest = d.parse().map_err(|_| format!("--upstream {s:?}: {d:?} is not an address like 10.0.0.2:15006"))?;
+        let listen = l.parse().map_err(|_| {
+            format!("--upstream {s:?}: {l:?} is not an address like 127.0.0.1:8080")
+        })?;
+        let dest = d.parse().map_err(|_| {
+            format!("--upstream {s:?}: {d:?} is not an address like 10.0.0.2:15006")
+        })?;
         let expect = parts
             .next()
             .map(SpiffeId::parse)
             .transpose()
             .map_err(|e| format!("--upstream {s:?}: {e}"))?;
-        Ok(Upstream { listen, dest, expect })
+        Ok(Upstream {
+            listen,
+            dest,
+            expect,
+        })
     }
 }
 
@@ -226,7 +266,8 @@ pub struct Settings {
 impl RunArgs {
     /// Checks the flags; the error names the flag at fault.
     pub fn settings(&self) -> Result<Settings, String> {
-        let td = TrustDomain::new(&self.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
+        let td =
+            TrustDomain::new(&self.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
         let id = SpiffeId::workload(&td, &self.namespace, &self.service_account)
             .map_err(|e| format!("--namespace/--service-account: {e}"))?;
         let cert_source = match (&self.ca_cert, &self.ca_key) {
@@ -234,7 +275,10 @@ impl RunArgs {
                 cert: cert.clone(),
                 key: key.clone(),
             },
-            _ => return Err("--ca-cert and --ca-key: an issuer is required to sign this sidecar's certificate".into()),
+            _ => return Err(
+                "--ca-cert and --ca-key: an issuer is required to sign this sidecar's certificate"
+                    .into(),
+            ),
         };
         if self.cert_ttl < Duration::from_secs(1) {
             return Err("--cert-ttl: must be at least 1s".into());
@@ -289,7 +333,12 @@ mod tests {
         assert!(u.expect.is_none());
         let u = Upstream::parse("127.0.0.1:1=[::1]:2=spiffe://td/ns/a/sa/b").unwrap();
         assert_eq!(u.expect.unwrap().to_string(), "spiffe://td/ns/a/sa/b");
-        for bad in ["127.0.0.1:1", "x=127.0.0.1:2", "127.0.0.1:1=y", "127.0.0.1:1=127.0.0.1:2=http://x"] {
+        for bad in [
+            "127.0.0.1:1",
+            "x=127.0.0.1:2",
+            "127.0.0.1:1=y",
+            "127.0.0.1:1=127.0.0.1:2=http://x",
+        ] {
             let err = Upstream::parse(bad).unwrap_err();
             assert!(err.starts_with("--upstream"), "{err}");
         }
@@ -298,7 +347,16 @@ mod tests {
     #[test]
     fn bad_flags_name_themselves() {
         let parse = |extra: &[&str]| {
-            let mut argv = vec!["portcullis", "run", "--trust-bundle", "b", "--ca-cert", "c", "--ca-key", "k"];
+            let mut argv = vec![
+                "portcullis",
+                "run",
+                "--trust-bundle",
+                "b",
+                "--ca-cert",
+                "c",
+                "--ca-key",
+                "k",
+            ];
             argv.extend_from_slice(extra);
             let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
                 panic!("not run")
@@ -306,9 +364,17 @@ mod tests {
             args.settings()
         };
         assert!(parse(&[]).is_ok());
-        assert!(parse(&["--trust-domain", "Bad"]).unwrap_err().starts_with("--trust-domain"));
-        assert!(parse(&["--namespace", "a/b"]).unwrap_err().starts_with("--namespace"));
-        assert!(parse(&["--cert-ttl", "10ms"]).unwrap_err().starts_with("--cert-ttl"));
-        assert!(parse(&["--drain-timeout", "0s"]).unwrap_err().starts_with("--drain-timeout"));
+        assert!(parse(&["--trust-domain", "Bad"])
+            .unwrap_err()
+            .starts_with("--trust-domain"));
+        assert!(parse(&["--namespace", "a/b"])
+            .unwrap_err()
+            .starts_with("--namespace"));
+        assert!(parse(&["--cert-ttl", "10ms"])
+            .unwrap_err()
+            .starts_with("--cert-ttl"));
+        assert!(parse(&["--drain-timeout", "0s"])
+            .unwrap_err()
+            .starts_with("--drain-timeout"));
     }
 }

@@ -31,11 +31,12 @@ impl FileWatch {
     /// Watches the directories that hold `paths`.
     pub fn new(paths: &[&Path], poll: Duration) -> notify::Result<Self> {
         let (tx, events) = mpsc::channel(1);
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                let _ = tx.try_send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok() {
+                    let _ = tx.try_send(());
+                }
+            })?;
         let dirs: BTreeSet<PathBuf> = paths.iter().map(|p| watch_dir(p)).collect();
         for dir in dirs {
             watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -177,7 +178,10 @@ pub fn content_hash(parts: &[&[u8]]) -> String {
         ctx.update(&(part.len() as u64).to_be_bytes());
         ctx.update(part);
     }
-    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    ctx.finish().as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -200,7 +204,9 @@ mod tests {
         std::fs::write(data2.join("f"), "two").unwrap();
         std::os::unix::fs::symlink("..data_2", dir.path().join("..data_tmp")).unwrap();
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.expect("no wake-up");
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("no wake-up");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "two");
     }
 

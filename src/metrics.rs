@@ -5,7 +5,8 @@
 use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the sidecar exports. Names are a contract (dashboards, alerts).
@@ -27,7 +28,9 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(c.clone())).expect("unique metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
     c
 }
 
@@ -36,31 +39,58 @@ impl Metrics {
         let registry = Registry::new();
         let r = &registry;
         let connections_open = IntGaugeVec::new(
-            Opts::new("portcullis_tcp_connections_open", "TCP connections open now."),
+            Opts::new(
+                "portcullis_tcp_connections_open",
+                "TCP connections open now.",
+            ),
             &["direction", "port"],
         )
         .expect("valid metric");
-        r.register(Box::new(connections_open.clone())).expect("unique metric");
+        r.register(Box::new(connections_open.clone()))
+            .expect("unique metric");
         let tls_handshake_duration = HistogramVec::new(
-            HistogramOpts::new("portcullis_tls_handshake_duration_seconds", "Time to complete a TLS handshake.")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            HistogramOpts::new(
+                "portcullis_tls_handshake_duration_seconds",
+                "Time to complete a TLS handshake.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
             &["direction"],
         )
         .expect("valid metric");
-        r.register(Box::new(tls_handshake_duration.clone())).expect("unique metric");
+        r.register(Box::new(tls_handshake_duration.clone()))
+            .expect("unique metric");
         let cert_expiry = Gauge::new(
             "portcullis_cert_expiry_timestamp_seconds",
             "Unix time at which the current leaf certificate expires.",
         )
         .expect("valid metric");
-        r.register(Box::new(cert_expiry.clone())).expect("unique metric");
-        let build_info = IntGaugeVec::new(Opts::new("portcullis_build_info", "Build information (value 1)."), &["version"])
-            .expect("valid metric");
-        r.register(Box::new(build_info.clone())).expect("unique metric");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        r.register(Box::new(cert_expiry.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("portcullis_build_info", "Build information (value 1)."),
+            &["version"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Metrics {
-            connections_opened: counter(r, "portcullis_tcp_connections_opened_total", "TCP connections accepted.", &["direction", "port"]),
-            connections_closed: counter(r, "portcullis_tcp_connections_closed_total", "TCP connections closed.", &["direction", "port"]),
+            connections_opened: counter(
+                r,
+                "portcullis_tcp_connections_opened_total",
+                "TCP connections accepted.",
+                &["direction", "port"],
+            ),
+            connections_closed: counter(
+                r,
+                "portcullis_tcp_connections_closed_total",
+                "TCP connections closed.",
+                &["direction", "port"],
+            ),
             received_bytes: counter(
                 r,
                 "portcullis_tcp_received_bytes_total",
@@ -73,10 +103,30 @@ impl Metrics {
                 "Payload bytes sent to the accepted side of a connection.",
                 &["direction", "port"],
             ),
-            tls_handshakes: counter(r, "portcullis_tls_handshakes_total", "Mesh TLS handshakes by outcome.", &["direction", "result"]),
-            cert_rotations: counter(r, "portcullis_cert_rotations_total", "Leaf certificate renewals by outcome.", &["result"]),
-            trust_bundle_reloads: counter(r, "portcullis_trust_bundle_reloads_total", "Trust bundle reloads by outcome.", &["result"]),
-            issuer_reloads: counter(r, "portcullis_issuer_reloads_total", "Issuer (CA files) reloads by outcome.", &["result"]),
+            tls_handshakes: counter(
+                r,
+                "portcullis_tls_handshakes_total",
+                "Mesh TLS handshakes by outcome.",
+                &["direction", "result"],
+            ),
+            cert_rotations: counter(
+                r,
+                "portcullis_cert_rotations_total",
+                "Leaf certificate renewals by outcome.",
+                &["result"],
+            ),
+            trust_bundle_reloads: counter(
+                r,
+                "portcullis_trust_bundle_reloads_total",
+                "Trust bundle reloads by outcome.",
+                &["result"],
+            ),
+            issuer_reloads: counter(
+                r,
+                "portcullis_issuer_reloads_total",
+                "Issuer (CA files) reloads by outcome.",
+                &["result"],
+            ),
             connections_open,
             tls_handshake_duration,
             cert_expiry,
@@ -86,7 +136,10 @@ impl Metrics {
     }
 
     pub fn set_cert_expiry(&self, not_after: SystemTime) {
-        let secs = not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let secs = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         self.cert_expiry.set(secs);
     }
 

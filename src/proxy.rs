@@ -73,7 +73,8 @@ impl Shared {
 pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
     let err = |source| Error::Bind { flag, addr, source };
     let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).map_err(err)?;
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false).map_err(err)?;
@@ -115,7 +116,9 @@ impl Drop for ConnGuard {
 pub fn traffic(metrics: &Metrics, direction: &str, port: u16) -> Traffic {
     let port = port.to_string();
     Traffic {
-        received: metrics.received_bytes.with_label_values(&[direction, &port]),
+        received: metrics
+            .received_bytes
+            .with_label_values(&[direction, &port]),
         sent: metrics.sent_bytes.with_label_values(&[direction, &port]),
     }
 }

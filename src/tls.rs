@@ -32,6 +32,7 @@ pub enum Error {
 /// The crypto provider: ring, TLS 1.3 suites only.
 pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites.retain(|s| s.version() == &rustls::version::TLS13);
+    p.cipher_suites
+        .retain(|s| s.version() == &rustls::version::TLS13);
     Arc::new(p)
 }

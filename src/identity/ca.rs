@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use ::time::OffsetDateTime;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use ::time::OffsetDateTime;
 use x509_parser::prelude::{ASN1Time, FromDer, X509Certificate};
 
 use super::pem::{parse_cert_chain, read_pem_file};
@@ -46,7 +46,12 @@ impl NewCa {
     /// Makes a self-signed root for `td`, valid for `ttl`.
     pub fn root(td: &TrustDomain, ttl: Duration) -> Result<Self, Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let params = ca_params(td, "portcullis root CA", ttl, BasicConstraints::Unconstrained)?;
+        let params = ca_params(
+            td,
+            "portcullis root CA",
+            ttl,
+            BasicConstraints::Unconstrained,
+        )?;
         let cert = params.self_signed(&key)?;
         Ok(NewCa {
             cert_pem: cert.pem(),
@@ -59,7 +64,12 @@ impl NewCa {
     pub fn intermediate(issuer: &Issuer, ttl: Duration) -> Result<Self, Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let td = issuer.trust_domain.clone();
-        let mut params = ca_params(&td, "portcullis intermediate CA", ttl, BasicConstraints::Constrained(0))?;
+        let mut params = ca_params(
+            &td,
+            "portcullis intermediate CA",
+            ttl,
+            BasicConstraints::Constrained(0),
+        )?;
         params.not_after = params.not_after.min(issuer.not_after);
         let cert = params.signed_by(&key, &issuer.handle, &issuer.key)?;
         Ok(NewCa {
@@ -74,13 +84,23 @@ impl NewCa {
     pub fn write(&self, dir: &Path, force: bool) -> Result<CaFiles, Error> {
         let files = CaFiles::in_dir(dir);
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.to_path_buf(), e))?;
-        write_file(&files.cert, format!("{}{}", self.cert_pem, self.chain_pem).as_bytes(), 0o644, force)?;
+        write_file(
+            &files.cert,
+            format!("{}{}", self.cert_pem, self.chain_pem).as_bytes(),
+            0o644,
+            force,
+        )?;
         write_file(&files.key, self.key_pem.as_bytes(), 0o600, force)?;
         Ok(files)
     }
 }
 
-fn ca_params(td: &TrustDomain, name: &str, ttl: Duration, limit: BasicConstraints) -> Result<CertificateParams, Error> {
+fn ca_params(
+    td: &TrustDomain,
+    name: &str,
+    ttl: Duration,
+    limit: BasicConstraints,
+) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "portcullis");
@@ -113,7 +133,10 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<(
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if !force && path.exists() {
-        return Err(Error::file(path, "already exists (use --force to replace it)"));
+        return Err(Error::file(
+            path,
+            "already exists (use --force to replace it)",
+        ));
     }
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -144,7 +167,9 @@ pub struct Issuer {
 impl std::fmt::Debug for Issuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("Issuer").field("subject", &self.subject).finish_non_exhaustive()
+        f.debug_struct("Issuer")
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,33 +184,54 @@ impl Issuer {
     /// Checks an issuer given as PEM bytes: the certificate is a CA, in date,
     /// of our trust domain, and the key is its key. `files` only names the
     /// files in errors.
-    pub fn from_pem(files: &CaFiles, cert_pem: &[u8], key_pem: &[u8], td: &TrustDomain) -> Result<Self, Error> {
+    pub fn from_pem(
+        files: &CaFiles,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        td: &TrustDomain,
+    ) -> Result<Self, Error> {
         let chain = parse_cert_chain(&files.cert, cert_pem)?;
-        let key_text = std::str::from_utf8(key_pem).map_err(|_| Error::file(&files.key, "not a PEM private key"))?;
+        let key_text = std::str::from_utf8(key_pem)
+            .map_err(|_| Error::file(&files.key, "not a PEM private key"))?;
         let key = KeyPair::from_pem(key_text)
             .map_err(|e| Error::file(&files.key, format!("not a usable PEM private key ({e})")))?;
         let (_, x509) = X509Certificate::from_der(&chain[0])
             .map_err(|e| Error::file(&files.cert, format!("certificate does not parse ({e})")))?;
         if !x509.is_ca() {
-            return Err(Error::file(&files.cert, "is not a CA certificate (basicConstraints cA is false)"));
+            return Err(Error::file(
+                &files.cert,
+                "is not a CA certificate (basicConstraints cA is false)",
+            ));
         }
         if x509.public_key().raw != key.public_key_der().as_slice() {
-            return Err(Error::file(&files.key, format!("does not match the certificate in {}", files.cert.display())));
+            return Err(Error::file(
+                &files.key,
+                format!("does not match the certificate in {}", files.cert.display()),
+            ));
         }
         let not_before = x509.validity().not_before.to_datetime();
         let not_after = x509.validity().not_after.to_datetime();
         let now = OffsetDateTime::now_utc();
         if now > not_after {
-            return Err(Error::file(&files.cert, format!("CA certificate expired at {not_after}")));
+            return Err(Error::file(
+                &files.cert,
+                format!("CA certificate expired at {not_after}"),
+            ));
         }
         if now < not_before {
-            return Err(Error::file(&files.cert, format!("CA certificate is not valid before {not_before}")));
+            return Err(Error::file(
+                &files.cert,
+                format!("CA certificate is not valid before {not_before}"),
+            ));
         }
         let domains = super::inspect::spiffe_uris(&x509);
         if !domains.is_empty() && !domains.iter().any(|u| u.trim_end_matches('/') == td.id()) {
             return Err(Error::file(
                 &files.cert,
-                format!("CA certificate is for {}, not trust domain {td}", domains.join(", ")),
+                format!(
+                    "CA certificate is for {}, not trust domain {td}",
+                    domains.join(", ")
+                ),
             ));
         }
         let subject = x509.subject().to_string();
@@ -218,24 +264,39 @@ impl Issuer {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let now = OffsetDateTime::now_utc();
         if !self.is_valid_at(now) {
-            return Err(Error::Certificate(format!("issuer {} is not valid now", self.subject)));
+            return Err(Error::Certificate(format!(
+                "issuer {} is not valid now",
+                self.subject
+            )));
         }
         let params = leaf_params(&req.id, req.ttl, now, self.not_after)?;
         let cert = params.signed_by(&key, &self.handle, &self.key)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
-        Leaf::new(req.id.clone(), chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into())
+        Leaf::new(
+            req.id.clone(),
+            chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
     }
 }
 
-fn leaf_params(id: &SpiffeId, ttl: Duration, now: OffsetDateTime, cap: OffsetDateTime) -> Result<CertificateParams, Error> {
+fn leaf_params(
+    id: &SpiffeId,
+    ttl: Duration,
+    now: OffsetDateTime,
+    cap: OffsetDateTime,
+) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "portcullis");
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
@@ -260,7 +321,11 @@ fn base64_encode(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -306,9 +371,15 @@ impl std::fmt::Debug for Leaf {
 
 impl Leaf {
     /// Wraps a signed chain, reading serial and validity from the leaf.
-    pub fn new(id: SpiffeId, chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, Error> {
-        let (_, x509) = X509Certificate::from_der(&chain[0]).map_err(|e| Error::Certificate(e.to_string()))?;
-        let ts = |t: ASN1Time| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
+    pub fn new(
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, Error> {
+        let (_, x509) =
+            X509Certificate::from_der(&chain[0]).map_err(|e| Error::Certificate(e.to_string()))?;
+        let ts =
+            |t: ASN1Time| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
         Ok(Leaf {
             serial: x509.raw_serial_as_string(),
             not_before: ts(x509.validity().not_before),
@@ -317,7 +388,7 @@ impl Leaf {
             renew_at: None,
             id,
             chain,
-        key,
+            key,
         })
     }
 
@@ -358,11 +429,17 @@ mod tests {
     fn issues_leaf_with_only_the_uri_san_and_capped_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("cluster.local").unwrap();
-        let files = NewCa::root(&td, Duration::from_secs(3600)).unwrap().write(dir.path(), false).unwrap();
+        let files = NewCa::root(&td, Duration::from_secs(3600))
+            .unwrap()
+            .write(dir.path(), false)
+            .unwrap();
         let issuer = Issuer::load(&files, &td).unwrap();
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
         let leaf = issuer
-            .issue(&LeafRequest { id: id.clone(), ttl: Duration::from_secs(7200) })
+            .issue(&LeafRequest {
+                id: id.clone(),
+                ttl: Duration::from_secs(7200),
+            })
             .unwrap();
         let (_, x) = X509Certificate::from_der(&leaf.chain[0]).unwrap();
         assert!(!x.is_ca());
@@ -381,15 +458,32 @@ mod tests {
         let a = NewCa::root(&td, Duration::from_secs(3600)).unwrap();
         let b = NewCa::root(&td, Duration::from_secs(3600)).unwrap();
         let files = CaFiles::in_dir(dir.path());
-        let err = Issuer::from_pem(&files, a.cert_pem.as_bytes(), b.key_pem.as_bytes(), &td).unwrap_err();
+        let err =
+            Issuer::from_pem(&files, a.cert_pem.as_bytes(), b.key_pem.as_bytes(), &td).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
         let other = TrustDomain::new("other.org").unwrap();
-        let err = Issuer::from_pem(&files, a.cert_pem.as_bytes(), a.key_pem.as_bytes(), &other).unwrap_err();
-        assert!(err.to_string().contains("not trust domain other.org"), "{err}");
-        let issuer = Issuer::from_pem(&files, a.cert_pem.as_bytes(), a.key_pem.as_bytes(), &td).unwrap();
+        let err = Issuer::from_pem(&files, a.cert_pem.as_bytes(), a.key_pem.as_bytes(), &other)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not trust domain other.org"),
+            "{err}"
+        );
+        let issuer =
+            Issuer::from_pem(&files, a.cert_pem.as_bytes(), a.key_pem.as_bytes(), &td).unwrap();
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
-        let leaf = issuer.issue(&LeafRequest { id, ttl: Duration::from_secs(60) }).unwrap();
-        let err = Issuer::from_pem(&files, leaf.chain_pem().as_bytes(), leaf.key_pem().as_bytes(), &td).unwrap_err();
+        let leaf = issuer
+            .issue(&LeafRequest {
+                id,
+                ttl: Duration::from_secs(60),
+            })
+            .unwrap();
+        let err = Issuer::from_pem(
+            &files,
+            leaf.chain_pem().as_bytes(),
+            leaf.key_pem().as_bytes(),
+            &td,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not a CA"), "{err}");
     }
 
@@ -402,7 +496,10 @@ mod tests {
         assert!(ca.write(dir.path(), false).is_err());
         ca.write(dir.path(), true).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -72,7 +72,12 @@ pub struct CertReport {
 }
 
 impl CertReport {
-    pub fn new(file: &str, index: usize, chain: &[CertificateDer<'_>], bundle: Option<&[CertificateDer<'_>]>) -> Result<Self, Error> {
+    pub fn new(
+        file: &str,
+        index: usize,
+        chain: &[CertificateDer<'_>],
+        bundle: Option<&[CertificateDer<'_>]>,
+    ) -> Result<Self, Error> {
         let (_, x) = X509Certificate::from_der(chain[0].as_ref())
             .map_err(|e| Error::file(file, format!("certificate {index} does not parse ({e})")))?;
         let now = SystemTime::now()
@@ -97,7 +102,12 @@ impl CertReport {
     /// Human-readable lines for the terminal.
     pub fn render(&self) -> String {
         let left = if self.seconds_left >= 0 {
-            format!("{} left", humantime::format_duration(std::time::Duration::from_secs(self.seconds_left as u64)))
+            format!(
+                "{} left",
+                humantime::format_duration(std::time::Duration::from_secs(
+                    self.seconds_left as u64
+                ))
+            )
         } else {
             "EXPIRED".to_string()
         };
@@ -114,7 +124,10 @@ impl CertReport {
             if self.is_ca { "yes" } else { "no" },
         );
         if let Some(ok) = self.chains_to_bundle {
-            out.push_str(&format!("  chains to bundle: {}\n", if ok { "yes" } else { "NO" }));
+            out.push_str(&format!(
+                "  chains to bundle: {}\n",
+                if ok { "yes" } else { "NO" }
+            ));
         }
         out
     }
@@ -135,7 +148,12 @@ pub fn inspect_files(files: &[&Path], bundle: Option<&Path>) -> Result<Vec<CertR
     for path in files {
         let chain = read_cert_chain(path)?;
         for i in 0..chain.len() {
-            reports.push(CertReport::new(&path.display().to_string(), i, &chain[i..], bundle.as_deref())?);
+            reports.push(CertReport::new(
+                &path.display().to_string(),
+                i,
+                &chain[i..],
+                bundle.as_deref(),
+            )?);
         }
     }
     Ok(reports)

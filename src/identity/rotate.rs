@@ -30,7 +30,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(first: Duration, cap: Duration) -> Self {
-        Backoff { first, cap, next: first }
+        Backoff {
+            first,
+            cap,
+            next: first,
+        }
     }
 
     /// The next delay: doubles each time up to the cap; `jitter` in 0..=1
@@ -67,7 +71,11 @@ impl Rotator {
             let issuer = self.issuer.borrow_and_update().clone();
             let delay = match issuer.issue(&self.request) {
                 Ok(mut leaf) => {
-                    let delay = renewal_delay(leaf.received_at, leaf.not_after, rand::random::<f64>() * 2.0 - 1.0);
+                    let delay = renewal_delay(
+                        leaf.received_at,
+                        leaf.not_after,
+                        rand::random::<f64>() * 2.0 - 1.0,
+                    );
                     leaf.renew_at = Some(SystemTime::now() + delay);
                     info!(id = %leaf.id, serial = %leaf.serial, renew_in = ?delay, "certificate issued");
                     self.metrics.cert_rotations.with_label_values(&["ok"]).inc();
@@ -79,7 +87,10 @@ impl Rotator {
                 Err(e) => {
                     let delay = backoff.next_delay(rand::random());
                     warn!(error = %e, retry_in = ?delay, "certificate renewal failed; keeping the current one");
-                    self.metrics.cert_rotations.with_label_values(&["error"]).inc();
+                    self.metrics
+                        .cert_rotations
+                        .with_label_values(&["error"])
+                        .inc();
                     delay
                 }
             };
@@ -108,10 +119,16 @@ mod tests {
         ];
         for (life, jitter, want) in cases {
             let got = renewal_delay(t0, t0 + Duration::from_secs(life), jitter).as_secs_f64();
-            assert!((got - want).abs() < 1e-6, "life {life} jitter {jitter}: {got}");
+            assert!(
+                (got - want).abs() < 1e-6,
+                "life {life} jitter {jitter}: {got}"
+            );
         }
         // Already expired: renew at once.
-        assert_eq!(renewal_delay(t0, t0 - Duration::from_secs(5), 0.0), Duration::ZERO);
+        assert_eq!(
+            renewal_delay(t0, t0 - Duration::from_secs(5), 0.0),
+            Duration::ZERO
+        );
     }
 
     #[test]

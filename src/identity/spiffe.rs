@@ -88,11 +88,20 @@ impl SpiffeId {
     /// The Kubernetes form `spiffe://td/ns/<namespace>/sa/<service-account>`.
     /// Namespace and service account must be Kubernetes names (lowercase
     /// letters, digits, '-' and '.'), so no value can smuggle in a '/'.
-    pub fn workload(td: &TrustDomain, namespace: &str, service_account: &str) -> Result<Self, Error> {
-        for (what, name) in [("namespace", namespace), ("service account", service_account)] {
+    pub fn workload(
+        td: &TrustDomain,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, Error> {
+        for (what, name) in [
+            ("namespace", namespace),
+            ("service account", service_account),
+        ] {
             let ok = !name.is_empty()
                 && name.len() <= 253
-                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
             if !ok {
                 return Err(Error::BadSpiffeId {
                     id: name.to_string(),
@@ -104,7 +113,9 @@ impl SpiffeId {
                 });
             }
         }
-        Self::parse(&format!("spiffe://{td}/ns/{namespace}/sa/{service_account}"))
+        Self::parse(&format!(
+            "spiffe://{td}/ns/{namespace}/sa/{service_account}"
+        ))
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -119,7 +130,13 @@ impl SpiffeId {
     /// The namespace of a Kubernetes-form id, if it has that form.
     pub fn namespace(&self) -> Option<&str> {
         let mut parts = self.path[1..].split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(_), None) => Some(ns),
             _ => None,
         }

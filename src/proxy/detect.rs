@@ -36,7 +36,13 @@ pub async fn detect(stream: &TcpStream, wait: Duration) -> std::io::Result<Detec
     let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Err(_) => return Ok(if seen == 0 { Detected::Silent } else { Detected::OtherTls }),
+            Err(_) => {
+                return Ok(if seen == 0 {
+                    Detected::Silent
+                } else {
+                    Detected::OtherTls
+                })
+            }
             Ok(r) => r?,
         };
         if n == 0 {
@@ -78,7 +84,11 @@ fn classify_hello(bytes: &[u8]) -> Option<Detected> {
                 .client_hello()
                 .alpn()
                 .is_some_and(|mut protocols| protocols.any(|p| p == ALPN));
-            Some(if ours { Detected::MeshTls } else { Detected::OtherTls })
+            Some(if ours {
+                Detected::MeshTls
+            } else {
+                Detected::OtherTls
+            })
         }
         Ok(None) => None,
         Err(_) => Some(Detected::Plain),
@@ -92,6 +102,9 @@ mod tests {
     #[test]
     fn classifies_first_bytes() {
         assert_eq!(classify_hello(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x01]), None);
-        assert_eq!(classify_hello(b"\x16GET / HTTP/1.1\r\n\r\n"), Some(Detected::Plain));
+        assert_eq!(
+            classify_hello(b"\x16GET / HTTP/1.1\r\n\r\n"),
+            Some(Detected::Plain)
+        );
     }
 }

@@ -45,7 +45,11 @@ pub struct Inbound {
 
 impl Inbound {
     pub fn new(listener: TcpListener, target: Option<SocketAddr>, shared: Arc<Shared>) -> Self {
-        Inbound { listener, target, shared }
+        Inbound {
+            listener,
+            target,
+            shared,
+        }
     }
 
     /// Accepts until the drain begins.
@@ -71,7 +75,12 @@ impl Inbound {
     }
 }
 
-async fn serve(shared: Arc<Shared>, stream: TcpStream, _source: SocketAddr, target: Option<SocketAddr>) {
+async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    _source: SocketAddr,
+    target: Option<SocketAddr>,
+) {
     let _ = stream.set_nodelay(true);
     let started = Instant::now();
     let target = match target {
@@ -105,14 +114,26 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, _source: SocketAddr, targ
         }
         (Detected::Silent, InboundMode::Strict) => {
             handshakes.with_label_values(&["inbound", "timeout"]).inc();
-            info!(port, "inbound connection refused: no TLS ClientHello in time");
+            info!(
+                port,
+                "inbound connection refused: no TLS ClientHello in time"
+            );
         }
         (other, InboundMode::Strict) => {
-            let result = if other == Detected::OtherTls { "no_alpn" } else { "plaintext_refused" };
+            let result = if other == Detected::OtherTls {
+                "no_alpn"
+            } else {
+                "plaintext_refused"
+            };
             handshakes.with_label_values(&["inbound", result]).inc();
-            info!(port, result, "inbound connection refused: strict mode accepts only mesh mTLS");
+            info!(
+                port,
+                result, "inbound connection refused: strict mode accepts only mesh mTLS"
+            );
         }
-        (_, InboundMode::Permissive) => forward(&shared, stream, target, Peer::Unauthenticated).await,
+        (_, InboundMode::Permissive) => {
+            forward(&shared, stream, target, Peer::Unauthenticated).await
+        }
     }
 }
 
@@ -120,7 +141,9 @@ async fn serve_mesh(shared: &Shared, stream: TcpStream, target: SocketAddr, time
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
     let Some(config) = snapshot.server.clone() else {
-        handshakes.with_label_values(&["inbound", "no_certificate"]).inc();
+        handshakes
+            .with_label_values(&["inbound", "no_certificate"])
+            .inc();
         return info!("inbound connection refused: no certificate yet");
     };
     let started = Instant::now();
@@ -142,7 +165,9 @@ async fn serve_mesh(shared: &Shared, stream: TcpStream, target: SocketAddr, time
         .and_then(|c| c.first())
         .map(|c| peer_identity(c, shared.tls.trust_domain()));
     let Some(Ok(peer)) = peer else {
-        handshakes.with_label_values(&["inbound", "bad_identity"]).inc();
+        handshakes
+            .with_label_values(&["inbound", "bad_identity"])
+            .inc();
         return info!("inbound connection refused: peer identity unreadable");
     };
     shared

@@ -10,7 +10,9 @@ use tokio::net::TcpStream;
 /// when the kernel has none, or when it is the listener itself (the
 /// connection was not redirected, and forwarding it would loop).
 pub fn original_destination(stream: &TcpStream) -> Result<SocketAddr, super::Error> {
-    let local = stream.local_addr().map_err(|e| super::Error::OriginalDst(e.to_string()))?;
+    let local = stream
+        .local_addr()
+        .map_err(|e| super::Error::OriginalDst(e.to_string()))?;
     let dst = match local {
         SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(|a| {
             SocketAddr::V4(SocketAddrV4::new(
@@ -30,7 +32,9 @@ pub fn original_destination(stream: &TcpStream) -> Result<SocketAddr, super::Err
     .map_err(|e| super::Error::OriginalDst(format!("not available ({e})")))?;
     let dst = normalize(dst);
     if dst == normalize(local) {
-        return Err(super::Error::OriginalDst(format!("{dst} is this listener: the connection was not redirected")));
+        return Err(super::Error::OriginalDst(format!(
+            "{dst} is this listener: the connection was not redirected"
+        )));
     }
     Ok(dst)
 }

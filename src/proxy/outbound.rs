@@ -36,7 +36,11 @@ impl Outbound {
             tasks.spawn(accept_loop(listener, None, self.shared.clone()));
         }
         for u in self.upstreams {
-            tasks.spawn(accept_loop(u.listener, Some(u.upstream), self.shared.clone()));
+            tasks.spawn(accept_loop(
+                u.listener,
+                Some(u.upstream),
+                self.shared.clone(),
+            ));
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -73,7 +77,9 @@ async fn to_sidecar(shared: Arc<Shared>, app: TcpStream, upstream: Upstream) {
     let handshakes = &shared.metrics.tls_handshakes;
     let snapshot = shared.tls.snapshot();
     let Some(config) = snapshot.client.clone() else {
-        handshakes.with_label_values(&["outbound", "no_certificate"]).inc();
+        handshakes
+            .with_label_values(&["outbound", "no_certificate"])
+            .inc();
         return info!(%dest, "outbound connection refused: no certificate yet");
     };
     let tcp = match shared.connect(dest).await {
@@ -100,12 +106,16 @@ async fn to_sidecar(shared: Arc<Shared>, app: TcpStream, upstream: Upstream) {
         .and_then(|c| c.first())
         .map(|c| peer_identity(c, shared.tls.trust_domain()));
     let Some(Ok(server)) = server else {
-        handshakes.with_label_values(&["outbound", "bad_identity"]).inc();
+        handshakes
+            .with_label_values(&["outbound", "bad_identity"])
+            .inc();
         return info!(%dest, "outbound connection refused: server identity unreadable");
     };
     if let Some(want) = &upstream.expect {
         if &server != want {
-            handshakes.with_label_values(&["outbound", "wrong_identity"]).inc();
+            handshakes
+                .with_label_values(&["outbound", "wrong_identity"])
+                .inc();
             return info!(%dest, got = %server, want = %want, "outbound connection refused: unexpected server identity");
         }
     }
@@ -139,4 +149,3 @@ async fn transparent(shared: Arc<Shared>, app: TcpStream) {
         debug!(%dest, error = %e, "outbound connection ended with an error");
     }
 }
-

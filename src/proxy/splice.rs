@@ -21,7 +21,12 @@ const BUFFER: usize = 64 * 1024;
 /// side stops sending, the other side's write half is shut down and the
 /// opposite direction keeps going. Ends with `TimedOut` after `idle` with no
 /// bytes either way.
-pub async fn splice<A, U>(accepted: A, upstream: U, idle: Duration, traffic: &Traffic) -> io::Result<()>
+pub async fn splice<A, U>(
+    accepted: A,
+    upstream: U,
+    idle: Duration,
+    traffic: &Traffic,
+) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -49,7 +54,13 @@ where
     }
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, counter: &IntCounter, last: &AtomicU64, start: Instant) -> io::Result<()>
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &IntCounter,
+    last: &AtomicU64,
+    start: Instant,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

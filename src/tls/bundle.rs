@@ -35,15 +35,22 @@ impl TrustBundle {
             let (_, x) = X509Certificate::from_der(cert.as_ref())
                 .map_err(|e| format!("{}: certificate {i} does not parse ({e})", path.display()))?;
             if !x.is_ca() {
-                return Err(format!("{}: certificate {i} ({}) is not a CA", path.display(), x.subject()));
+                return Err(format!(
+                    "{}: certificate {i} ({}) is not a CA",
+                    path.display(),
+                    x.subject()
+                ));
             }
             info.push(RootInfo {
                 subject: x.subject().to_string(),
                 not_after: inspect_rfc3339(x.validity().not_after),
             });
-            roots
-                .add(cert.clone())
-                .map_err(|e| format!("{}: certificate {i} is not a usable root ({e})", path.display()))?;
+            roots.add(cert.clone()).map_err(|e| {
+                format!(
+                    "{}: certificate {i} is not a usable root ({e})",
+                    path.display()
+                )
+            })?;
         }
         Ok(TrustBundle {
             roots: Arc::new(roots),

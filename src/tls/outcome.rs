@@ -19,9 +19,9 @@ pub fn handshake_result(err: &std::io::Error) -> &'static str {
         Error::NoCertificatesPresented => "no_client_cert",
         Error::InvalidCertificate(c) => certificate_result(c),
         Error::PeerIncompatible(_) => "protocol",
-        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } | Error::InappropriateHandshakeMessage { .. } => {
-            "protocol"
-        }
+        Error::InvalidMessage(_)
+        | Error::InappropriateMessage { .. }
+        | Error::InappropriateHandshakeMessage { .. } => "protocol",
         Error::NoApplicationProtocol => "no_alpn",
         Error::AlertReceived(alert) => match alert {
             AlertDescription::CertificateRequired => "no_client_cert",
@@ -36,7 +36,9 @@ pub fn handshake_result(err: &std::io::Error) -> &'static str {
 fn certificate_result(c: &CertificateError) -> &'static str {
     match c {
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not_yet_valid",
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "not_yet_valid"
+        }
         CertificateError::UnknownIssuer | CertificateError::BadSignature => "untrusted",
         CertificateError::Other(other) => match other.0.downcast_ref::<IdentityError>() {
             Some(IdentityError::WrongTrustDomain(_)) => "wrong_trust_domain",

@@ -25,7 +25,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// Whether a leaf is held and still in date.
     pub fn has_valid_leaf(&self) -> bool {
-        self.leaf.as_ref().is_some_and(|l| l.not_after > SystemTime::now())
+        self.leaf
+            .as_ref()
+            .is_some_and(|l| l.not_after > SystemTime::now())
     }
 }
 
@@ -94,7 +96,11 @@ impl MeshTls {
 
 /// Server and client configs for one leaf and bundle. Session resumption is
 /// off so that every connection is verified against the current bundle.
-fn build_configs(td: &TrustDomain, leaf: &Leaf, bundle: &TrustBundle) -> Result<(ServerConfig, ClientConfig), Error> {
+fn build_configs(
+    td: &TrustDomain,
+    leaf: &Leaf,
+    bundle: &TrustBundle,
+) -> Result<(ServerConfig, ClientConfig), Error> {
     let verifier = Arc::new(MeshVerifier::new(bundle.roots.clone(), td.clone())?);
     let mut server = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

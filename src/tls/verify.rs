@@ -10,7 +10,10 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSuppo
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
 use x509_parser::prelude::*;
 
 use crate::identity::{SpiffeId, TrustDomain};
@@ -33,9 +36,14 @@ pub enum IdentityError {
 }
 
 /// The SPIFFE id of a peer certificate in trust domain `td`.
-pub fn peer_identity(cert: &CertificateDer<'_>, td: &TrustDomain) -> Result<SpiffeId, IdentityError> {
+pub fn peer_identity(
+    cert: &CertificateDer<'_>,
+    td: &TrustDomain,
+) -> Result<SpiffeId, IdentityError> {
     let (_, x) = X509Certificate::from_der(cert.as_ref()).map_err(|_| IdentityError::Unparsable)?;
-    let san = x.subject_alternative_name().map_err(|_| IdentityError::Unparsable)?;
+    let san = x
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparsable)?;
     let uris: Vec<&str> = san
         .map(|s| {
             s.value
@@ -58,7 +66,9 @@ pub fn peer_identity(cert: &CertificateDer<'_>, td: &TrustDomain) -> Result<Spif
     }
     let id = SpiffeId::parse(uri).map_err(|e| IdentityError::Invalid(e.to_string()))?;
     if id.trust_domain() != td {
-        return Err(IdentityError::WrongTrustDomain(id.trust_domain().to_string()));
+        return Err(IdentityError::WrongTrustDomain(
+            id.trust_domain().to_string(),
+        ));
     }
     Ok(id)
 }
@@ -110,7 +120,9 @@ impl ClientCertVerifier for MeshVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.client.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .client
+            .verify_client_cert(end_entity, intermediates, now)?;
         peer_identity(end_entity, &self.td).map_err(identity_failure)?;
         Ok(verified)
     }
@@ -150,7 +162,13 @@ impl ServerCertVerifier for MeshVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algs.all)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         peer_identity(end_entity, &self.td).map_err(identity_failure)?;
         Ok(ServerCertVerified::assertion())
     }
