@@ -133,6 +133,22 @@ impl Metrics {
             build_info,
             registry,
         }
+        .with_known_series()
+    }
+
+    /// Creates the series every dashboard expects, at zero, so that
+    /// `rate()` and absence alerts work before the first event.
+    fn with_known_series(self) -> Self {
+        for result in ["ok", "error"] {
+            self.cert_rotations.with_label_values(&[result]);
+            self.trust_bundle_reloads.with_label_values(&[result]);
+            self.issuer_reloads.with_label_values(&[result]);
+        }
+        for direction in ["inbound", "outbound"] {
+            self.tls_handshakes.with_label_values(&[direction, "ok"]);
+            self.tls_handshake_duration.with_label_values(&[direction]);
+        }
+        self
     }
 
     pub fn set_cert_expiry(&self, not_after: SystemTime) {

@@ -1,0 +1,110 @@
+//! Test 7: `/metrics` is valid Prometheus exposition (`promtool check
+//! metrics`), carries the contract's names, and the admin endpoints answer.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The contract: names later issues, dashboards and alerts rely on.
+const NAMES: &[&str] = &[
+    "portcullis_tcp_connections_opened_total",
+    "portcullis_tcp_connections_closed_total",
+    "portcullis_tcp_connections_open",
+    "portcullis_tcp_received_bytes_total",
+    "portcullis_tcp_sent_bytes_total",
+    "portcullis_tls_handshakes_total",
+    "portcullis_tls_handshake_duration_seconds",
+    "portcullis_cert_expiry_timestamp_seconds",
+    "portcullis_cert_rotations_total",
+    "portcullis_trust_bundle_reloads_total",
+    "portcullis_build_info",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_admin_endpoints_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let pair = Pair::start(&ca, &ca.files.cert, &[], &[]).await;
+    assert!(pair.ping(b"hello").await);
+    // A refused plaintext client, so a failure series exists too.
+    let _ = round_trip(
+        tokio::net::TcpStream::connect(pair.b.addrs.inbound)
+            .await
+            .unwrap(),
+        b"plain",
+    )
+    .await;
+    eventually("refusal counted", Duration::from_secs(5), || async {
+        pair.b.metric(
+            "portcullis_tls_handshakes_total",
+            &[("result", "plaintext_refused")],
+        ) == 1.0
+    })
+    .await;
+
+    let admin = pair.b.addrs.admin;
+    let (status, body) = http_get(admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for name in NAMES {
+        assert!(
+            body.contains(&format!("# TYPE {name} ")),
+            "{name} missing from /metrics"
+        );
+    }
+    let promtool =
+        which("promtool").expect("promtool not found: run `make deps` (Debian package prometheus)");
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (status, body) = http_get(admin, "/live").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "live\n"));
+    let (status, body) = http_get(admin, "/certs").await.unwrap();
+    assert_eq!(status, 200);
+    let certs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        certs["certificate"]["identity"],
+        "spiffe://cluster.local/ns/default/sa/server"
+    );
+    for key in ["serial", "not_before", "not_after", "next_renewal"] {
+        assert!(
+            certs["certificate"][key].is_string(),
+            "/certs lacks {key}: {body}"
+        );
+    }
+    assert_eq!(certs["trust_bundle"].as_array().unwrap().len(), 1);
+    assert!(certs["trust_bundle"][0]["subject"]
+        .as_str()
+        .unwrap()
+        .contains("portcullis root CA"));
+    assert_eq!(http_get(admin, "/nope").await.unwrap().0, 404);
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
