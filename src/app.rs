@@ -66,7 +66,7 @@ impl App {
 
         let drain = Drain::new();
         let inbound_listener = bind_inbound(settings.inbound_listen)?;
-        let explicit = settings.inbound_target.is_some() || !settings.upstreams.is_empty();
+        let explicit = is_explicit(&settings);
         let mut transparent = Vec::new();
         if !explicit {
             for addr in &settings.outbound_listen {
@@ -105,6 +105,8 @@ impl App {
             drain: drain.clone(),
             mode: settings.inbound_mode,
             opaque_ports: settings.opaque_ports.clone(),
+            outbound: settings.outbound.clone(),
+            forward_to_localhost: settings.inbound_forward_to_localhost,
             connect_timeout: settings.connect_timeout,
             handshake_timeout: settings.handshake_timeout,
             detect_timeout: settings.detect_timeout,
@@ -212,6 +214,9 @@ impl App {
         let admin = tokio::spawn(self.admin.run());
         let inbound = tokio::spawn(self.inbound.run());
         let outbound = tokio::spawn(self.outbound.run());
+        if !is_explicit(s) && s.outbound.mesh_cidrs.is_empty() {
+            warn!("no --mesh-cidrs: every outbound connection passes through in plaintext");
+        }
         let a = &self.addrs;
         info!(
             id = %s.id,
@@ -237,6 +242,11 @@ impl App {
         admin.abort();
         Ok(())
     }
+}
+
+/// Explicit mode: targets and upstreams are given, nothing is intercepted.
+fn is_explicit(settings: &Settings) -> bool {
+    settings.inbound_target.is_some() || !settings.upstreams.is_empty()
 }
 
 /// Binds the inbound listener; `[::]` falls back to `0.0.0.0` where IPv6 is off.

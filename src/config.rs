@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 
 use crate::identity::{SpiffeId, TrustDomain};
+use crate::proxy::OutboundPolicy;
 
 /// portcullis: a small service-mesh sidecar.
 #[derive(Debug, Parser)]
@@ -167,7 +169,36 @@ pub struct RunArgs {
         value_delimiter = ',',
         default_value = "25,587,3306,4444,5432,6379,9300,11211"
     )]
-    pub opaque_ports: Vec<u16>,
+    pub opaque_ports: Vec<PortRange>,
+    /// Transparent mode: destinations in these networks have sidecars and
+    /// get mTLS; everything else passes through as plain TCP.
+    #[arg(
+        long,
+        env = "PORTCULLIS_MESH_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub mesh_cidrs: Vec<IpNet>,
+    /// Never use mTLS to these networks, even inside --mesh-cidrs.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PASSTHROUGH_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub passthrough_cidrs: Vec<IpNet>,
+    /// Never use mTLS to these destination ports (ranges like 9000-9100 too).
+    #[arg(
+        long,
+        env = "PORTCULLIS_PASSTHROUGH_PORTS",
+        value_delimiter = ',',
+        value_name = "PORT"
+    )]
+    pub passthrough_ports: Vec<PortRange>,
+    /// Transparent mode: deliver inbound connections to localhost:PORT
+    /// instead of the pod IP (for apps that listen on 127.0.0.1 only).
+    #[arg(long, env = "PORTCULLIS_INBOUND_FORWARD_TO_LOCALHOST")]
+    pub inbound_forward_to_localhost: bool,
 
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -196,6 +227,51 @@ pub struct RunArgs {
     /// A tracing filter: `info`, `debug`, `portcullis=debug,warn`…
     #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// A port or an inclusive range of ports, written `80` or `8000-8100`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a port (1-65535) or a range like 8000-8100");
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(bad)
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
 }
 
 /// An explicit upstream: listen locally, carry to a sidecar over mTLS.
@@ -254,7 +330,9 @@ pub struct Settings {
     pub inbound_target: Option<SocketAddr>,
     pub upstreams: Vec<Upstream>,
     pub inbound_mode: InboundMode,
-    pub opaque_ports: Vec<u16>,
+    pub opaque_ports: Vec<PortRange>,
+    pub outbound: OutboundPolicy,
+    pub inbound_forward_to_localhost: bool,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -312,6 +390,12 @@ impl RunArgs {
             upstreams,
             inbound_mode: self.inbound_mode,
             opaque_ports: self.opaque_ports.clone(),
+            outbound: OutboundPolicy {
+                mesh_cidrs: self.mesh_cidrs.clone(),
+                passthrough_cidrs: self.passthrough_cidrs.clone(),
+                passthrough_ports: self.passthrough_ports.clone(),
+            },
+            inbound_forward_to_localhost: self.inbound_forward_to_localhost,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,
@@ -325,6 +409,26 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_ranges() {
+        let ok = [
+            ("80", 80, 80),
+            ("8000-8100", 8000, 8100),
+            ("1-65535", 1, 65535),
+        ];
+        for (s, a, b) in ok {
+            assert_eq!(
+                s.parse::<PortRange>().unwrap(),
+                PortRange { first: a, last: b },
+                "{s}"
+            );
+        }
+        for bad in ["0", "70000", "9-8", "a", "", "80-", "-80"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+        assert!("8000-8100".parse::<PortRange>().unwrap().contains(8050));
+    }
 
     #[test]
     fn upstream_forms() {

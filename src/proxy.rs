@@ -5,12 +5,14 @@ mod detect;
 mod inbound;
 mod orig_dst;
 mod outbound;
+mod plan;
 mod splice;
 
 pub use detect::{detect, Detected};
 pub use inbound::Inbound;
 pub use orig_dst::original_destination;
 pub use outbound::{Outbound, UpstreamListener};
+pub use plan::{plan, OutboundPolicy, Route};
 pub use splice::{splice, Traffic};
 
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::config::InboundMode;
+use crate::config::{InboundMode, PortRange};
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
@@ -28,7 +30,7 @@ use crate::tls::MeshTls;
 /// Errors of the data path; each one ends only its own connection.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("binding {flag} {addr}: {source}")]
+    #[error("binding {flag} {addr}")]
     Bind {
         flag: &'static str,
         addr: SocketAddr,
@@ -48,7 +50,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pub mode: InboundMode,
-    pub opaque_ports: Vec<u16>,
+    pub opaque_ports: Vec<PortRange>,
+    pub outbound: OutboundPolicy,
+    pub forward_to_localhost: bool,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub detect_timeout: Duration,

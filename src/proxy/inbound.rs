@@ -86,6 +86,7 @@ async fn serve(
     let target = match target {
         Some(t) => t,
         None => match original_destination(&stream) {
+            Ok(t) if shared.forward_to_localhost => localhost(t),
             Ok(t) => t,
             Err(e) => {
                 info!(error = %e, "inbound connection refused");
@@ -95,7 +96,7 @@ async fn serve(
     };
     let port = target.port();
     let _guard = ConnGuard::new(&shared.metrics, "inbound", port);
-    let opaque = shared.opaque_ports.contains(&port);
+    let opaque = shared.opaque_ports.iter().any(|r| r.contains(port));
     let wait = match (shared.mode, opaque) {
         (InboundMode::Strict, _) => shared.handshake_timeout,
         (InboundMode::Permissive, true) => OPAQUE_GRACE.min(shared.detect_timeout),
@@ -177,6 +178,17 @@ async fn serve_mesh(shared: &Shared, stream: TcpStream, target: SocketAddr, time
         .observe(started.elapsed().as_secs_f64());
     handshakes.with_label_values(&["inbound", "ok"]).inc();
     forward(shared, tls, target, Peer::Mesh(peer)).await;
+}
+
+/// The loopback address of the same family and port, for apps that listen
+/// on localhost only.
+fn localhost(dest: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = if dest.is_ipv4() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    };
+    SocketAddr::new(ip, dest.port())
 }
 
 /// Connects to the app and copies bytes until both sides are done.

@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, Instrument};
 
-use super::{original_destination, splice, traffic, ConnGuard, Shared};
+use super::{original_destination, plan, splice, traffic, ConnGuard, Route, Shared};
 use crate::config::Upstream;
+use crate::identity::SpiffeId;
 use crate::tls::{handshake_result, peer_identity};
 
 /// An explicit upstream's listener.
@@ -62,17 +65,25 @@ async fn accept_loop(listener: TcpListener, upstream: Option<Upstream>, shared: 
         };
         let shared = shared.clone();
         let span = tracing::info_span!("outbound", %source);
-        match upstream.clone() {
-            Some(u) => drain.spawn(to_sidecar(shared, stream, u).instrument(span)),
+        match &upstream {
+            Some(u) => {
+                drain.spawn(to_sidecar(shared, stream, u.dest, u.expect.clone()).instrument(span))
+            }
             None => drain.spawn(transparent(shared, stream).instrument(span)),
         }
     }
 }
 
-/// Carries one app connection over mesh mTLS to the sidecar at `upstream.dest`.
-async fn to_sidecar(shared: Arc<Shared>, app: TcpStream, upstream: Upstream) {
+/// Carries one app connection over mesh mTLS to the sidecar at `dest`,
+/// requiring the server to be `expect` when given (else any identity of
+/// our trust domain).
+async fn to_sidecar(
+    shared: Arc<Shared>,
+    app: TcpStream,
+    dest: SocketAddr,
+    expect: Option<SpiffeId>,
+) {
     let _ = app.set_nodelay(true);
-    let dest = upstream.dest;
     let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
     let handshakes = &shared.metrics.tls_handshakes;
     let snapshot = shared.tls.snapshot();
@@ -111,7 +122,7 @@ async fn to_sidecar(shared: Arc<Shared>, app: TcpStream, upstream: Upstream) {
             .inc();
         return info!(%dest, "outbound connection refused: server identity unreadable");
     };
-    if let Some(want) = &upstream.expect {
+    if let Some(want) = &expect {
         if &server != want {
             handshakes
                 .with_label_values(&["outbound", "wrong_identity"])
@@ -131,14 +142,18 @@ async fn to_sidecar(shared: Arc<Shared>, app: TcpStream, upstream: Upstream) {
     }
 }
 
-/// A redirected connection: forwarded as plain TCP to where it was going.
-/// One whose original destination cannot be read is refused, never looped.
+/// A redirected connection: to a mesh destination over mTLS, else as plain
+/// TCP to where it was going. One whose original destination cannot be
+/// read is refused, never looped.
 async fn transparent(shared: Arc<Shared>, app: TcpStream) {
     let _ = app.set_nodelay(true);
     let dest = match original_destination(&app) {
         Ok(d) => d,
         Err(e) => return info!(error = %e, "outbound connection refused"),
     };
+    if plan(dest, &shared.outbound) == Route::Mesh {
+        return to_sidecar(shared, app, dest, None).await;
+    }
     let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
     let remote = match shared.connect(dest).await {
         Ok(s) => s,

@@ -1,0 +1,36 @@
+# portcullis: common tasks. CARGO_TARGET_DIR is honoured if set.
+CARGO ?= cargo
+
+.PHONY: deps build test lint demo bench clean
+
+# deps: install the system tools the tests use (promtool, ip, iptables, nft,
+# tcpdump, curl, setpriv), only those missing; see .ci/deps.sh.
+deps:
+	bash .ci/deps.sh
+
+# build: the release binary (target/release/portcullis).
+build:
+	$(CARGO) build --release --locked
+
+# test: unit, binary and integration tests (not benches).
+test: deps
+	@echo "+ $(CARGO) test --locked"
+	@$(CARGO) test --locked
+
+# lint: formatting and clippy over every target, warnings are errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# demo: a whole mesh on loopback (CA, two sidecars, an echo app).
+demo:
+	$(CARGO) run --release -- demo
+
+# bench: direct vs sidecar pair (throughput, new connections/s, idle RSS);
+# needs the release binary for the RSS row, hence the build first.
+bench: build
+	$(CARGO) bench --locked --bench pair
+
+# clean: remove build output.
+clean:
+	$(CARGO) clean
