@@ -33,7 +33,9 @@ impl FileWatch {
         let (tx, events) = mpsc::channel(1);
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok() {
+                // Reads (ours included) raise access events; only changes
+                // matter, or every reload would wake the next one.
+                if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                     let _ = tx.try_send(());
                 }
             })?;
@@ -208,6 +210,19 @@ mod tests {
             .await
             .expect("no wake-up");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "two");
+    }
+
+    #[tokio::test]
+    async fn reading_a_file_does_not_wake_the_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let mut watch = FileWatch::new(&[&file], Duration::from_secs(3600)).unwrap();
+        for _ in 0..5 {
+            std::fs::read(&file).unwrap();
+        }
+        let woke = tokio::time::timeout(Duration::from_millis(300), watch.changed()).await;
+        assert!(woke.is_err(), "a read woke the watch");
     }
 
     #[test]
