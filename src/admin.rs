@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
+use crate::authz::{DefaultPolicy, LiveRules};
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
@@ -25,6 +26,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub tls: Arc<MeshTls>,
     pub drain: Drain,
+    pub rules: LiveRules,
+    pub default_policy: DefaultPolicy,
 }
 
 /// The bound admin server.
@@ -94,6 +97,17 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
             state.metrics.encode(),
         ),
         (&Method::GET, "/certs") => reply(StatusCode::OK, JSON, certs_json(state).to_string()),
+        (&Method::GET, "/rules") => reply(
+            StatusCode::OK,
+            JSON,
+            json!(state.rules.status()).to_string(),
+        ),
+        (&Method::GET, "/authz/explain") => {
+            match explain_query(state, req.uri().query().unwrap_or("")) {
+                Ok(v) => reply(StatusCode::OK, JSON, v.to_string()),
+                Err(e) => reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
+            }
+        }
         (&Method::POST, "/shutdown") => {
             if !peer.ip().to_canonical().is_loopback() {
                 return reply(
@@ -106,9 +120,10 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
             state.drain.begin();
             reply(StatusCode::ACCEPTED, TEXT, "draining\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/certs" | "/shutdown") => {
-            reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
-        }
+        (
+            _,
+            "/live" | "/ready" | "/metrics" | "/certs" | "/rules" | "/authz/explain" | "/shutdown",
+        ) => reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n"),
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
     }
 }
@@ -146,4 +161,90 @@ fn certs_json(state: &AdminState) -> serde_json::Value {
         "certificate": leaf,
         "trust_bundle": snap.bundle.info,
     })
+}
+
+/// `GET /authz/explain?from=ID|unauthenticated&port=P[&method=M&path=/p&host=H&header=k:v&source_ip=IP]`:
+/// the live rules' explanation of one connection or request.
+fn explain_query(state: &AdminState, query: &str) -> Result<serde_json::Value, String> {
+    use crate::authz::{explain, normalize_path, Connection, HttpRequest, Peer};
+    let mut from = None;
+    let mut port = None;
+    let (mut method, mut path, mut host, mut source) = (None, None, None, None);
+    let mut headers = hyper::HeaderMap::new();
+    for (k, v) in query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('='))
+    {
+        let v = percent_decode(v).ok_or_else(|| format!("{k}: bad percent-encoding"))?;
+        match k {
+            "from" => from = Some(Peer::parse(&v).map_err(|e| format!("from: {e}"))?),
+            "port" => {
+                port = Some(
+                    v.parse::<u16>()
+                        .map_err(|_| "port: not a port".to_string())?,
+                )
+            }
+            "method" => method = Some(v),
+            "path" => path = Some(v),
+            "host" => host = Some(v),
+            "source_ip" => {
+                source = Some(
+                    v.parse::<std::net::IpAddr>()
+                        .map_err(|_| "source_ip: not an IP".to_string())?,
+                )
+            }
+            "header" => {
+                let (name, value) = v.split_once(':').ok_or("header: use name:value")?;
+                let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|e| format!("header: {e}"))?;
+                let value =
+                    HeaderValue::from_str(value.trim()).map_err(|e| format!("header: {e}"))?;
+                headers.append(name, value);
+            }
+            other => return Err(format!("unknown parameter {other}")),
+        }
+    }
+    let peer = from.ok_or("from is required (a SPIFFE id or unauthenticated)")?;
+    let port = port.ok_or("port is required")?;
+    let conn = Connection {
+        peer: &peer,
+        source: source.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        port,
+    };
+    let path = path
+        .map(|p| normalize_path(&p, false).map_err(|e| format!("path: {e}")))
+        .transpose()?;
+    let request = path.as_deref().map(|p| HttpRequest {
+        method: method.as_deref().unwrap_or("GET"),
+        path: p,
+        host: host.as_deref(),
+        headers: &headers,
+    });
+    let rules = state.rules.current();
+    let why = explain(
+        &rules,
+        state.tls.trust_domain(),
+        state.default_policy,
+        &conn,
+        request.as_ref(),
+    );
+    serde_json::to_value(why).map_err(|e| e.to_string())
+}
+
+/// Decodes `%XX` and `+` in a query value.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
 }

@@ -9,12 +9,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{Admin, AdminState};
+use crate::authz::{AuthzMetrics, LiveRules};
 use crate::config::{CertSource, Settings};
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
 use crate::identity::{chains_to, CaFiles, Issuer, LeafRequest, Rotator};
 use crate::metrics::Metrics;
-use crate::proxy::{self, Inbound, Outbound, Shared, UpstreamListener};
+use crate::proxy::{self, AppClients, Inbound, Outbound, Policy, Shared, UpstreamListener};
 use crate::tls::{MeshTls, TrustBundle};
 
 /// The addresses a running sidecar listens on.
@@ -37,6 +38,7 @@ pub struct App {
     outbound: Outbound,
     admin: Admin,
     issuer: (Vec<Vec<u8>>, Issuer),
+    rules: LiveRules,
     bundle_pem: Vec<u8>,
 }
 
@@ -62,7 +64,7 @@ impl App {
         if !chains_to(&issuer.chain, &bundle.certs) {
             warn!(issuer = %issuer.subject, "the issuer does not chain to --trust-bundle; peers using the same bundle will refuse this sidecar");
         }
-        let tls = Arc::new(MeshTls::new(td, bundle));
+        let tls = Arc::new(MeshTls::new(td.clone(), bundle));
 
         let drain = Drain::new();
         let inbound_listener = bind_inbound(settings.inbound_listen)?;
@@ -87,6 +89,14 @@ impl App {
             });
         }
         let admin_listener = proxy::bind("--admin-listen", settings.admin_listen)?;
+        // Rules last: every other start-up check has passed before it logs.
+        let rules = LiveRules::load(
+            &settings.rules_dir,
+            settings.rules_required,
+            settings.default_policy,
+            AuthzMetrics::new(metrics.registry()),
+        )
+        .map_err(|e| anyhow!("--rules-dir: {e}"))?;
         let addrs = BoundAddrs {
             inbound: inbound_listener.local_addr()?,
             outbound: transparent
@@ -107,6 +117,13 @@ impl App {
             opaque_ports: settings.opaque_ports.clone(),
             outbound: settings.outbound.clone(),
             forward_to_localhost: settings.inbound_forward_to_localhost,
+            policy: Policy {
+                rules: rules.clone(),
+                td,
+                default: settings.default_policy,
+                allow_encoded_slash: settings.allow_encoded_slash,
+            },
+            app_clients: AppClients::new(settings.connect_timeout),
             connect_timeout: settings.connect_timeout,
             handshake_timeout: settings.handshake_timeout,
             detect_timeout: settings.detect_timeout,
@@ -126,9 +143,12 @@ impl App {
                     metrics: metrics.clone(),
                     tls: tls.clone(),
                     drain: drain.clone(),
+                    rules: rules.clone(),
+                    default_policy: settings.default_policy,
                 },
             ),
             issuer: (issuer_pem, issuer),
+            rules,
             bundle_pem,
             settings,
             metrics,
@@ -195,6 +215,10 @@ impl App {
         )
         .spawn(s.file_poll_interval, exit.clone())
         .context("watching --trust-bundle")?;
+
+        self.rules
+            .spawn_reloader(s.file_poll_interval, exit.clone())
+            .context("watching --rules-dir")?;
 
         let tls = self.tls.clone();
         let rotator = Rotator {

@@ -8,8 +8,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::authz::DefaultPolicy;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proxy::OutboundPolicy;
+
+/// Where rule files are mounted by default.
+pub const DEFAULT_RULES_DIR: &str = "/etc/portcullis/rules";
 
 /// portcullis: a small service-mesh sidecar.
 #[derive(Debug, Parser)]
@@ -28,6 +32,12 @@ pub enum Command {
     Ca(CaCommand),
     /// Run a whole mesh on loopback: a CA, two sidecars and an echo app.
     Demo(DemoArgs),
+    /// Install (or with --cleanup remove) the rules that send the pod's TCP
+    /// through the sidecar; runs as the pod's init container.
+    Init(crate::intercept::InitArgs),
+    /// Check authorization rule files, or explain a decision.
+    #[command(subcommand)]
+    Rules(crate::rules_cli::RulesCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,6 +210,23 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_INBOUND_FORWARD_TO_LOCALHOST")]
     pub inbound_forward_to_localhost: bool,
 
+    /// Directory of authorization rule files (*.yaml, *.yml, *.json),
+    /// watched and hot-reloaded [default: /etc/portcullis/rules; given
+    /// explicitly, it must exist].
+    #[arg(long, env = "PORTCULLIS_RULES_DIR", value_name = "DIR")]
+    pub rules_dir: Option<PathBuf>,
+    /// What happens when no rule matches on a port that no allow rule covers.
+    #[arg(
+        long,
+        env = "PORTCULLIS_DEFAULT_POLICY",
+        value_enum,
+        default_value = "authenticated"
+    )]
+    pub default_policy: DefaultPolicy,
+    /// Accept `%2F` and `%5C` in request paths instead of answering 400.
+    #[arg(long, env = "PORTCULLIS_ALLOW_ENCODED_SLASH")]
+    pub allow_encoded_slash: bool,
+
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
     #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -333,6 +360,11 @@ pub struct Settings {
     pub opaque_ports: Vec<PortRange>,
     pub outbound: OutboundPolicy,
     pub inbound_forward_to_localhost: bool,
+    pub rules_dir: PathBuf,
+    /// The user named the rules directory, so it must exist.
+    pub rules_required: bool,
+    pub default_policy: DefaultPolicy,
+    pub allow_encoded_slash: bool,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -396,6 +428,13 @@ impl RunArgs {
                 passthrough_ports: self.passthrough_ports.clone(),
             },
             inbound_forward_to_localhost: self.inbound_forward_to_localhost,
+            rules_dir: self
+                .rules_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RULES_DIR)),
+            rules_required: self.rules_dir.is_some(),
+            default_policy: self.default_policy,
+            allow_encoded_slash: self.allow_encoded_slash,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,

@@ -3,13 +3,16 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod ca_cli;
 pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod filewatch;
 pub mod identity;
+pub mod intercept;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod rules_cli;
 pub mod tls;

@@ -10,6 +10,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ca(cmd) => portcullis::ca_cli::run(cmd),
+        Command::Rules(cmd) => return portcullis::rules_cli::run(cmd),
+        Command::Init(args) => portcullis::intercept::run(&args).map_err(anyhow::Error::from),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portcullis::demo::run(args))),
     };
     match result {

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub trust_bundle_reloads: IntCounterVec,
     pub issuer_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -78,7 +80,27 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let http_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "portcullis_http_request_duration_seconds",
+                "Time from a request's arrival to its response headers.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["direction", "port"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(http_request_duration.clone()))
+            .expect("unique metric");
         Metrics {
+            http_requests: counter(
+                r,
+                "portcullis_http_requests_total",
+                "HTTP requests by response status (methods outside the standard set count as other).",
+                &["direction", "port", "method", "status_code"],
+            ),
+            http_request_duration,
             connections_opened: counter(
                 r,
                 "portcullis_tcp_connections_opened_total",

@@ -2,17 +2,23 @@
 //! listeners, protocol detection, original destinations and byte copying.
 
 mod detect;
+mod http;
 mod inbound;
 mod orig_dst;
 mod outbound;
 mod plan;
+mod policy;
+mod rewind;
 mod splice;
 
-pub use detect::{detect, Detected};
+pub use detect::{detect, sniff_http, AppProtocol, Detected};
+pub use http::AppClients;
 pub use inbound::Inbound;
 pub use orig_dst::original_destination;
 pub use outbound::{Outbound, UpstreamListener};
 pub use plan::{plan, OutboundPolicy, Route};
+pub use policy::Policy;
+pub use rewind::Rewind;
 pub use splice::{splice, Traffic};
 
 use std::net::SocketAddr;
@@ -53,6 +59,8 @@ pub struct Shared {
     pub opaque_ports: Vec<PortRange>,
     pub outbound: OutboundPolicy,
     pub forward_to_localhost: bool,
+    pub policy: Policy,
+    pub app_clients: AppClients,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub detect_timeout: Duration,
@@ -60,6 +68,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether clients on `port` may wait for the server to speak first.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports.iter().any(|r| r.contains(port))
+    }
+
     /// Connects to `addr` within the connect timeout, with TCP_NODELAY.
     pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
         match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {

@@ -274,7 +274,13 @@ async fn client_side_refuses_a_server_with_the_wrong_identity_or_ca() {
 async fn permissive_accepts_plaintext_strict_refuses_it() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
-    let pair = Pair::start(&ca, &ca.files.cert, &[], &["--inbound-mode", "permissive"]).await;
+    let pair = Pair::start(
+        &ca,
+        &ca.files.cert,
+        &[],
+        &["--inbound-mode", "permissive", "--default-policy", "allow"],
+    )
+    .await;
     let s = TcpStream::connect(pair.b.addrs.inbound).await.unwrap();
     assert_eq!(round_trip(s, b"plain hello").await.unwrap(), b"plain hello");
     // mTLS still works in permissive mode.
@@ -312,6 +318,8 @@ async fn server_first_protocol_on_opaque_port_in_permissive_mode() {
         app_addr.to_string(),
         "--inbound-mode".into(),
         "permissive".into(),
+        "--default-policy".into(),
+        "allow".into(),
         "--opaque-ports".into(),
         port,
     ]);

@@ -173,6 +173,8 @@ async fn drain_timeout_ends_streams_that_never_finish() {
         "2s",
         "--inbound-mode",
         "permissive",
+        "--default-policy",
+        "allow",
     ]));
     let mut b = Proc::start(&args);
     let admin = b.admin;

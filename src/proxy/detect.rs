@@ -95,9 +95,137 @@ fn classify_hello(bytes: &[u8]) -> Option<Detected> {
     }
 }
 
+/// The application protocol a client started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    Http1,
+    Http2,
+    /// Anything else, or nothing within the wait: carried as opaque bytes.
+    Opaque,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// A request line longer than this is not worth waiting for.
+const LINE_LIMIT: usize = 8 * 1024;
+
+/// Reads the first bytes of `stream` (at most `wait`) to tell HTTP/1.x and
+/// HTTP/2 from anything else. Returns the protocol and the bytes read, which
+/// the caller must replay (see `Rewind`).
+pub async fn sniff_http<S>(stream: &mut S, wait: Duration) -> (AppProtocol, bytes::Bytes)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + wait;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if let Some(p) = classify_http(&buf) {
+            return (p, buf.into());
+        }
+        let mut chunk = [0u8; 2048];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return (AppProtocol::Opaque, buf.into()),
+        }
+    }
+}
+
+/// `Some` once the bytes decide the protocol; `None` while more are needed.
+fn classify_http(buf: &[u8]) -> Option<AppProtocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(AppProtocol::Http2);
+    }
+    if !could_start_request_line(buf) {
+        return Some(AppProtocol::Opaque);
+    }
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return (buf.len() >= LINE_LIMIT).then_some(AppProtocol::Opaque);
+    };
+    Some(if is_http1_request_line(&buf[..end]) {
+        AppProtocol::Http1
+    } else {
+        AppProtocol::Opaque
+    })
+}
+
+/// Whether `buf` can still grow into `METHOD SP target …`: an upper-case
+/// method, one space, then a target starting like an origin (`/`), an
+/// asterisk, an absolute URI or an authority. Deciding early keeps other
+/// client-first protocols from waiting for a line end that never comes.
+fn could_start_request_line(buf: &[u8]) -> bool {
+    let method_len = buf
+        .iter()
+        .take_while(|b| b.is_ascii_uppercase() || matches!(b, b'-' | b'_'))
+        .count();
+    if method_len == buf.len() {
+        return method_len <= 20;
+    }
+    if method_len == 0 || buf[method_len] != b' ' {
+        return false;
+    }
+    match buf.get(method_len + 1) {
+        None => true,
+        Some(b) => *b == b'/' || *b == b'*' || b.is_ascii_alphanumeric() || *b == b'[',
+    }
+}
+
+/// `METHOD SP request-target SP HTTP/1.x`
+fn is_http1_request_line(line: &[u8]) -> bool {
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    !method.is_empty()
+        && method.iter().all(token)
+        && !target.is_empty()
+        && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_http_from_other_bytes() {
+        let cases: &[(&[u8], Option<AppProtocol>)] = &[
+            (b"GET / HTTP/1.1\r\nHost: x\r\n", Some(AppProtocol::Http1)),
+            (b"POST /api?x=1 HTTP/1.0\r\n", Some(AppProtocol::Http1)),
+            (b"GET / HTT", None),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                Some(AppProtocol::Http2),
+            ),
+            (b"PRI * HTTP/2", None),
+            (b"SSH-2.0-OpenSSH_9.2\r\n", Some(AppProtocol::Opaque)),
+            (b"\x00\x01binary", Some(AppProtocol::Opaque)),
+            (b"GET / HTTP/2.0\r\n", Some(AppProtocol::Opaque)),
+            (b"*1\r\n$4\r\nPING\r\n", Some(AppProtocol::Opaque)),
+            (b"ping 00000001", Some(AppProtocol::Opaque)),
+            (b"PING", None),
+            (b"PING ", None),
+            (b"PING  x", Some(AppProtocol::Opaque)),
+            (b"GET /no/line/end/yet", None),
+            (b"HELLO world", None),
+            (b"HELLO world\r\n", Some(AppProtocol::Opaque)),
+            (b"direct", Some(AppProtocol::Opaque)),
+            (b"", None),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                classify_http(bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 
     #[test]
     fn classifies_first_bytes() {

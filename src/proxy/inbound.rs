@@ -5,12 +5,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, Instrument};
 
-use super::{detect, original_destination, splice, traffic, ConnGuard, Detected, Shared};
+use super::http::{self, ConnInfo};
+use super::{
+    detect, original_destination, sniff_http, splice, traffic, AppProtocol, ConnGuard, Detected,
+    Rewind, Shared,
+};
+use crate::authz::Peer;
 use crate::config::InboundMode;
 use crate::tls::{handshake_result, peer_identity};
 
@@ -18,22 +25,6 @@ use crate::tls::{handshake_result, peer_identity};
 /// only this long is spent looking for a mesh ClientHello (a sidecar sends
 /// its hello as soon as it connects).
 const OPAQUE_GRACE: Duration = Duration::from_millis(10);
-
-/// Who is on the other end of an inbound connection.
-#[derive(Debug, Clone)]
-pub enum Peer {
-    Mesh(crate::identity::SpiffeId),
-    Unauthenticated,
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Peer::Mesh(id) => write!(f, "{id}"),
-            Peer::Unauthenticated => f.write_str("unauthenticated"),
-        }
-    }
-}
 
 /// The bound inbound listener.
 pub struct Inbound {
@@ -78,7 +69,7 @@ impl Inbound {
 async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
-    _source: SocketAddr,
+    source: SocketAddr,
     target: Option<SocketAddr>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -88,16 +79,12 @@ async fn serve(
         None => match original_destination(&stream) {
             Ok(t) if shared.forward_to_localhost => localhost(t),
             Ok(t) => t,
-            Err(e) => {
-                info!(error = %e, "inbound connection refused");
-                return;
-            }
+            Err(e) => return info!(error = %e, "inbound connection refused"),
         },
     };
     let port = target.port();
     let _guard = ConnGuard::new(&shared.metrics, "inbound", port);
-    let opaque = shared.opaque_ports.iter().any(|r| r.contains(port));
-    let wait = match (shared.mode, opaque) {
+    let wait = match (shared.mode, shared.is_opaque(port)) {
         (InboundMode::Strict, _) => shared.handshake_timeout,
         (InboundMode::Permissive, true) => OPAQUE_GRACE.min(shared.detect_timeout),
         (InboundMode::Permissive, false) => shared.detect_timeout,
@@ -111,7 +98,7 @@ async fn serve(
         (Detected::Closed, _) => {}
         (Detected::MeshTls, _) => {
             let remaining = shared.handshake_timeout.saturating_sub(started.elapsed());
-            serve_mesh(&shared, stream, target, remaining).await;
+            serve_mesh(shared, stream, source, target, remaining).await;
         }
         (Detected::Silent, InboundMode::Strict) => {
             handshakes.with_label_values(&["inbound", "timeout"]).inc();
@@ -133,12 +120,24 @@ async fn serve(
             );
         }
         (_, InboundMode::Permissive) => {
-            forward(&shared, stream, target, Peer::Unauthenticated).await
+            let conn = ConnInfo {
+                peer: Arc::new(Peer::Unauthenticated),
+                source,
+                target,
+            };
+            serve_app(shared, stream, conn).await
         }
     }
 }
 
-async fn serve_mesh(shared: &Shared, stream: TcpStream, target: SocketAddr, timeout: Duration) {
+/// Terminates mesh mTLS and hands the stream on with the peer's identity.
+async fn serve_mesh(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    source: SocketAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) {
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
     let Some(config) = snapshot.server.clone() else {
@@ -177,7 +176,63 @@ async fn serve_mesh(shared: &Shared, stream: TcpStream, target: SocketAddr, time
         .with_label_values(&["inbound"])
         .observe(started.elapsed().as_secs_f64());
     handshakes.with_label_values(&["inbound", "ok"]).inc();
-    forward(shared, tls, target, Peer::Mesh(peer)).await;
+    let conn = ConnInfo {
+        peer: Arc::new(Peer::Mesh(peer)),
+        source,
+        target,
+    };
+    serve_app(shared, tls, conn).await;
+}
+
+/// HTTP goes to the per-request path; anything else is authorized once as
+/// a connection and copied, and closed if a rule change denies it later.
+async fn serve_app<S>(shared: Arc<Shared>, mut io: S, conn: ConnInfo)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (protocol, prefix) = if shared.is_opaque(conn.target.port()) {
+        (AppProtocol::Opaque, Bytes::new())
+    } else {
+        sniff_http(&mut io, shared.detect_timeout).await
+    };
+    let io = Rewind::new(prefix, io);
+    if protocol != AppProtocol::Opaque {
+        return http::serve(shared, io, conn).await;
+    }
+    let decision = shared.policy.authorize_tcp(&conn);
+    if !decision.allowed {
+        return info!(
+            peer = %conn.peer,
+            source = %conn.source.ip(),
+            port = conn.target.port(),
+            rule = %decision.rule,
+            "connection denied"
+        );
+    }
+    let app = match shared.connect(conn.target).await {
+        Ok(s) => s,
+        Err(e) => {
+            return info!(peer = %conn.peer, error = %e, "inbound connection dropped: app unreachable")
+        }
+    };
+    debug!(peer = %conn.peer, target = %conn.target, "inbound connection forwarded");
+    let traffic = traffic(&shared.metrics, "inbound", conn.target.port());
+    tokio::select! {
+        r = splice(io, app, shared.idle_timeout, &traffic) => {
+            if let Err(e) = r {
+                debug!(peer = %conn.peer, error = %e, "inbound connection ended with an error");
+            }
+        }
+        rule = shared.policy.denied_later(&conn) => {
+            info!(
+                peer = %conn.peer,
+                source = %conn.source.ip(),
+                port = conn.target.port(),
+                rule = %rule,
+                "open connection closed: the new rules deny it"
+            );
+        }
+    }
 }
 
 /// The loopback address of the same family and port, for apps that listen
@@ -189,20 +244,4 @@ fn localhost(dest: SocketAddr) -> SocketAddr {
         std::net::Ipv6Addr::LOCALHOST.into()
     };
     SocketAddr::new(ip, dest.port())
-}
-
-/// Connects to the app and copies bytes until both sides are done.
-async fn forward<S>(shared: &Shared, accepted: S, target: SocketAddr, peer: Peer)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let app = match shared.connect(target).await {
-        Ok(s) => s,
-        Err(e) => return info!(%peer, error = %e, "inbound connection dropped: app unreachable"),
-    };
-    debug!(%peer, %target, "inbound connection forwarded");
-    let traffic = traffic(&shared.metrics, "inbound", target.port());
-    if let Err(e) = splice(accepted, app, shared.idle_timeout, &traffic).await {
-        debug!(%peer, error = %e, "inbound connection ended with an error");
-    }
 }

@@ -1,0 +1,217 @@
+//! The compiled, immutable rule set: what [`super::authorize`] reads.
+//!
+//! Rules are split by action once, and the ports covered by `allow` rules
+//! are merged into sorted ranges, so a decision walks each list at most
+//! once and never allocates beyond its result.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::matchers::{Cidr, HeaderCond, HostPattern, IdentityPattern, PathPattern, PortRange};
+use super::model::{FromModel, HttpModel, RuleModel};
+use super::Action;
+use crate::identity::TrustDomain;
+
+/// One compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub action: Action,
+    /// The file the rule came from, and its position in that file's list.
+    pub file: Arc<Path>,
+    pub index: usize,
+    pub(crate) ports: Option<Vec<PortRange>>,
+    pub(crate) from: FromCond,
+    pub(crate) http: Option<HttpCond>,
+}
+
+/// The peer conditions; `None` = not constrained.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FromCond {
+    pub identities: Option<Vec<IdentityPattern>>,
+    pub namespaces: Option<Vec<String>>,
+    pub trust_domains: Option<Vec<TrustDomain>>,
+    pub unauthenticated: Option<bool>,
+    pub cidrs: Option<Vec<Cidr>>,
+}
+
+/// The request conditions; `None` = not constrained.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HttpCond {
+    pub methods: Option<Vec<String>>,
+    pub paths: Option<Vec<PathPattern>>,
+    pub hosts: Option<Vec<HostPattern>>,
+    pub headers: Option<Vec<HeaderCond>>,
+}
+
+impl Rule {
+    pub(crate) fn from_model(m: RuleModel, file: Arc<Path>, index: usize) -> Self {
+        fn list<T, U>(
+            l: Option<super::model::List<super::model::Parsed<T>>>,
+            f: impl Fn(T) -> U,
+        ) -> Option<Vec<U>> {
+            l.map(|l| l.0.into_iter().map(|p| f(p.0)).collect())
+        }
+        let from = m.from.unwrap_or_default();
+        let FromModel {
+            identities,
+            namespaces,
+            trust_domains,
+            unauthenticated,
+            cidrs,
+        } = from;
+        Rule {
+            name: m.name.0 .0,
+            action: m.action,
+            file,
+            index,
+            ports: list(m.ports, |p| p),
+            from: FromCond {
+                identities: list(identities, |i| i),
+                namespaces: list(namespaces, |n| n.0),
+                trust_domains: list(trust_domains, |t| t),
+                unauthenticated,
+                cidrs: list(cidrs, |c| c),
+            },
+            http: m.http.map(|h| {
+                let HttpModel {
+                    methods,
+                    paths,
+                    hosts,
+                    headers,
+                } = h;
+                HttpCond {
+                    methods: list(methods, |m| m.0),
+                    paths: list(paths, |p| p),
+                    hosts: list(hosts, |h| h),
+                    headers: headers.map(|h| h.0),
+                }
+            }),
+        }
+    }
+
+    /// Whether the rule applies to `port` at all.
+    pub fn covers_port(&self, port: u16) -> bool {
+        match &self.ports {
+            None => true,
+            Some(ranges) => ranges.iter().any(|r| r.contains(port)),
+        }
+    }
+
+    /// Whether the rule has HTTP conditions (and so never allows opaque TCP).
+    pub fn is_http(&self) -> bool {
+        self.http.is_some()
+    }
+}
+
+/// A validated, immutable set of rules, with what identifies it.
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    denies: Vec<usize>,
+    allows: Vec<usize>,
+    audits: Vec<usize>,
+    /// Merged, sorted ranges of ports that some `allow` rule covers.
+    allow_ports: Vec<PortRange>,
+    hash: String,
+    loaded_at: SystemTime,
+    files: Vec<PathBuf>,
+}
+
+impl RuleSet {
+    /// A set with no rules: every decision is the default policy.
+    pub fn empty() -> Self {
+        Self::new(Vec::new(), crate::filewatch::content_hash(&[]), Vec::new())
+    }
+
+    pub(crate) fn new(rules: Vec<Rule>, hash: String, files: Vec<PathBuf>) -> Self {
+        let pick = |a: Action| -> Vec<usize> {
+            (0..rules.len()).filter(|&i| rules[i].action == a).collect()
+        };
+        let (denies, allows, audits) =
+            (pick(Action::Deny), pick(Action::Allow), pick(Action::Audit));
+        let mut ranges: Vec<PortRange> = Vec::new();
+        for &i in &allows {
+            match &rules[i].ports {
+                None => ranges.push(PortRange {
+                    lo: 1,
+                    hi: u16::MAX,
+                }),
+                Some(p) => ranges.extend(p.iter().copied()),
+            }
+        }
+        ranges.sort();
+        let mut allow_ports: Vec<PortRange> = Vec::new();
+        for r in ranges {
+            match allow_ports.last_mut() {
+                Some(last) if u32::from(r.lo) <= u32::from(last.hi) + 1 => {
+                    last.hi = last.hi.max(r.hi);
+                }
+                _ => allow_ports.push(r),
+            }
+        }
+        RuleSet {
+            rules,
+            denies,
+            allows,
+            audits,
+            allow_ports,
+            hash,
+            loaded_at: SystemTime::now(),
+            files,
+        }
+    }
+
+    /// Every rule, in file order (files sorted by name).
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// A short hash of the files' names and contents.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded_at
+    }
+
+    /// The files the rules were read from.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Whether some `allow` rule covers `port` (then anything not allowed
+    /// on it is denied, whatever the default policy).
+    pub fn allow_covers_port(&self, port: u16) -> bool {
+        let i = self.allow_ports.partition_point(|r| r.hi < port);
+        self.allow_ports.get(i).is_some_and(|r| r.contains(port))
+    }
+
+    pub(crate) fn denies(&self) -> impl Iterator<Item = &Rule> {
+        self.denies.iter().map(|&i| &self.rules[i])
+    }
+
+    pub(crate) fn allows(&self) -> impl Iterator<Item = &Rule> {
+        self.allows.iter().map(|&i| &self.rules[i])
+    }
+
+    pub(crate) fn audits(&self) -> impl Iterator<Item = &Rule> {
+        self.audits.iter().map(|&i| &self.rules[i])
+    }
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        Self::empty()
+    }
+}

@@ -1,0 +1,404 @@
+//! The inbound HTTP path: every request on a connection is authorized on
+//! its own, then sent to the app over a pooled connection, with streaming
+//! bodies, trailers, gRPC and `Upgrade` (WebSocket) passed through.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::Shared;
+use crate::authz::{HttpRequest, Peer};
+
+/// The body of every response the proxy hands back.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The header that tells the app who called; callers cannot set it.
+const XFCC: &str = "x-forwarded-client-cert";
+
+/// Who is calling and where the connection was going.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: Arc<Peer>,
+    pub source: SocketAddr,
+    pub target: SocketAddr,
+}
+
+/// Serves HTTP/1.x or HTTP/2 on one accepted connection until it closes.
+pub async fn serve<S>(shared: Arc<Shared>, io: S, conn: ConnInfo)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, &conn, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        debug!(error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = method_label(req.method());
+    let port = conn.target.port();
+    let resp = match authorize_and_rewrite(shared, conn, req) {
+        Ok(req) => forward(shared, conn, req).await,
+        Err(resp) => *resp,
+    };
+    let port = port.to_string();
+    shared
+        .metrics
+        .http_requests
+        .with_label_values(&["inbound", &port, method, resp.status().as_str()])
+        .inc();
+    shared
+        .metrics
+        .http_request_duration
+        .with_label_values(&["inbound", &port])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Normalizes the path, asks the rules, and prepares the request for the app
+/// (normalized path, absolute URI, our `x-forwarded-client-cert`, no
+/// hop-by-hop headers). A refusal comes back as the response to send.
+fn authorize_and_rewrite(
+    shared: &Shared,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+) -> Result<Request<Incoming>, Box<Response<Body>>> {
+    let policy = &shared.policy;
+    let raw_path = req.uri().path().to_string();
+    let path = match crate::authz::normalize_path(&raw_path, policy.allow_encoded_slash) {
+        Ok(p) => p,
+        Err(e) => {
+            info!(peer = %conn.peer, path = %raw_path, error = %e, "request refused: bad path");
+            return Err(Box::new(text(
+                StatusCode::BAD_REQUEST,
+                "bad request path\n",
+            )));
+        }
+    };
+    let host = request_host(&req);
+    let decision = policy.authorize_http(
+        conn,
+        &HttpRequest {
+            method: req.method().as_str(),
+            path: &path,
+            host: host.as_deref(),
+            headers: req.headers(),
+        },
+    );
+    if !decision.allowed {
+        info!(
+            peer = %conn.peer,
+            source = %conn.source.ip(),
+            port = conn.target.port(),
+            method = %req.method(),
+            path = %path,
+            rule = %decision.rule,
+            "request denied"
+        );
+        return Err(Box::new(denied(&req)));
+    }
+    let upgrade = is_upgrade(req.headers());
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    req.headers_mut().remove(XFCC);
+    if let Peer::Mesh(id) = conn.peer.as_ref() {
+        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
+            req.headers_mut().insert(XFCC, v);
+        }
+    }
+    let authority = host.unwrap_or_else(|| conn.target.to_string());
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let uri = format!("http://{authority}{path}{query}");
+    *req.uri_mut() = match uri.parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => {
+            return Err(Box::new(text(
+                StatusCode::BAD_REQUEST,
+                "bad request target\n",
+            )))
+        }
+    };
+    Ok(req)
+}
+
+/// The host the client asked for: HTTP/2 `:authority`, else `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.parse::<hyper::http::uri::Authority>().is_ok())
+        .map(str::to_string)
+}
+
+/// Sends the request to the app; on `101 Switching Protocols` joins the two
+/// upgraded connections.
+async fn forward(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming>) -> Response<Body> {
+    let upgrade = is_upgrade(req.headers());
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client = shared
+        .app_clients
+        .get(conn.target, req.version() == Version::HTTP_2);
+    let mut resp = match client.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            info!(peer = %conn.peer, target = %conn.target, error = %e, "app request failed");
+            return text(StatusCode::BAD_GATEWAY, "app unreachable\n");
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = client_side {
+            let app_side = hyper::upgrade::on(&mut resp);
+            let idle = shared.idle_timeout;
+            let traffic = super::traffic(&shared.metrics, "inbound", conn.target.port());
+            tokio::spawn(async move {
+                let (Ok(client_io), Ok(app_io)) = (client_side.await, app_side.await) else {
+                    return debug!("upgrade did not complete");
+                };
+                let _ = super::splice(
+                    TokioIo::new(client_io),
+                    TokioIo::new(app_io),
+                    idle,
+                    &traffic,
+                )
+                .await;
+            });
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    resp.map(|b| b.boxed())
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes headers that describe one hop only (RFC 9110 §7.6.1), keeping
+/// `Connection: upgrade` and `Upgrade` when passing an upgrade on, and
+/// `te: trailers` (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// 403, or for gRPC a trailers-only response with `grpc-status: 7`
+/// (PERMISSION_DENIED), which gRPC clients understand.
+fn denied<B>(req: &Request<B>) -> Response<Body> {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        return text(StatusCode::FORBIDDEN, "access denied\n");
+    }
+    let mut resp = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static("7"));
+    h.insert("grpc-message", HeaderValue::from_static("access denied"));
+    resp
+}
+
+/// The method as a metric label: standard methods by name, others `other`
+/// (bounded cardinality).
+pub fn method_label(m: &hyper::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "CONNECT" => "CONNECT",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "PATCH" => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Pooled HTTP clients to the app, one per target address and protocol.
+#[derive(Default)]
+pub struct AppClients {
+    clients: Mutex<HashMap<(SocketAddr, bool), Client<FixedConnector, Incoming>>>,
+    connect_timeout: Duration,
+}
+
+impl AppClients {
+    pub fn new(connect_timeout: Duration) -> Self {
+        AppClients {
+            clients: Mutex::default(),
+            connect_timeout,
+        }
+    }
+
+    fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, Incoming> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry((target, h2))
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    .http2_only(h2)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(FixedConnector {
+                        target,
+                        timeout: self.connect_timeout,
+                    })
+            })
+            .clone()
+    }
+}
+
+/// Connects every request to one address, whatever its URI says, so the
+/// app sees the caller's `Host`/`:authority` unchanged.
+#[derive(Clone)]
+pub struct FixedConnector {
+    target: SocketAddr,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for FixedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (target, timeout) = (self.target, self.timeout);
+        Box::pin(async move {
+            let s = tokio::time::timeout(timeout, TcpStream::connect(target))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect to app timed out")
+                })??;
+            let _ = s.set_nodelay(true);
+            Ok(TokioIo::new(s))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-kept"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn grpc_denials_use_grpc_status() {
+        let req = Request::builder()
+            .header("content-type", "application/grpc+proto")
+            .body(())
+            .unwrap();
+        let resp = denied(&req);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "7");
+        let req = Request::builder().body(()).unwrap();
+        assert_eq!(denied(&req).status(), StatusCode::FORBIDDEN);
+    }
+}

@@ -1,0 +1,68 @@
+//! The proxy's side of authorization: asks the live rule set about each
+//! connection or request, counts and logs the decision, and watches rule
+//! changes so open connections that become denied are closed.
+
+use tracing::info;
+
+use super::http::ConnInfo;
+use crate::authz::{authorize, Connection, Decision, DefaultPolicy, HttpRequest, LiveRules};
+use crate::identity::TrustDomain;
+
+/// Everything a decision needs besides the connection itself.
+pub struct Policy {
+    pub rules: LiveRules,
+    pub td: TrustDomain,
+    pub default: DefaultPolicy,
+    /// Let `%2F` and `%5C` through in paths instead of answering 400.
+    pub allow_encoded_slash: bool,
+}
+
+fn connection(conn: &ConnInfo) -> Connection<'_> {
+    Connection {
+        peer: &conn.peer,
+        source: conn.source.ip().to_canonical(),
+        port: conn.target.port(),
+    }
+}
+
+impl Policy {
+    /// Decides one HTTP request.
+    pub fn authorize_http(&self, conn: &ConnInfo, req: &HttpRequest<'_>) -> Decision {
+        let rules = self.rules.current();
+        let decision = authorize(&rules, &self.td, self.default, &connection(conn), Some(req));
+        self.record(conn, &decision);
+        decision
+    }
+
+    /// Decides an opaque (non-HTTP) connection.
+    pub fn authorize_tcp(&self, conn: &ConnInfo) -> Decision {
+        let rules = self.rules.current();
+        let decision = authorize(&rules, &self.td, self.default, &connection(conn), None);
+        self.record(conn, &decision);
+        decision
+    }
+
+    /// Resolves, with the deciding rule's name, when a newly loaded rule set
+    /// denies this opaque connection; never while it stays allowed.
+    pub async fn denied_later(&self, conn: &ConnInfo) -> String {
+        let mut updates = self.rules.subscribe();
+        loop {
+            if updates.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let rules = updates.borrow_and_update().clone();
+            let decision = authorize(&rules, &self.td, self.default, &connection(conn), None);
+            if !decision.allowed {
+                self.rules.metrics().count_terminated(&decision.rule);
+                return decision.rule;
+            }
+        }
+    }
+
+    fn record(&self, conn: &ConnInfo, decision: &Decision) {
+        self.rules.metrics().record(decision);
+        for audit in &decision.audits {
+            info!(peer = %conn.peer, port = conn.target.port(), rule = %audit, decision = decision.verdict(), "audit rule matched");
+        }
+    }
+}
