@@ -29,6 +29,21 @@ use crate::identity::{CaFiles, NewCa, TrustDomain};
 
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 
+/// The server sidecar's rules: the client may GET /hello and below; on a
+/// port an allow rule covers, everything else is denied.
+const DEMO_RULES: &str = "\
+# portcullis demo rules: edit and save; the server sidecar applies them at once.
+# Try adding \"/admin\" to paths, then curl /admin again.
+rules:
+  - name: client-reads-hello
+    action: allow
+    from:
+      identities: [\"spiffe://cluster.local/ns/demo/sa/client\"]
+    http:
+      methods: [GET]
+      paths: [\"/hello\", \"/hello/**\"]
+";
+
 /// Runs the demo until Ctrl-C or SIGTERM, then drains and cleans up.
 pub async fn run(args: DemoArgs) -> Result<()> {
     crate::logging::init(LogFormat::Text, "warn").map_err(anyhow::Error::msg)?;
@@ -36,11 +51,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listening for SIGTERM")?;
     let demo = start(args).await?;
-    let first = match http_get(demo.listen, "/hello").await {
+    let status_line = |r: Result<String>| match r {
         Ok(answer) => answer.lines().next().unwrap_or_default().to_string(),
         Err(e) => format!("failed: {e:#}"),
     };
-    println!("{}", demo.banner(&first));
+    let first = status_line(http_get(demo.listen, "/hello").await);
+    let denied = status_line(http_get(demo.listen, "/admin").await);
+    println!("{}", demo.banner(&first, &denied));
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("listening for Ctrl-C")?,
         _ = term.recv() => {}
@@ -56,6 +73,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 pub struct Demo {
     /// Where the CA lives (`ca.crt`, `ca.key`); removed by `stop`.
     pub dir: PathBuf,
+    /// The server sidecar's rules file, for the user to edit live.
+    pub rules_file: PathBuf,
     /// The client sidecar's upstream listener: plain HTTP in, mTLS out.
     pub listen: SocketAddr,
     /// The echo app behind the server sidecar.
@@ -79,11 +98,16 @@ pub async fn start(args: DemoArgs) -> Result<Demo> {
     let ca = NewCa::root(&td, Duration::from_secs(86400))
         .and_then(|ca| ca.write(&dir, false))
         .map_err(|e| anyhow!("making the demo CA in {}: {e}", dir.display()))?;
+    let rules = dir.join("rules");
+    std::fs::create_dir(&rules).with_context(|| format!("creating {}", rules.display()))?;
+    let rules_file = rules.join("demo.yaml");
+    std::fs::write(&rules_file, DEMO_RULES)
+        .with_context(|| format!("writing {}", rules_file.display()))?;
     let (app, echo) = echo_app().await.context("echo app")?;
     let flags = format!("--inbound-target {app} --cert-ttl 1m");
-    let (server_sidecar, server) = Sidecar::start(run_argv(&ca, "server", &flags))
-        .await
-        .context("server sidecar")?;
+    let mut argv = run_argv(&ca, "server", &flags);
+    argv.extend([OsString::from("--rules-dir"), OsString::from(&rules)]);
+    let (server_sidecar, server) = Sidecar::start(argv).await.context("server sidecar")?;
     let (port, dest) = (args.port, server.inbound);
     let flags = format!("--upstream 127.0.0.1:{port}={dest}={SERVER_ID}");
     let (client_sidecar, client) = Sidecar::start(run_argv(&ca, "client", &flags))
@@ -93,6 +117,7 @@ pub async fn start(args: DemoArgs) -> Result<Demo> {
     let sidecars = [client_sidecar, server_sidecar];
     Ok(Demo {
         dir,
+        rules_file,
         listen,
         app,
         client,
@@ -132,8 +157,9 @@ impl Demo {
     }
 
     /// The text shown once the mesh is up: what runs, what to try, where to look.
-    pub fn banner(&self, first_answer: &str) -> String {
+    pub fn banner(&self, first_answer: &str, denied_answer: &str) -> String {
         let (l, si, app) = (self.listen, self.server.inbound, self.app);
+        let (rules, port) = (self.rules_file.display(), self.app.port());
         let (c, s, dir) = (self.client.admin, self.server.admin, self.dir.display());
         format!(
             "\
@@ -145,10 +171,18 @@ portcullis demo: a small mesh is running on loopback
 
   identities: spiffe://cluster.local/ns/demo/sa/{{client,server}}, from a fresh CA in
   {dir}
-  one request through the mesh just now: {first_answer}
+  GET /hello through the mesh just now: {first_answer}
+  GET /admin through the mesh just now: {denied_answer}
 
 try it:
   curl http://{l}/hello
+  curl http://{l}/admin      (denied by the rules in {rules})
+
+change the rules live: edit {rules}
+  (add \"/admin\" to paths), save, and curl /admin again; then see why:
+  curl -s http://{s}/rules
+  curl -s 'http://{s}/authz/explain?from=spiffe://cluster.local/ns/demo/sa/client&port={port}&method=GET&path=/admin'
+  portcullis rules explain --rules {rules} --from spiffe://cluster.local/ns/demo/sa/client --port {port} --method GET --path /admin
 
 admin endpoints:
   client sidecar  http://{c}/certs  /metrics  /ready

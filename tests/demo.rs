@@ -54,9 +54,37 @@ async fn demo_carries_a_request_and_cleans_up() {
     let direct = get(demo.server.inbound, "/").await.unwrap_or_default();
     assert!(!direct.contains("hello from the demo app"), "{direct}");
 
-    let banner = demo.banner("HTTP/1.1 200 OK");
+    // The demo's rules allow /hello/** only: /admin is denied before the app.
+    let denied = get(demo.listen, "/admin").await.unwrap();
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    // Editing the rules file opens /admin without a restart.
+    let rules = std::fs::read_to_string(&demo.rules_file).unwrap();
+    let opened = rules.replace(r#""/hello/**"]"#, r#""/hello/**", "/admin"]"#);
+    assert_ne!(rules, opened, "the demo rules changed shape");
+    let tmp = demo.rules_file.with_extension("tmp");
+    std::fs::write(&tmp, opened).unwrap();
+    std::fs::rename(&tmp, &demo.rules_file).unwrap();
+    let mut allowed = false;
+    for _ in 0..100 {
+        if get(demo.listen, "/admin")
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+        {
+            allowed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(allowed, "the edited rules were not applied");
+
+    let banner = demo.banner("HTTP/1.1 200 OK", "HTTP/1.1 403 Forbidden");
     let try_it = format!("curl http://{}/hello", demo.listen);
     assert!(banner.contains(&try_it), "{banner}");
+    assert!(
+        banner.contains(&demo.rules_file.display().to_string()),
+        "{banner}"
+    );
 
     demo.stop().await.unwrap();
     assert!(!dir.exists(), "{} is not removed", dir.display());

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::load::{compile, hash_sources, read_sources};
 use super::{AuthzMetrics, DefaultPolicy, Error, RuleSet};
@@ -186,6 +186,10 @@ impl LiveRules {
             return ReloadOutcome::Unchanged;
         };
         let mut state = self.inner.state.lock().expect("rules state lock");
+        if !dir.is_dir() && self.inner.current.load().is_empty() {
+            // Never had rules from here (an optional directory that is absent): nothing to keep or change.
+            return ReloadOutcome::Unchanged;
+        }
         let loaded = if dir.is_dir() {
             read_sources(std::slice::from_ref(dir)).map(|s| (hash_sources(&s), s))
         } else {
@@ -292,6 +296,11 @@ impl LiveRules {
 /// poll alone when neither can be watched.
 fn watch_dir(dir: &Path, poll: Duration) -> (Option<FileWatch>, bool) {
     let on_dir = dir.is_dir();
+    if !dir.exists() {
+        // Polled until it appears; then the directory itself is watched.
+        debug!(dir = %dir.display(), "rules directory absent; polling for it");
+        return (None, false);
+    }
     match FileWatch::new(&[dir], poll) {
         Ok(w) => (Some(w), on_dir),
         Err(e) => {

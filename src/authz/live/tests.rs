@@ -180,11 +180,16 @@ async fn a_missing_directory_is_an_error_only_when_asked_for() {
     assert!(e.to_string().contains("does not exist"), "{e}");
     let rules = LiveRules::load(&missing, false, DefaultPolicy::Authenticated, m).unwrap();
     assert!(rules.current().is_empty());
-    // While it is missing, reloads are refused and the empty set stays.
-    assert!(matches!(rules.reload(false), ReloadOutcome::Refused(_)));
+    // While it is missing nothing changes, and nothing is reported as an error.
+    assert_eq!(rules.reload(false), ReloadOutcome::Unchanged);
+    assert!(rules.status().last_error.is_none());
     std::fs::create_dir(&missing).unwrap();
     std::fs::write(missing.join("a.yaml"), ALLOW_80).unwrap();
     assert_eq!(rules.reload(false), ReloadOutcome::Applied);
+    assert_eq!(rules.current().len(), 1);
+    // Once it had rules, losing the directory keeps them and is reported.
+    std::fs::remove_dir_all(&missing).unwrap();
+    assert!(matches!(rules.reload(false), ReloadOutcome::Refused(_)));
     assert_eq!(rules.current().len(), 1);
 
     let empty = dir.path().join("empty");
