@@ -30,6 +30,7 @@ demo:
 # needs the release binary for the RSS row, hence the build first.
 bench: build
 	$(CARGO) bench --locked --bench pair
+	$(CARGO) bench --locked --bench authz
 
 # clean: remove build output.
 clean:
