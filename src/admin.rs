@@ -102,6 +102,11 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
             JSON,
             json!(state.rules.status()).to_string(),
         ),
+        (&Method::GET, "/authz/explain") if !peer.ip().to_canonical().is_loopback() => reply(
+            StatusCode::FORBIDDEN,
+            TEXT,
+            "explanations reveal the rules: loopback only (use kubectl port-forward)\n",
+        ),
         (&Method::GET, "/authz/explain") => {
             match explain_query(state, req.uri().query().unwrap_or("")) {
                 Ok(v) => reply(StatusCode::OK, JSON, v.to_string()),

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -28,6 +28,9 @@ use crate::authz::{HttpRequest, Peer};
 
 /// The body of every response the proxy hands back.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The header that tells the app who called; callers cannot set it.
 const XFCC: &str = "x-forwarded-client-cert";
@@ -50,7 +53,13 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&shared, &conn, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that never finishes its headers is closed (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
@@ -201,8 +210,15 @@ async fn forward(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming>) -
     resp.map(|b| b.boxed())
 }
 
+/// Whether the request asks to switch protocols. `h2c` is never passed on:
+/// after it the app would read HTTP/2 requests that no rule has seen.
 fn is_upgrade(headers: &HeaderMap) -> bool {
+    let to_h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str()
+            .map_or(true, |s| s.to_ascii_lowercase().contains("h2c"))
+    });
     headers.contains_key(header::UPGRADE)
+        && !to_h2c
         && headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
                 s.split(',')
@@ -387,6 +403,21 @@ mod tests {
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::CONNECTION));
+
+        // h2c would hand the app HTTP/2 requests no rule has seen: dropped.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
+        );
+        assert!(!is_upgrade(&h));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
