@@ -6,14 +6,19 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::TcpStream;
 
-/// The original destination of an accepted, redirected connection. Fails
+/// The original destination of an accepted, redirected connection. The
+/// question is asked in the connection's real family: an IPv4 connection
+/// accepted on the dual-stack inbound listener (`[::]:15006`) has an
+/// IPv4-mapped local address and an IPv4 conntrack entry, so it needs
+/// `SO_ORIGINAL_DST`, which Linux answers on an IPv6 socket too (its
+/// IPv6 counterpart finds no entry). Fails
 /// when the kernel has none, or when it is the listener itself (the
 /// connection was not redirected, and forwarding it would loop).
 pub fn original_destination(stream: &TcpStream) -> Result<SocketAddr, super::Error> {
     let local = stream
         .local_addr()
         .map_err(|e| super::Error::OriginalDst(e.to_string()))?;
-    let dst = match local {
+    let dst = match normalize(local) {
         SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(|a| {
             SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
@@ -53,6 +58,39 @@ fn normalize(addr: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_mapped_addresses_count_as_ipv4() {
+        let cases = [
+            ("10.0.0.1:80", "10.0.0.1:80"),
+            ("[::ffff:10.0.0.1]:15006", "10.0.0.1:15006"),
+            ("[fd00::1]:8080", "[fd00::1]:8080"),
+            ("[::1]:15001", "[::1]:15001"),
+        ];
+        for (addr, want) in cases {
+            let got = normalize(addr.parse().unwrap());
+            assert_eq!(got, want.parse::<SocketAddr>().unwrap(), "{addr}");
+        }
+    }
+
+    /// A dual-stack listener's IPv4 connection is asked with the IPv4
+    /// option: unredirected, it gets the listener itself back (with
+    /// connection tracking) or "not available", never an IPv6 answer.
+    #[tokio::test]
+    async fn ipv4_on_a_dual_stack_listener_is_asked_as_ipv4() {
+        let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
+            return; // no IPv6 here
+        };
+        let port = listener.local_addr().unwrap().port();
+        let _client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.local_addr().unwrap().is_ipv6(), "mapped");
+        let err = original_destination(&accepted).unwrap_err().to_string();
+        assert!(
+            err.contains("127.0.0.1:") || err.contains("not available"),
+            "{err}"
+        );
+    }
 
     #[tokio::test]
     async fn a_direct_connection_has_no_original_destination() {
