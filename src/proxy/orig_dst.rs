@@ -73,23 +73,64 @@ mod tests {
         }
     }
 
-    /// A dual-stack listener's IPv4 connection is asked with the IPv4
-    /// option: unredirected, it gets the listener itself back (with
-    /// connection tracking) or "not available", never an IPv6 answer.
-    #[tokio::test]
-    async fn ipv4_on_a_dual_stack_listener_is_asked_as_ipv4() {
-        let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
-            return; // no IPv6 here
-        };
-        let port = listener.local_addr().unwrap().port();
-        let _client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert!(accepted.local_addr().unwrap().is_ipv6(), "mapped");
-        let err = original_destination(&accepted).unwrap_err().to_string();
-        assert!(
-            err.contains("127.0.0.1:") || err.contains("not available"),
-            "{err}"
-        );
+    /// The real thing, as root with `ip` and `nft`: in a private network
+    /// namespace (of this test's thread only), connections NAT-redirected
+    /// to a dual-stack listener, as the inbound one is, report where they
+    /// were going, over IPv4 and IPv6.
+    #[test]
+    fn redirected_connections_on_a_dual_stack_listener() {
+        let tools = ["ip", "nft"].iter().all(|t| {
+            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .any(|d| std::path::Path::new(d).join(t).exists())
+        });
+        if !nix::unistd::Uid::effective().is_root() || !tools {
+            eprintln!(
+                "SKIPPED redirected_connections_on_a_dual_stack_listener: needs root, ip, nft"
+            );
+            return;
+        }
+        std::thread::spawn(in_private_netns).join().unwrap();
+    }
+
+    fn in_private_netns() {
+        use std::process::{Command, Stdio};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let ok = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = crate::proxy::bind("test", "[::]:0".parse().unwrap()).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let rules = format!(
+                "table inet t {{\n chain out {{\n type nat hook output priority -100;\n \
+                 tcp dport 9 redirect to :{port}\n }}\n}}\n"
+            );
+            let mut nft = Command::new("nft")
+                .args(["-f", "-"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            nft.stdin
+                .take()
+                .unwrap()
+                .write_all(rules.as_bytes())
+                .unwrap();
+            assert!(nft.wait().unwrap().success());
+            for dest in ["127.0.0.1:9", "[::1]:9"] {
+                let dest: SocketAddr = dest.parse().unwrap();
+                let _client = TcpStream::connect(dest).await.unwrap();
+                let (accepted, _) = listener.accept().await.unwrap();
+                assert_eq!(original_destination(&accepted).unwrap(), dest);
+            }
+        });
     }
 
     #[tokio::test]
