@@ -361,6 +361,7 @@ fn server_first_protocol_greets_through_both_sidecars_fast() {
         let (ms, line) = greeting(&a.ns, b.ip(v6), GREET_PORT)
             .unwrap_or_else(|e| panic!("{fam}: no greeting: {e}"));
         assert_eq!(line, "HELLO from b", "{fam}");
+        eprintln!("{fam}: greeting after {ms} ms");
         assert!(ms < 100.0, "{fam}: first byte after {ms} ms");
         assert_eq!(handshakes(&a, "outbound", "ok"), a_ok + 1.0, "{fam}: a");
         assert_eq!(handshakes(&b, "inbound", "ok"), b_ok + 1.0, "{fam}: b");
