@@ -153,6 +153,20 @@ impl Netns {
         Process { child }
     }
 
+    /// Starts `argv` inside in the background with the given stdout and
+    /// stderr (a log file, a pipe…); killed like [`Netns::spawn`]'s.
+    pub fn spawn_with(&self, argv: &[&str], stdout: Stdio, stderr: Stdio) -> Process {
+        let child = self
+            .command(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {argv:?} in {}: {e}", self.name));
+        Process { child }
+    }
+
     /// Joins this namespace to `other` with a veth pair: `here` is the
     /// interface name in this namespace, `there` in the other. Both are up.
     pub fn link(&self, here: &str, other: &Netns, there: &str) {
@@ -235,6 +249,22 @@ impl Process {
 
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The exit status if the process has ended (it is not waited for).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Takes the stdout pipe (from [`Netns::spawn`] or a piped
+    /// [`Netns::spawn_with`]) to read it elsewhere, e.g. on a thread.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// Takes the stderr pipe of a [`Netns::spawn_with`] that piped it.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
     }
 }
 
