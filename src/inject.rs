@@ -152,11 +152,11 @@ fn decide(req: &Request, cfg: &InjectorConfig) -> Result<(), (Skip, Option<Strin
     if req.kind != "Pod" {
         return skip(Skip::NotPod);
     }
-    if req.operation != "CREATE" {
-        return skip(Skip::NotCreate);
-    }
     if !req.sub_resource.is_empty() {
         return skip(Skip::Subresource);
+    }
+    if req.operation != "CREATE" {
+        return skip(Skip::NotCreate);
     }
     if cfg.excluded_namespaces.iter().any(|n| n == req.namespace) {
         return skip(Skip::ExcludedNamespace);
