@@ -168,3 +168,57 @@ fn webhook_over_https_matches_golden() {
     wait_until("the webhook serves the new certificate", || curl_post(&hook.url(NS), &ca2, &bare).0 == 200);
     assert!(http_get(hook.admin, "/metrics").contains("portcullis_injector_tls_reloads_total{result=\"ok\"} 1"));
 }
+
+/// The offline `portcullis inject -f -` gives the same pod as the webhook,
+/// for a Pod and for a Deployment's template, and copies other documents
+/// byte for byte.
+#[test]
+fn offline_inject_matches_webhook() {
+    let cfg = config();
+    let untouched = "# keep me\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}   # inline\ndata: {a: \"1\"}\n";
+    for case in ["bare-pod", "init-containers-native", "init-containers-fallback", "probes", "annotations", "job-fallback", "no-automount"] {
+        let input: Value = serde_json::from_slice(&fixture(case)).unwrap();
+        let pod = input["request"]["object"].clone();
+        let (_, out) = in_process(case, NS, &cfg);
+        let want = apply_patch(&pod, &out);
+        let mut template = serde_json::json!({"spec": pod["spec"]});
+        if let Some(m) = pod.get("metadata") {
+            template["metadata"] = m.clone();
+        }
+        let deployment = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": template},
+        });
+        let text = format!(
+            "{untouched}---\n{}---\n{}",
+            serde_norway::to_string(&pod).unwrap(),
+            serde_norway::to_string(&deployment).unwrap()
+        );
+        let mut child = std::process::Command::new(BIN)
+            .args(["inject", "-f", "-", "--config", CONFIG])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let done = child.wait_with_output().unwrap();
+        assert!(done.status.success(), "{case}: {}", String::from_utf8_lossy(&done.stderr));
+        let stdout = String::from_utf8(done.stdout).unwrap();
+        assert!(stdout.starts_with(&format!("{untouched}---\n")), "{case}: other documents changed:\n{stdout}");
+        let docs: Vec<Value> = stdout
+            .split("\n---\n")
+            .map(|d| serde_norway::from_str(d).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 3, "{case}");
+        assert_eq!(docs[1], want, "{case}: offline Pod differs from the webhook's");
+        let t = &docs[2]["spec"]["template"];
+        assert_eq!(t["spec"], want["spec"], "{case}: Deployment template spec differs");
+        assert_eq!(t["metadata"], want["metadata"], "{case}: Deployment template metadata differs");
+        // Injecting the output again changes nothing.
+        let (again, _) = portcullis::inject::offline::inject_documents(&stdout, &cfg).unwrap();
+        assert_eq!(again, stdout, "{case}: offline re-injection changed the output");
+    }
+}
