@@ -25,7 +25,11 @@ const CASES: &[(&str, Path_, Expect)] = &[
     ("init-containers-fallback", NS, Injected),
     ("replicaset-generate-name", NS, Injected),
     ("debug-copy", NS, Skipped("already_injected")),
-    ("already-injected-annotation", NS, Skipped("already_injected")),
+    (
+        "already-injected-annotation",
+        NS,
+        Skipped("already_injected"),
+    ),
     ("opt-out", NS, Skipped("opted_out")),
     ("invalid-label", NS, Skipped("invalid_label")),
     ("pod-label-enabled", POD, Injected),
@@ -93,7 +97,10 @@ fn fixtures_inject_validate_and_reinject_empty() {
                 .flatten()
                 .filter_map(Value::as_str)
                 .collect();
-            assert!(all.iter().any(|x| x.contains(w)), "{c}: warning {w:?} missing in {all:?}");
+            assert!(
+                all.iter().any(|x| x.contains(w)),
+                "{c}: warning {w:?} missing in {all:?}"
+            );
         }
         if expect != Injected {
             continue;
@@ -111,11 +118,17 @@ fn fixtures_inject_validate_and_reinject_empty() {
         let mut again = input.clone();
         again["request"]["object"] = after.clone();
         let r = review(&serde_json::to_vec(&again).unwrap(), path == NS, &cfg).unwrap();
-        assert!(r.review["response"].get("patch").is_none(), "{case}: re-injection patched");
+        assert!(
+            r.review["response"].get("patch").is_none(),
+            "{case}: re-injection patched"
+        );
         assert_eq!(r.reason, "already_injected", "{case}");
         let file = out.path().join(format!("{case}.json"));
         let mut pod = after.clone();
-        pod["metadata"]["name"] = pod["metadata"]["name"].as_str().unwrap_or("generated-x1y2z").into();
+        pod["metadata"]["name"] = pod["metadata"]["name"]
+            .as_str()
+            .unwrap_or("generated-x1y2z")
+            .into();
         std::fs::write(&file, serde_json::to_vec_pretty(&pod).unwrap()).unwrap();
         pods.push(file);
     }
@@ -141,23 +154,41 @@ fn webhook_over_https_matches_golden() {
         };
         let input: Value = serde_json::from_slice(&fixture(case)).unwrap_or(Value::Null);
         if status == 200 {
-            assert_eq!(review_out["response"]["uid"], input["request"]["uid"], "{case}: uid echoed");
+            assert_eq!(
+                review_out["response"]["uid"], input["request"]["uid"],
+                "{case}: uid echoed"
+            );
         }
         check_golden(case, &normalize(status, &review_out));
         check_expectation(case, expect, status, &review_out);
         if expect == Injected {
             let before = &input["request"]["object"];
-            checks::injected_pod(case, before, &apply_patch(before, &review_out), &config().trust_bundle);
+            checks::injected_pod(
+                case,
+                before,
+                &apply_patch(before, &review_out),
+                &config().trust_bundle,
+            );
         }
     }
     let metrics = http_get(hook.admin, "/metrics");
     assert!(
-        metrics.contains("portcullis_injector_admissions_total{reason=\"none\",result=\"injected\"}"),
+        metrics
+            .contains("portcullis_injector_admissions_total{reason=\"none\",result=\"injected\"}"),
         "{metrics}"
     );
-    assert!(metrics.contains("reason=\"already_injected\",result=\"skipped\""), "{metrics}");
-    assert!(metrics.contains("reason=\"malformed\",result=\"error\""), "{metrics}");
-    assert!(metrics.contains("portcullis_injector_admission_duration_seconds_count"), "{metrics}");
+    assert!(
+        metrics.contains("reason=\"already_injected\",result=\"skipped\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("reason=\"malformed\",result=\"error\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_injector_admission_duration_seconds_count"),
+        "{metrics}"
+    );
 
     // The serving certificate is replaced on disk: new connections get it.
     let (cert2, key2) = self_signed(dir.path(), "two");
@@ -165,8 +196,11 @@ fn webhook_over_https_matches_golden() {
     replace(&key2, &key);
     let ca2 = dir.path().join("two.crt");
     let bare = Path::new(FIXTURES).join("bare-pod.json");
-    wait_until("the webhook serves the new certificate", || curl_post(&hook.url(NS), &ca2, &bare).0 == 200);
-    assert!(http_get(hook.admin, "/metrics").contains("portcullis_injector_tls_reloads_total{result=\"ok\"} 1"));
+    wait_until("the webhook serves the new certificate", || {
+        curl_post(&hook.url(NS), &ca2, &bare).0 == 200
+    });
+    assert!(http_get(hook.admin, "/metrics")
+        .contains("portcullis_injector_tls_reloads_total{result=\"ok\"} 1"));
 }
 
 /// The offline `portcullis inject -f -` gives the same pod as the webhook,
@@ -176,7 +210,15 @@ fn webhook_over_https_matches_golden() {
 fn offline_inject_matches_webhook() {
     let cfg = config();
     let untouched = "# keep me\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}   # inline\ndata: {a: \"1\"}\n";
-    for case in ["bare-pod", "init-containers-native", "init-containers-fallback", "probes", "annotations", "job-fallback", "no-automount"] {
+    for case in [
+        "bare-pod",
+        "init-containers-native",
+        "init-containers-fallback",
+        "probes",
+        "annotations",
+        "job-fallback",
+        "no-automount",
+    ] {
         let input: Value = serde_json::from_slice(&fixture(case)).unwrap();
         let pod = input["request"]["object"].clone();
         let (_, out) = in_process(case, NS, &cfg);
@@ -203,22 +245,46 @@ fn offline_inject_matches_webhook() {
             .spawn()
             .unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         let done = child.wait_with_output().unwrap();
-        assert!(done.status.success(), "{case}: {}", String::from_utf8_lossy(&done.stderr));
+        assert!(
+            done.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
         let stdout = String::from_utf8(done.stdout).unwrap();
-        assert!(stdout.starts_with(&format!("{untouched}---\n")), "{case}: other documents changed:\n{stdout}");
+        assert!(
+            stdout.starts_with(&format!("{untouched}---\n")),
+            "{case}: other documents changed:\n{stdout}"
+        );
         let docs: Vec<Value> = stdout
             .split("\n---\n")
             .map(|d| serde_norway::from_str(d).unwrap())
             .collect();
         assert_eq!(docs.len(), 3, "{case}");
-        assert_eq!(docs[1], want, "{case}: offline Pod differs from the webhook's");
+        assert_eq!(
+            docs[1], want,
+            "{case}: offline Pod differs from the webhook's"
+        );
         let t = &docs[2]["spec"]["template"];
-        assert_eq!(t["spec"], want["spec"], "{case}: Deployment template spec differs");
-        assert_eq!(t["metadata"], want["metadata"], "{case}: Deployment template metadata differs");
+        assert_eq!(
+            t["spec"], want["spec"],
+            "{case}: Deployment template spec differs"
+        );
+        assert_eq!(
+            t["metadata"], want["metadata"],
+            "{case}: Deployment template metadata differs"
+        );
         // Injecting the output again changes nothing.
         let (again, _) = portcullis::inject::offline::inject_documents(&stdout, &cfg).unwrap();
-        assert_eq!(again, stdout, "{case}: offline re-injection changed the output");
+        assert_eq!(
+            again, stdout,
+            "{case}: offline re-injection changed the output"
+        );
     }
 }

@@ -78,7 +78,7 @@ pub struct InitConfig {
 
 /// Requests and limits as Kubernetes quantities; an empty string leaves
 /// that one unset.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Resources {
     pub cpu_request: String,
@@ -145,17 +145,6 @@ impl Default for InitConfig {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
-        }
-    }
-}
-
-impl Default for Resources {
-    fn default() -> Self {
-        Resources {
-            cpu_request: String::new(),
-            cpu_limit: String::new(),
-            memory_request: String::new(),
-            memory_limit: String::new(),
         }
     }
 }

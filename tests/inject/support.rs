@@ -13,7 +13,10 @@ use portcullis::inject::InjectorConfig;
 use serde_json::{json, Value};
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/inject");
-pub const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/inject/config.yaml");
+pub const CONFIG: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/inject/config.yaml"
+);
 pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 /// The webhook path a fixture is posted to.
@@ -44,7 +47,9 @@ pub fn patch_value(review: &Value) -> Value {
     match review["response"]["patch"].as_str() {
         None => json!([]),
         Some(b64) => {
-            let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
             serde_json::from_slice(&bytes).unwrap()
         }
     }
@@ -63,7 +68,9 @@ pub fn normalize(status: u16, review: &Value) -> Value {
 }
 
 pub fn check_golden(case: &str, got: &Value) {
-    let path = Path::new(FIXTURES).join("golden").join(format!("{case}.json"));
+    let path = Path::new(FIXTURES)
+        .join("golden")
+        .join(format!("{case}.json"));
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, serde_json::to_string_pretty(got).unwrap() + "\n").unwrap();
@@ -91,18 +98,27 @@ pub fn check_expectation(case: &str, expect: Expect, status: u16, review: &Value
             assert_eq!(resp["allowed"], true, "{case}");
             assert_eq!(resp["patchType"], "JSONPatch", "{case}");
             let ops = patch_value(review);
-            assert!(ops.as_array().unwrap().iter().all(|o| o["op"] == "add"), "{case}: only add ops");
+            assert!(
+                ops.as_array().unwrap().iter().all(|o| o["op"] == "add"),
+                "{case}: only add ops"
+            );
         }
         Skipped(reason) => {
             assert_eq!(status, 200, "{case}");
             assert_eq!(resp["allowed"], true, "{case}");
             assert!(resp.get("patch").is_none(), "{case}: skipped but patched");
             let w = resp["warnings"].to_string();
-            assert!(w.contains("not injected"), "{case} ({reason}): no reason in warnings: {w}");
+            assert!(
+                w.contains("not injected"),
+                "{case} ({reason}): no reason in warnings: {w}"
+            );
         }
         InternalError => {
             assert_eq!(status, 200, "{case}");
-            assert_eq!(resp["allowed"], true, "{case}: an internal error allows the pod");
+            assert_eq!(
+                resp["allowed"], true,
+                "{case}: an internal error allows the pod"
+            );
             assert!(resp.get("patch").is_none(), "{case}");
         }
     }
@@ -148,7 +164,10 @@ pub fn kubernetes_validate(version: &str, files: &[PathBuf]) {
 /// A self-signed serving certificate for `localhost`: NAME.crt, NAME.key.
 pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
     (cert, key)
@@ -179,7 +198,13 @@ pub struct WebhookProc {
 impl WebhookProc {
     pub fn start(cert: &Path, key: &Path, config: &Path) -> Self {
         let mut child = Command::new(BIN)
-            .args(["webhook", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args([
+                "webhook",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--tls-cert")
             .arg(cert)
             .arg("--tls-key")
@@ -192,7 +217,10 @@ impl WebhookProc {
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let v = loop {
-            let line = lines.next().expect("the webhook logged 'listening'").unwrap();
+            let line = lines
+                .next()
+                .expect("the webhook logged 'listening'")
+                .unwrap();
             let v: Value = serde_json::from_str(&line).unwrap_or_default();
             if v["message"] == "listening" {
                 break v;
@@ -221,7 +249,15 @@ impl Drop for WebhookProc {
 /// POSTs a file with curl, verifying the server with `ca`; (status, body).
 pub fn curl_post(url: &str, ca: &Path, file: &Path) -> (u16, String) {
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-H", "Content-Type: application/json", "-w", "\n%{http_code}"])
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-H",
+            "Content-Type: application/json",
+            "-w",
+            "\n%{http_code}",
+        ])
         .arg("--cacert")
         .arg(ca)
         .arg("--data-binary")
