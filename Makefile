@@ -4,7 +4,8 @@ CARGO ?= cargo
 .PHONY: deps build test lint demo bench clean
 
 # deps: install the system tools the tests use (promtool, ip, iptables, nft,
-# tcpdump, curl, setpriv), only those missing; see .ci/deps.sh.
+# tcpdump, curl, setpriv, and kubernetes-validate from PyPI), only those
+# missing; see .ci/deps.sh.
 deps:
 	bash .ci/deps.sh
 

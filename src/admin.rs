@@ -1,5 +1,8 @@
 //! The admin HTTP server: `/live`, `/ready`, `/metrics`, `/certs`, and
-//! `POST /shutdown` (loopback only) for Jobs whose app has finished.
+//! `POST /shutdown` (loopback only) for Jobs whose app has finished, and
+//! `/app-health/...` (the app's rewritten probes, see `admin/app_health.rs`).
+
+mod app_health;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -57,7 +60,12 @@ impl Admin {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, peer, req)) }
+                    async move {
+                        if let Some(reply) = app_health::route(&req).await {
+                            return Ok(reply);
+                        }
+                        Ok::<_, Infallible>(route(&state, peer, req))
+                    }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)

@@ -38,6 +38,12 @@ pub enum Command {
     /// Check authorization rule files, or explain a decision.
     #[command(subcommand)]
     Rules(crate::rules_cli::RulesCommand),
+    /// Inject the sidecar into manifests (multi-document YAML) offline.
+    Inject(crate::inject::offline::InjectArgs),
+    /// Serve the mutating admission webhook that injects the sidecar.
+    Webhook(Box<crate::inject::webhook::WebhookArgs>),
+    /// Wait until the local sidecar is ready (a postStart hook).
+    Await(crate::await_ready::AwaitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -378,7 +384,12 @@ impl RunArgs {
     pub fn settings(&self) -> Result<Settings, String> {
         let td =
             TrustDomain::new(&self.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
-        let id = SpiffeId::workload(&td, &self.namespace, &self.service_account)
+        // The Downward API gives an empty string for a pod without one.
+        let sa = match self.service_account.as_str() {
+            "" => "default",
+            sa => sa,
+        };
+        let id = SpiffeId::workload(&td, &self.namespace, sa)
             .map_err(|e| format!("--namespace/--service-account: {e}"))?;
         let cert_source = match (&self.ca_cert, &self.ca_key) {
             (Some(cert), Some(key)) => CertSource::LocalIssuer {

@@ -4,12 +4,14 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod await_ready;
 pub mod ca_cli;
 pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod filewatch;
 pub mod identity;
+pub mod inject;
 pub mod intercept;
 pub mod logging;
 pub mod metrics;

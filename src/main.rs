@@ -12,6 +12,23 @@ fn main() -> ExitCode {
         Command::Ca(cmd) => portcullis::ca_cli::run(cmd),
         Command::Rules(cmd) => return portcullis::rules_cli::run(cmd),
         Command::Init(args) => portcullis::intercept::run(&args).map_err(anyhow::Error::from),
+        Command::Inject(args) => {
+            portcullis::inject::offline::run(&args).map_err(anyhow::Error::from)
+        }
+        Command::Webhook(args) => webhook(*args),
+        Command::Await(args) => {
+            return match runtime().map(|rt| rt.block_on(portcullis::await_ready::wait(&args))) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("portcullis: await: {e}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("portcullis: error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portcullis::demo::run(args))),
     };
     match result {
@@ -51,4 +68,10 @@ fn run(args: portcullis::config::RunArgs) -> anyhow::Result<()> {
         });
         app.run().await
     })
+}
+
+fn webhook(args: portcullis::inject::webhook::WebhookArgs) -> anyhow::Result<()> {
+    portcullis::logging::init(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(portcullis::inject::webhook::run(args))?;
+    Ok(())
 }

@@ -1,0 +1,72 @@
+//! `portcullis await`: waits until the local sidecar answers `/ready` with
+//! 200. The fallback (non-native) layout runs it as the proxy container's
+//! postStart hook, which holds the app containers' start until the mesh is
+//! up, so the app's first connections are not refused.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+
+/// `portcullis await` flags.
+#[derive(Debug, Args)]
+pub struct AwaitArgs {
+    /// Give up (exit 1) after this long.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// The sidecar's admin server.
+    #[arg(
+        long,
+        env = "PORTCULLIS_AWAIT_ADMIN",
+        default_value = "http://127.0.0.1:15020"
+    )]
+    pub admin: String,
+}
+
+/// How often `/ready` is asked.
+const INTERVAL: Duration = Duration::from_millis(200);
+
+/// Ok once ready; Err with the last failure at the timeout.
+pub async fn wait(args: &AwaitArgs) -> Result<(), String> {
+    let base = args.admin.trim_end_matches('/');
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--admin {base:?}: use http://HOST:PORT"))?
+        .to_string();
+    let deadline = Instant::now() + args.timeout;
+    let mut last = String::from("not asked yet");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "sidecar not ready after {:?}: {last}",
+                args.timeout
+            ));
+        }
+        match tokio::time::timeout(left.min(Duration::from_secs(2)), ready(&authority)).await {
+            Ok(Ok(200)) => return Ok(()),
+            Ok(Ok(status)) => last = format!("/ready answered {status}"),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "/ready did not answer in time".into(),
+        }
+        tokio::time::sleep(INTERVAL.min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+async fn ready(authority: &str) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("connect {authority}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/ready")
+        .header(hyper::header::HOST, authority)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}

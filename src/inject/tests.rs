@@ -1,0 +1,110 @@
+//! Tables for the injector's pure decisions: opt-in precedence, skip
+//! reasons, and annotation values.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::settings::{quantity, resolve};
+use super::*;
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn run(ns: &[(&str, &str)], pod: Value, namespace: &str) -> Option<Skip> {
+    let ns = labels(ns);
+    let req = Request {
+        kind: "Pod",
+        operation: "CREATE",
+        sub_resource: "",
+        namespace,
+        namespace_labels: &ns,
+        pod: &pod,
+        job: false,
+    };
+    inject(&req, &InjectorConfig::default()).unwrap().skipped
+}
+
+fn pod_with_label(v: Option<&str>) -> Value {
+    let mut p =
+        json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "x"}]}});
+    if let Some(v) = v {
+        p["metadata"]["labels"] = json!({INJECT_LABEL: v});
+    }
+    p
+}
+
+#[test]
+fn opt_in_pod_wins_over_namespace() {
+    let on = [(INJECT_LABEL, "enabled")];
+    let off = [(INJECT_LABEL, "disabled")];
+    type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>, Option<Skip>);
+    let cases: &[Case] = &[
+        (&on, None, None),
+        (&on, Some("disabled"), Some(Skip::OptedOut)),
+        (&off, Some("enabled"), None),
+        (&off, None, Some(Skip::OptedOut)),
+        (&[], None, Some(Skip::NotEnabled)),
+        (&[], Some("enabled"), None),
+        (&on, Some("true"), Some(Skip::InvalidLabel)),
+        (&[(INJECT_LABEL, "yes")], None, Some(Skip::InvalidLabel)),
+        (
+            &[(INJECT_LABEL, "enabled"), (WEBHOOKS_LABEL, "disabled")],
+            Some("enabled"),
+            Some(Skip::WebhooksDisabled),
+        ),
+    ];
+    for (i, (ns, pod, want)) in cases.iter().enumerate() {
+        assert_eq!(run(ns, pod_with_label(*pod), "shop"), *want, "case {i}");
+    }
+    assert_eq!(
+        run(&on, pod_with_label(None), "kube-system"),
+        Some(Skip::ExcludedNamespace)
+    );
+}
+
+#[test]
+fn quantities() {
+    for ok in ["100m", "1", "0.5", "64Mi", "1Gi", "1e3", "2E-2", "+1"] {
+        assert!(quantity(ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "lots", "1.2.3", "10MB", "-1", "m", "1e"] {
+        assert!(quantity(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn annotations_override_or_warn() {
+    let cfg = InjectorConfig::default();
+    let ann = labels(&[
+        ("config.portcullis.io/skip-inbound-ports", "9000-9100, 22"),
+        ("config.portcullis.io/native-sidecar", "false"),
+        ("config.portcullis.io/inbound-mode", "stirct"),
+        ("config.portcullis.io/nope", "1"),
+        ("unrelated.io/x", "y"),
+    ]);
+    let (s, warnings) = resolve(&cfg, &ann);
+    assert_eq!(s.skip_inbound_ports, "9000-9100,22");
+    assert!(!s.native_sidecar);
+    assert_eq!(s.inbound_mode, "strict");
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+}
+
+#[test]
+fn config_refuses_bad_values() {
+    assert!(InjectorConfig::parse("").is_ok());
+    for bad in [
+        "imagePullPolicy: Sometimes",
+        "proxy: {uid: 0}",
+        "proxy: {resources: {memoryLimit: lots}}",
+        "proxy: {inboundMode: open}",
+        "unknownKey: 1",
+        "init: {excludeOutboundCidrs: [10.0.0.0/33]}",
+    ] {
+        assert!(InjectorConfig::parse(bad).is_err(), "{bad}");
+    }
+}
