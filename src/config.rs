@@ -72,6 +72,9 @@ pub enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Run the identity service: sign sidecars' CSRs after a Kubernetes
+    /// TokenReview of their projected service-account token.
+    Serve(Box<crate::identity::serve::ServeArgs>),
     /// Describe certificates: subject, SPIFFE ids, serial, validity, issuer,
     /// and whether each chains to a bundle.
     Inspect {

@@ -5,9 +5,10 @@ mod ca;
 mod inspect;
 mod pem;
 mod rotate;
+pub mod serve;
 mod spiffe;
 
-pub use ca::{pem_cert, write_file, CaFiles, Issuer, Leaf, LeafRequest, NewCa};
+pub use ca::{pem_cert, pem_encode, write_file, CaFiles, Issuer, Leaf, LeafRequest, NewCa};
 pub use inspect::{chains_to, inspect_files, rfc3339 as inspect_rfc3339, spiffe_uris, CertReport};
 pub use pem::{parse_cert_chain, read_cert_chain, read_pem_file};
 pub use rotate::{renewal_delay, Backoff, IssuerWatch, Rotator};
