@@ -136,6 +136,24 @@ pub struct RunArgs {
         requires = "ca_cert"
     )]
     pub ca_key: Option<PathBuf>,
+    /// The identity service that signs this sidecar's leaf (Kubernetes),
+    /// e.g. https://portcullis-ca.portcullis.svc:15012; instead of --ca-cert/--ca-key.
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_URL",
+        value_name = "URL",
+        conflicts_with_all = ["ca_cert", "ca_key"]
+    )]
+    pub ca_url: Option<String>,
+    /// The projected service-account token sent to --ca-url, read afresh for
+    /// every request [default: /var/run/secrets/portcullis/token].
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "ca_url"
+    )]
+    pub ca_token_file: Option<PathBuf>,
     /// PEM roots that peers' certificates must chain to.
     #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE", value_name = "FILE")]
     pub trust_bundle: PathBuf,
@@ -345,7 +363,19 @@ impl Upstream {
 pub enum CertSource {
     /// A mounted issuer (CA or intermediate) signs the leaf in-process.
     LocalIssuer { cert: PathBuf, key: PathBuf },
+    /// The identity service (`ca serve`) signs our CSR.
+    Remote {
+        url: String,
+        token_file: PathBuf,
+        /// Connect here instead of resolving the URL's host; the certificate
+        /// is still checked against the host. Tests and the demo set it; no
+        /// flag does.
+        connect_to: Option<SocketAddr>,
+    },
 }
+
+/// Where the projected token for the identity service is mounted by default.
+pub const DEFAULT_CA_TOKEN_FILE: &str = "/var/run/secrets/portcullis/token";
 
 /// Validated settings for `run`.
 #[derive(Debug, Clone)]
@@ -383,13 +413,24 @@ impl RunArgs {
             TrustDomain::new(&self.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
         let id = SpiffeId::workload(&td, &self.namespace, &self.service_account)
             .map_err(|e| format!("--namespace/--service-account: {e}"))?;
-        let cert_source = match (&self.ca_cert, &self.ca_key) {
-            (Some(cert), Some(key)) => CertSource::LocalIssuer {
+        let cert_source = match (&self.ca_cert, &self.ca_key, &self.ca_url) {
+            (Some(cert), Some(key), None) => CertSource::LocalIssuer {
                 cert: cert.clone(),
                 key: key.clone(),
             },
+            (None, None, Some(url)) => {
+                crate::identity::CaUrl::parse(url).map_err(|e| format!("--ca-url: {e}"))?;
+                CertSource::Remote {
+                    url: url.clone(),
+                    token_file: self
+                        .ca_token_file
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_TOKEN_FILE)),
+                    connect_to: None,
+                }
+            }
             _ => return Err(
-                "--ca-cert and --ca-key: an issuer is required to sign this sidecar's certificate"
+                "--ca-url, or --ca-cert and --ca-key: something must sign this sidecar's certificate"
                     .into(),
             ),
         };
