@@ -91,7 +91,7 @@ fn describe(name: &GeneralName<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, IsCa, KeyPair, SanType};
+    use rcgen::{CertificateParams, KeyPair, SanType};
 
     const ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
@@ -100,7 +100,13 @@ mod tests {
         let mut params = CertificateParams::default();
         params.subject_alt_names = sans;
         if ca {
-            params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            // rcgen will not put CA:TRUE in a CSR; a custom extension will.
+            let mut bc = rcgen::CustomExtension::from_oid_content(
+                &[2, 5, 29, 19],
+                vec![0x30, 0x03, 0x01, 0x01, 0xff],
+            );
+            bc.set_criticality(true);
+            params.custom_extensions = vec![bc];
         }
         params.serialize_request(&key).unwrap().pem().unwrap()
     }
