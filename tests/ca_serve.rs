@@ -445,8 +445,8 @@ async fn sidecars_with_ca_url_survive_an_outage() {
     // It returns on the same address: both recover by themselves.
     let mut args = f.args(&[]);
     args[9] = ca_addr.to_string();
-    let ca = Service::start(&args).await;
     let ok_before = pair.a.metric("portcullis_cert_rotations_total", &[("result", "ok")]);
+    let ca = Service::start(&args).await;
     eventually("traffic flows again", Duration::from_secs(20), || pair.ping(b"recovered")).await;
     assert!(pair.a.metric("portcullis_cert_rotations_total", &[("result", "ok")]) > ok_before);
     assert!(ca.requests("ok") >= 2.0);
