@@ -2,9 +2,9 @@
 //! client (`run --ca-url`): issue 5's tests 1 to 8. The Kubernetes API
 //! server is played by the stand-in in `ca_serve/apiserver.rs`.
 
-mod common;
 #[path = "ca_serve/apiserver.rs"]
 mod apiserver;
+mod common;
 #[path = "ca_serve/harness.rs"]
 mod harness;
 
@@ -50,7 +50,10 @@ async fn happy_path_leaf_is_minimal_and_serials_are_distinct() {
     assert!(leaf.validity().not_after <= issuer.validity().not_after);
     assert!(leaf.validity().not_after.timestamp() > OffsetNow::secs() + 3600);
     let backdated = OffsetNow::secs() - leaf.validity().not_before.timestamp();
-    assert!((50..=70).contains(&backdated), "not-before now-60s ({backdated})");
+    assert!(
+        (50..=70).contains(&backdated),
+        "not-before now-60s ({backdated})"
+    );
     assert_eq!(a.body["serial"], leaf.raw_serial_as_string());
 
     // 1,000 issues over 4 connections: 1,000 distinct serials.
@@ -109,20 +112,37 @@ async fn token_reviews_decide_401_and_403() {
 
     let a = c.certify(Some("expired"), &body).await;
     assert_eq!((a.status, a.code()), (401, "token_rejected"), "{}", a.body);
-    assert!(a.body["message"].as_str().unwrap().contains("token is expired"));
+    assert!(a.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("token is expired"));
 
     let before = f.api.reviews().len();
     let a = c.certify(Some("api-audience"), &body).await;
     assert_eq!(a.status, 401, "{}", a.body);
     let reviews = f.api.reviews();
-    assert_eq!(reviews.len(), before + 1, "exactly one review, never one without the audience");
+    assert_eq!(
+        reviews.len(),
+        before + 1,
+        "exactly one review, never one without the audience"
+    );
     assert_eq!(reviews.last().unwrap(), &["portcullis-ca"]);
 
     let a = c.certify(Some("server-token"), &body).await;
-    assert_eq!((a.status, a.code()), (403, "identity_mismatch"), "{}", a.body);
+    assert_eq!(
+        (a.status, a.code()),
+        (403, "identity_mismatch"),
+        "{}",
+        a.body
+    );
 
     let a = c.certify(Some("legacy"), &body).await;
-    assert_eq!((a.status, a.code()), (403, "not_bound_service_account"), "{}", a.body);
+    assert_eq!(
+        (a.status, a.code()),
+        (403, "not_bound_service_account"),
+        "{}",
+        a.body
+    );
 
     let a = c.certify(Some("no-such-token"), &body).await;
     assert_eq!((a.status, a.code()), (401, "token_rejected"), "{}", a.body);
@@ -132,7 +152,12 @@ async fn token_reviews_decide_401_and_403() {
         ..Default::default()
     });
     let a = c.certify(Some("client-token"), &body).await;
-    assert_eq!((a.status, a.code()), (401, "audience_mismatch"), "{}", a.body);
+    assert_eq!(
+        (a.status, a.code()),
+        (401, "audience_mismatch"),
+        "{}",
+        a.body
+    );
     f.api.set_faults(Faults::default());
     let a = c.certify(Some("client-token"), &body).await;
     assert_eq!(a.status, 200, "{}", a.body);
@@ -146,18 +171,22 @@ async fn bad_csrs_are_refused_before_any_review() {
     let f = Fixture::new().await;
     let ca = Service::start(&f.args(&["--max-ttl", "2h"])).await;
     let mut c = Client::connect(ca.addr, Some(&f.bundle_pem())).await;
-    let san_csr = |sans: Vec<rcgen::SanType>, ca_flag: bool, alg: &'static rcgen::SignatureAlgorithm| {
-        let key = rcgen::KeyPair::generate_for(alg).unwrap();
-        let mut p = rcgen::CertificateParams::default();
-        p.subject_alt_names = sans;
-        if ca_flag {
-            // rcgen will not put CA:TRUE in a CSR; a custom extension will.
-            let mut bc = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x03, 0x01, 0x01, 0xff]);
-            bc.set_criticality(true);
-            p.custom_extensions = vec![bc];
-        }
-        p.serialize_request(&key).unwrap().pem().unwrap()
-    };
+    let san_csr =
+        |sans: Vec<rcgen::SanType>, ca_flag: bool, alg: &'static rcgen::SignatureAlgorithm| {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let mut p = rcgen::CertificateParams::default();
+            p.subject_alt_names = sans;
+            if ca_flag {
+                // rcgen will not put CA:TRUE in a CSR; a custom extension will.
+                let mut bc = rcgen::CustomExtension::from_oid_content(
+                    &[2, 5, 29, 19],
+                    vec![0x30, 0x03, 0x01, 0x01, 0xff],
+                );
+                bc.set_criticality(true);
+                p.custom_extensions = vec![bc];
+            }
+            p.serialize_request(&key).unwrap().pem().unwrap()
+        };
     let uri = |u: &str| rcgen::SanType::URI(u.try_into().unwrap());
     let p256 = &rcgen::PKCS_ECDSA_P256_SHA256;
     let good = san_csr(vec![uri(CLIENT)], false, p256);
@@ -168,14 +197,64 @@ async fn bad_csrs_are_refused_before_any_review() {
     der[n - 3] ^= 0x55;
     let tampered = portcullis::identity::pem_encode("CERTIFICATE REQUEST", &der);
     let cases: Vec<(&str, String, &str)> = vec![
-        ("extra DNS", san_csr(vec![uri(CLIENT), rcgen::SanType::DnsName("x.svc".try_into().unwrap())], false, p256), "csr_policy"),
-        ("extra IP", san_csr(vec![uri(CLIENT), rcgen::SanType::IpAddress([10, 0, 0, 1].into())], false, p256), "csr_policy"),
-        ("extra email", san_csr(vec![uri(CLIENT), rcgen::SanType::Rfc822Name("a@b.c".try_into().unwrap())], false, p256), "csr_policy"),
-        ("second URI", san_csr(vec![uri(CLIENT), uri("spiffe://cluster.local/ns/default/sa/x")], false, p256), "csr_policy"),
-        ("CA:TRUE", san_csr(vec![uri(CLIENT)], true, p256), "csr_policy"),
+        (
+            "extra DNS",
+            san_csr(
+                vec![
+                    uri(CLIENT),
+                    rcgen::SanType::DnsName("x.svc".try_into().unwrap()),
+                ],
+                false,
+                p256,
+            ),
+            "csr_policy",
+        ),
+        (
+            "extra IP",
+            san_csr(
+                vec![uri(CLIENT), rcgen::SanType::IpAddress([10, 0, 0, 1].into())],
+                false,
+                p256,
+            ),
+            "csr_policy",
+        ),
+        (
+            "extra email",
+            san_csr(
+                vec![
+                    uri(CLIENT),
+                    rcgen::SanType::Rfc822Name("a@b.c".try_into().unwrap()),
+                ],
+                false,
+                p256,
+            ),
+            "csr_policy",
+        ),
+        (
+            "second URI",
+            san_csr(
+                vec![uri(CLIENT), uri("spiffe://cluster.local/ns/default/sa/x")],
+                false,
+                p256,
+            ),
+            "csr_policy",
+        ),
+        (
+            "CA:TRUE",
+            san_csr(vec![uri(CLIENT)], true, p256),
+            "csr_policy",
+        ),
         ("bad signature", tampered, "bad_csr"),
-        ("RSA", include_str!("fixtures/ca_serve/rsa.csr").to_string(), "bad_csr"),
-        ("P-384", san_csr(vec![uri(CLIENT)], false, &rcgen::PKCS_ECDSA_P384_SHA384), "bad_csr"),
+        (
+            "RSA",
+            include_str!("fixtures/ca_serve/rsa.csr").to_string(),
+            "bad_csr",
+        ),
+        (
+            "P-384",
+            san_csr(vec![uri(CLIENT)], false, &rcgen::PKCS_ECDSA_P384_SHA384),
+            "bad_csr",
+        ),
         ("not PEM", "hello".into(), "bad_csr"),
     ];
     for (name, pem, code) in cases {
@@ -186,12 +265,19 @@ async fn bad_csrs_are_refused_before_any_review() {
     let too_long = json!({"identity": CLIENT, "csr": good, "ttl_seconds": 3 * 3600});
     let a = c.certify(Some("client-token"), &too_long).await;
     assert_eq!((a.status, a.code()), (400, "csr_policy"), "ttl: {}", a.body);
-    for bad_id in ["spiffe://other.org/ns/default/sa/client", "spiffe://cluster.local/client", "x"] {
+    for bad_id in [
+        "spiffe://other.org/ns/default/sa/client",
+        "spiffe://cluster.local/client",
+        "x",
+    ] {
         let body = json!({"identity": bad_id, "csr": good});
         let a = c.certify(Some("client-token"), &body).await;
         assert_eq!((a.status, a.code()), (400, "bad_request"), "{bad_id}");
     }
-    assert!(f.api.reviews().is_empty(), "no request reached the TokenReview endpoint");
+    assert!(
+        f.api.reviews().is_empty(),
+        "no request reached the TokenReview endpoint"
+    );
 }
 
 /// Test 4: a missing token and malformed HTTP never reach the API server.
@@ -214,16 +300,35 @@ async fn missing_token_and_malformed_requests() {
     assert_eq!((a.status, a.code()), (404, "not_found"));
     let body_bytes = serde_json::to_vec(&body).unwrap();
     let a = c
-        .request("POST", "/v1/certify", &[("content-type", "text/plain"), ("authorization", "Bearer client-token")], body_bytes)
+        .request(
+            "POST",
+            "/v1/certify",
+            &[
+                ("content-type", "text/plain"),
+                ("authorization", "Bearer client-token"),
+            ],
+            body_bytes,
+        )
         .await;
     assert_eq!((a.status, a.code()), (415, "unsupported_media_type"));
     let a = c
-        .request("POST", "/v1/certify", &[("content-type", "application/json"), ("authorization", "Bearer client-token")], vec![b' '; 17 * 1024])
+        .request(
+            "POST",
+            "/v1/certify",
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer client-token"),
+            ],
+            vec![b' '; 17 * 1024],
+        )
         .await;
     assert_eq!((a.status, a.code()), (413, "payload_too_large"));
     let a = c.request("GET", "/v1/trust-bundle", &[], vec![]).await;
     assert_eq!(a.status, 200);
-    assert_eq!(a.body.as_str().unwrap().as_bytes(), f.bundle_pem().as_slice());
+    assert_eq!(
+        a.body.as_str().unwrap().as_bytes(),
+        f.bundle_pem().as_slice()
+    );
     assert!(f.api.reviews().is_empty());
     assert_eq!(ca.requests("missing_token"), 2.0);
 }
@@ -233,30 +338,72 @@ async fn missing_token_and_malformed_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_trouble_is_503_with_retry_after() {
     let f = Fixture::new().await;
-    let ca = Service::start(&f.args(&["--tokenreview-timeout", "1s", "--max-reviews-in-flight", "1"])).await;
+    let ca = Service::start(&f.args(&[
+        "--tokenreview-timeout",
+        "1s",
+        "--max-reviews-in-flight",
+        "1",
+    ]))
+    .await;
     let bundle = f.bundle_pem();
     let mut c = Client::connect(ca.addr, Some(&bundle)).await;
     let (_, body) = body_for(CLIENT);
     let unavailable = |a: &Answer, what: &str| {
-        assert_eq!((a.status, a.code()), (503, "tokenreview_unavailable"), "{what}: {}", a.body);
-        assert!(a.retry_after().is_some_and(|s| s >= 1), "{what}: Retry-After");
+        assert_eq!(
+            (a.status, a.code()),
+            (503, "tokenreview_unavailable"),
+            "{what}: {}",
+            a.body
+        );
+        assert!(
+            a.retry_after().is_some_and(|s| s >= 1),
+            "{what}: Retry-After"
+        );
     };
     let cases: Vec<(&str, Faults)> = vec![
-        ("slow", Faults { latency: Duration::from_secs(3), ..Default::default() }),
-        ("500", Faults { status_500: true, ..Default::default() }),
-        ("dropped", Faults { drop_connections: true, ..Default::default() }),
+        (
+            "slow",
+            Faults {
+                latency: Duration::from_secs(3),
+                ..Default::default()
+            },
+        ),
+        (
+            "500",
+            Faults {
+                status_500: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "dropped",
+            Faults {
+                drop_connections: true,
+                ..Default::default()
+            },
+        ),
     ];
     for (what, faults) in cases {
         f.api.set_faults(faults);
         let started = Instant::now();
         let a = c.certify(Some("client-token"), &body).await;
         unavailable(&a, what);
-        assert!(started.elapsed() < Duration::from_secs(3), "{what}: bounded by the timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{what}: bounded by the timeout"
+        );
     }
-    f.api.set_faults(Faults { throttle: Some(7), ..Default::default() });
+    f.api.set_faults(Faults {
+        throttle: Some(7),
+        ..Default::default()
+    });
     let a = c.certify(Some("client-token"), &body).await;
     unavailable(&a, "429");
-    assert_eq!(a.retry_after(), Some(7), "the API server's Retry-After is passed on");
+    assert_eq!(
+        a.retry_after(),
+        Some(7),
+        "the API server's Retry-After is passed on"
+    );
 
     // The API server refuses our own token: 503; once the file holds the
     // token it accepts, a 401 makes the service re-read it and succeed.
@@ -269,7 +416,10 @@ async fn api_server_trouble_is_503_with_retry_after() {
     assert_eq!(a.status, 200, "after re-reading our token: {}", a.body);
 
     // In-flight cap of 1: a second request while one review hangs gets 503 at once.
-    f.api.set_faults(Faults { latency: Duration::from_millis(800), ..Default::default() });
+    f.api.set_faults(Faults {
+        latency: Duration::from_millis(800),
+        ..Default::default()
+    });
     let addr = ca.addr;
     let slow = {
         let (bundle, body) = (bundle.clone(), body.clone());
@@ -280,19 +430,29 @@ async fn api_server_trouble_is_503_with_retry_after() {
     };
     let n = f.api.arrivals();
     let api = f.api.clone();
-    eventually("the slow review reached the API server", Duration::from_secs(5), || {
-        let api = api.clone();
-        async move { api.arrivals() > n }
-    })
+    eventually(
+        "the slow review reached the API server",
+        Duration::from_secs(5),
+        || {
+            let api = api.clone();
+            async move { api.arrivals() > n }
+        },
+    )
     .await;
     let started = Instant::now();
     let a = c.certify(Some("client-token"), &body).await;
     unavailable(&a, "in-flight cap");
-    assert!(started.elapsed() < Duration::from_millis(500), "refused at once");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once"
+    );
     assert_eq!(slow.await.unwrap(), 200);
 
     // API server down altogether.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let url = format!("https://{dead}");
     let mut args = f.args(&[]);
     args[13] = url;
@@ -329,7 +489,13 @@ async fn issuer_rotation_and_reload() {
         let m = ca.metrics.clone();
         move || {
             let m = m.clone();
-            async move { metric_value(&m.encode(), "portcullis_ca_issuer_reloads_total", &[("result", r)]) }
+            async move {
+                metric_value(
+                    &m.encode(),
+                    "portcullis_ca_issuer_reloads_total",
+                    &[("result", r)],
+                )
+            }
         }
     };
     let ok = reloads("ok");
@@ -337,25 +503,45 @@ async fn issuer_rotation_and_reload() {
 
     // Missed event: only the poll can see this one.
     let next = f.intermediate(Duration::from_secs(7200));
-    write_atomic(&real.join("ca.crt"), format!("{}{}", next.cert_pem, next.chain_pem).as_bytes());
+    write_atomic(
+        &real.join("ca.crt"),
+        format!("{}{}", next.cert_pem, next.chain_pem).as_bytes(),
+    );
     write_atomic(&real.join("ca.key"), next.key_pem.as_bytes());
-    eventually("the poll reloads the issuer", Duration::from_secs(5), || {
-        let ok = ok.clone();
-        async move { ok().await >= 1.0 }
-    })
+    eventually(
+        "the poll reloads the issuer",
+        Duration::from_secs(5),
+        || {
+            let ok = ok.clone();
+            async move { ok().await >= 1.0 }
+        },
+    )
     .await;
-    let next_cert = portcullis::identity::parse_cert_chain(&cert, next.cert_pem.as_bytes()).unwrap();
+    let next_cert =
+        portcullis::identity::parse_cert_chain(&cert, next.cert_pem.as_bytes()).unwrap();
     let mut c = Client::connect(ca.addr, Some(&bundle)).await;
-    assert!(chains_to(&c.peer_chain[..1], &next_cert), "serving certificate re-minted by the new issuer");
+    assert!(
+        chains_to(&c.peer_chain[..1], &next_cert),
+        "serving certificate re-minted by the new issuer"
+    );
     assert_ne!(c.peer_chain[0], first_serving[0]);
     let (_, body) = body_for(CLIENT);
     let a = c.certify(Some("client-token"), &body).await;
     assert_eq!(a.status, 200, "{}", a.body);
-    assert!(chains_to(&a.chain()[..1], &next_cert), "new leaves chain to the new issuer");
+    assert!(
+        chains_to(&a.chain()[..1], &next_cert),
+        "new leaves chain to the new issuer"
+    );
 
     // Refused: not a CA (a leaf), and an issuer of another root.
     let leaf = Ca::root(f.dir.path(), "other", TD);
-    let foreign = leaf.issuer().issue(&portcullis::identity::LeafRequest { id: id("x"), ttl: Duration::from_secs(3600) }).unwrap();
+    let foreign = leaf
+        .issuer()
+        .issue(&portcullis::identity::LeafRequest {
+            id: id("x"),
+            ttl: Duration::from_secs(3600),
+        })
+        .unwrap();
     write_atomic(&cert, foreign.chain_pem().as_bytes());
     write_atomic(&key, foreign.key_pem().as_bytes());
     eventually("a non-CA issuer is refused", Duration::from_secs(5), || {
@@ -365,30 +551,54 @@ async fn issuer_rotation_and_reload() {
     .await;
     write_atomic(&cert, &leaf.cert_pem());
     write_atomic(&key, &std::fs::read(&leaf.files.key).unwrap());
-    eventually("an issuer of another root is refused", Duration::from_secs(5), || {
-        let err = err.clone();
-        async move { err().await >= 2.0 }
-    })
+    eventually(
+        "an issuer of another root is refused",
+        Duration::from_secs(5),
+        || {
+            let err = err.clone();
+            async move { err().await >= 2.0 }
+        },
+    )
     .await;
-    let a = Client::connect(ca.addr, Some(&bundle)).await.certify(Some("client-token"), &body).await;
-    assert!(chains_to(&a.chain()[..1], &next_cert), "the previous issuer stays");
+    let a = Client::connect(ca.addr, Some(&bundle))
+        .await
+        .certify(Some("client-token"), &body)
+        .await;
+    assert!(
+        chains_to(&a.chain()[..1], &next_cert),
+        "the previous issuer stays"
+    );
 
     // A short-lived issuer: once it expires, 503 and never a signature.
     let short = f.intermediate(Duration::from_secs(3));
-    write_atomic(&cert, format!("{}{}", short.cert_pem, short.chain_pem).as_bytes());
+    write_atomic(
+        &cert,
+        format!("{}{}", short.cert_pem, short.chain_pem).as_bytes(),
+    );
     write_atomic(&key, short.key_pem.as_bytes());
-    eventually("the short-lived issuer is in use", Duration::from_secs(5), || {
-        let ok = ok.clone();
-        async move { ok().await >= 2.0 }
-    })
+    eventually(
+        "the short-lived issuer is in use",
+        Duration::from_secs(5),
+        || {
+            let ok = ok.clone();
+            async move { ok().await >= 2.0 }
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut c = Client::connect(ca.addr, None).await;
     let a = c.certify(Some("client-token"), &body).await;
-    assert_eq!((a.status, a.code()), (503, "issuer_unavailable"), "{}", a.body);
+    assert_eq!(
+        (a.status, a.code()),
+        (503, "issuer_unavailable"),
+        "{}",
+        a.body
+    );
     assert!(a.retry_after().is_some());
     assert_eq!(http_get(ca.admin, "/ready").await.unwrap().0, 503);
-    assert!(ca.metric("portcullis_ca_issuer_expiry_timestamp_seconds", &[]) <= OffsetNow::secs() as f64);
+    assert!(
+        ca.metric("portcullis_ca_issuer_expiry_timestamp_seconds", &[]) <= OffsetNow::secs() as f64
+    );
 }
 
 /// Test 7: two sidecars get their certificates from the service, keep
@@ -407,7 +617,18 @@ async fn sidecars_with_ca_url_survive_an_outage() {
     let bundle = f.bundle.display().to_string();
     let remote = |sa: &str| {
         let token = tokens.join(format!("{sa}-token")).display().to_string();
-        vec!["--ca-url".to_string(), url.clone(), "--ca-token-file".into(), token, "--trust-bundle".into(), bundle.clone(), "--service-account".into(), sa.into(), "--cert-ttl".into(), "3s".into()]
+        vec![
+            "--ca-url".to_string(),
+            url.clone(),
+            "--ca-token-file".into(),
+            token,
+            "--trust-bundle".into(),
+            bundle.clone(),
+            "--service-account".into(),
+            sa.into(),
+            "--cert-ttl".into(),
+            "3s".into(),
+        ]
     };
     let point = |s: &mut portcullis::config::Settings| {
         if let CertSource::Remote { connect_to, .. } = &mut s.cert_source {
@@ -416,39 +637,83 @@ async fn sidecars_with_ca_url_survive_an_outage() {
     };
     let mut b_args = remote("server");
     b_args.extend(["--inbound-target".into(), echo.to_string()]);
-    let b = Sidecar::spawn_with(&b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), point).await;
+    let b = Sidecar::spawn_with(
+        &b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        point,
+    )
+    .await;
     b.wait_ready().await;
     let mut a_args = remote("client");
-    a_args.extend(["--upstream".into(), format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server"))]);
-    let a = Sidecar::spawn_with(&a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), point).await;
+    a_args.extend([
+        "--upstream".into(),
+        format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
+    ]);
+    let a = Sidecar::spawn_with(
+        &a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        point,
+    )
+    .await;
     a.wait_ready().await;
     let pair = Pair { a, b, echo };
     assert!(pair.ping(b"through the pair").await);
 
     // The service goes down.
     ca.stop().await;
-    assert!(pair.ping(b"still valid").await, "traffic continues on the still-valid certificates");
+    assert!(
+        pair.ping(b"still valid").await,
+        "traffic continues on the still-valid certificates"
+    );
     for s in [&pair.a, &pair.b] {
         let m = s.metrics.clone();
-        eventually("the sidecar backs off and counts ca_unreachable", Duration::from_secs(10), || {
-            let m = m.clone();
-            async move { metric_value(&m.encode(), "portcullis_cert_rotations_total", &[("result", "ca_unreachable")]) >= 2.0 }
-        })
+        eventually(
+            "the sidecar backs off and counts ca_unreachable",
+            Duration::from_secs(10),
+            || {
+                let m = m.clone();
+                async move {
+                    metric_value(
+                        &m.encode(),
+                        "portcullis_cert_rotations_total",
+                        &[("result", "ca_unreachable")],
+                    ) >= 2.0
+                }
+            },
+        )
         .await;
     }
-    let expiry = pair.b.metric("portcullis_cert_expiry_timestamp_seconds", &[]);
+    let expiry = pair
+        .b
+        .metric("portcullis_cert_expiry_timestamp_seconds", &[]);
     let wait = (expiry - OffsetNow::secs() as f64 + 1.0).max(0.0);
     tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-    assert!(pair.b.metric("portcullis_cert_expiry_timestamp_seconds", &[]) < OffsetNow::secs() as f64, "certificates expired");
-    assert_eq!(http_get(pair.b.addrs.admin, "/ready").await.unwrap().0, 200, "ready stays true");
+    assert!(
+        pair.b
+            .metric("portcullis_cert_expiry_timestamp_seconds", &[])
+            < OffsetNow::secs() as f64,
+        "certificates expired"
+    );
+    assert_eq!(
+        http_get(pair.b.addrs.admin, "/ready").await.unwrap().0,
+        200,
+        "ready stays true"
+    );
 
     // It returns on the same address: both recover by themselves.
     let mut args = f.args(&[]);
     args[9] = ca_addr.to_string();
-    let ok_before = pair.a.metric("portcullis_cert_rotations_total", &[("result", "ok")]);
+    let ok_before = pair
+        .a
+        .metric("portcullis_cert_rotations_total", &[("result", "ok")]);
     let ca = Service::start(&args).await;
-    eventually("traffic flows again", Duration::from_secs(20), || pair.ping(b"recovered")).await;
-    assert!(pair.a.metric("portcullis_cert_rotations_total", &[("result", "ok")]) > ok_before);
+    eventually("traffic flows again", Duration::from_secs(20), || {
+        pair.ping(b"recovered")
+    })
+    .await;
+    assert!(
+        pair.a
+            .metric("portcullis_cert_rotations_total", &[("result", "ok")])
+            > ok_before
+    );
     assert!(ca.requests("ok") >= 2.0);
     ca.stop().await;
 }
@@ -471,7 +736,16 @@ async fn sidecar_never_sends_its_token_to_an_untrusted_service() {
     std::fs::write(&token, "client-token").unwrap();
     let url = format!("https://{HOST}:15012");
     for target in [evil.addr, renamed.addr] {
-        let args = ["--ca-url", &url, "--ca-token-file", token.to_str().unwrap(), "--trust-bundle", f.bundle.to_str().unwrap(), "--service-account", "client"];
+        let args = [
+            "--ca-url",
+            &url,
+            "--ca-token-file",
+            token.to_str().unwrap(),
+            "--trust-bundle",
+            f.bundle.to_str().unwrap(),
+            "--service-account",
+            "client",
+        ];
         let s = Sidecar::spawn_with(&args, |s| {
             if let CertSource::Remote { connect_to, .. } = &mut s.cert_source {
                 *connect_to = Some(target);
@@ -479,10 +753,20 @@ async fn sidecar_never_sends_its_token_to_an_untrusted_service() {
         })
         .await;
         let m = s.metrics.clone();
-        eventually("the sidecar refuses the service", Duration::from_secs(10), || {
-            let m = m.clone();
-            async move { metric_value(&m.encode(), "portcullis_cert_rotations_total", &[("result", "ca_untrusted")]) >= 2.0 }
-        })
+        eventually(
+            "the sidecar refuses the service",
+            Duration::from_secs(10),
+            || {
+                let m = m.clone();
+                async move {
+                    metric_value(
+                        &m.encode(),
+                        "portcullis_cert_rotations_total",
+                        &[("result", "ca_untrusted")],
+                    ) >= 2.0
+                }
+            },
+        )
         .await;
         assert_eq!(http_get(s.addrs.admin, "/ready").await.unwrap().0, 503);
         s.drain.begin();
@@ -491,5 +775,8 @@ async fn sidecar_never_sends_its_token_to_an_untrusted_service() {
         let total: f64 = metric_value(&svc.metrics.encode(), "portcullis_ca_requests_total", &[]);
         assert_eq!(total, 0.0, "no request reached the service");
     }
-    assert!(f.api.reviews().is_empty(), "the token was never reviewed, so never sent");
+    assert!(
+        f.api.reviews().is_empty(),
+        "the token was never reviewed, so never sent"
+    );
 }

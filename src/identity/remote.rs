@@ -64,9 +64,9 @@ impl RemoteError {
             RemoteError::Token { .. } => "token_unreadable",
             RemoteError::Unreachable(_) => "ca_unreachable",
             RemoteError::Untrusted(_) => "ca_untrusted",
-            RemoteError::Refused { code, .. } => Code::parse(code)
-                .map(Code::as_str)
-                .unwrap_or("ca_error"),
+            RemoteError::Refused { code, .. } => {
+                Code::parse(code).map(Code::as_str).unwrap_or("ca_error")
+            }
             RemoteError::BadAnswer(_) => "bad_answer",
             RemoteError::Local(_) => "error",
         }
@@ -162,9 +162,8 @@ impl RemoteCa {
         let local = |e: rcgen::Error| RemoteError::Local(e.to_string());
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(local)?;
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            req.id.to_string().try_into().map_err(local)?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(req.id.to_string().try_into().map_err(local)?)];
         let csr = params
             .serialize_request(&key)
             .and_then(|c| c.pem())
@@ -279,8 +278,7 @@ pub fn check_answer(
     let pem = answer.chain.concat();
     let chain = parse_cert_chain(std::path::Path::new("answer"), pem.as_bytes())
         .map_err(|e| bad(e.to_string()))?;
-    let (_, x509) =
-        X509Certificate::from_der(&chain[0]).map_err(|e| bad(format!("leaf: {e}")))?;
+    let (_, x509) = X509Certificate::from_der(&chain[0]).map_err(|e| bad(format!("leaf: {e}")))?;
     if x509.public_key().raw != key.public_key_der().as_slice() {
         return Err(bad("the leaf does not carry our key".into()));
     }
@@ -313,7 +311,10 @@ mod tests {
     #[test]
     fn ca_urls() {
         let u = CaUrl::parse("https://portcullis-ca.portcullis.svc:15012").unwrap();
-        assert_eq!(u.endpoint.to_string(), "https://portcullis-ca.portcullis.svc:15012/v1/certify");
+        assert_eq!(
+            u.endpoint.to_string(),
+            "https://portcullis-ca.portcullis.svc:15012/v1/certify"
+        );
         assert_eq!(u.port, 15012);
         let u = CaUrl::parse("https://ca.example/prefix/").unwrap();
         assert_eq!(u.endpoint.path(), "/prefix/v1/certify");
@@ -333,7 +334,10 @@ mod tests {
             message: String::new(),
             retry_after: Some(Duration::from_secs(3)),
         };
-        assert_eq!(refused("tokenreview_unavailable").label(), "tokenreview_unavailable");
+        assert_eq!(
+            refused("tokenreview_unavailable").label(),
+            "tokenreview_unavailable"
+        );
         assert_eq!(refused("whatever").label(), "ca_error");
         assert_eq!(refused("x").retry_after(), Some(Duration::from_secs(3)));
         assert_eq!(RemoteError::Untrusted("x".into()).label(), "ca_untrusted");

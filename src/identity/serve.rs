@@ -172,13 +172,17 @@ impl ServeArgs {
                 std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
                 std::env::var("KUBERNETES_SERVICE_PORT").ok().as_deref(),
             )
-            .ok_or("--kube-api-url: required outside a cluster (KUBERNETES_SERVICE_HOST is unset)")?,
+            .ok_or(
+                "--kube-api-url: required outside a cluster (KUBERNETES_SERVICE_HOST is unset)",
+            )?,
         };
         let api_url: Uri = url
             .parse()
             .map_err(|e| format!("--kube-api-url {url:?}: {e}"))?;
         if api_url.scheme_str() != Some("https") || api_url.host().is_none() {
-            return Err(format!("--kube-api-url {url:?}: must be https://HOST[:PORT]"));
+            return Err(format!(
+                "--kube-api-url {url:?}: must be https://HOST[:PORT]"
+            ));
         }
         if self.audience.is_empty() {
             return Err("--audience: must not be empty".into());
@@ -280,7 +284,9 @@ impl CaServer {
         let listener = bind("--listen", settings.listen)?;
         let admin = bind("--admin-listen", settings.admin_listen)?;
         let addrs = CaAddrs {
-            listen: listener.local_addr().map_err(|e| flag(format!("--listen: {e}")))?,
+            listen: listener
+                .local_addr()
+                .map_err(|e| flag(format!("--listen: {e}")))?,
             admin: admin
                 .local_addr()
                 .map_err(|e| flag(format!("--admin-listen: {e}")))?,
@@ -435,9 +441,17 @@ mod tests {
     #[test]
     fn in_cluster_urls() {
         let cases = [
-            (Some("10.96.0.1"), Some("443"), Some("https://10.96.0.1:443")),
+            (
+                Some("10.96.0.1"),
+                Some("443"),
+                Some("https://10.96.0.1:443"),
+            ),
             (Some("10.96.0.1"), None, Some("https://10.96.0.1:443")),
-            (Some("fd00::1"), Some("6443"), Some("https://[fd00::1]:6443")),
+            (
+                Some("fd00::1"),
+                Some("6443"),
+                Some("https://[fd00::1]:6443"),
+            ),
             (None, Some("443"), None),
             (Some(""), Some("443"), None),
         ];

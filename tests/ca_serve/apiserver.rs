@@ -146,11 +146,7 @@ impl FakeApi {
     }
 
     pub fn add_token(&self, token: &str, info: TokenInfo) {
-        self.inner
-            .lock()
-            .unwrap()
-            .tokens
-            .insert(token.into(), info);
+        self.inner.lock().unwrap().tokens.insert(token.into(), info);
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -224,28 +220,63 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         == Some(format!("Bearer {ca_token}").as_str());
     if !authorized {
-        return Ok(status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"));
+        return Ok(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+        ));
     }
     if req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" {
-        return Ok(status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"));
+        return Ok(status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     }
     if req.method() != hyper::Method::POST {
-        return Ok(status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "the server does not allow this method on the requested resource"));
+        return Ok(status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
     }
-    let body = req.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
     let review: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return Ok(status(StatusCode::BAD_REQUEST, "BadRequest", &format!("the object provided is unrecognized: {e}"))),
+        Err(e) => {
+            return Ok(status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("the object provided is unrecognized: {e}"),
+            ))
+        }
     };
     if review["apiVersion"] != "authentication.k8s.io/v1" || review["kind"] != "TokenReview" {
-        return Ok(status(StatusCode::BAD_REQUEST, "BadRequest", "the object provided is unrecognized (must be authentication.k8s.io/v1 TokenReview)"));
+        return Ok(status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the object provided is unrecognized (must be authentication.k8s.io/v1 TokenReview)",
+        ));
     }
     let Some(token) = review["spec"]["token"].as_str().filter(|t| !t.is_empty()) else {
-        return Ok(status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "TokenReview.authentication.k8s.io \"\" is invalid: spec.token: Required value"));
+        return Ok(status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "TokenReview.authentication.k8s.io \"\" is invalid: spec.token: Required value",
+        ));
     };
     let requested: Vec<String> = review["spec"]["audiences"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let entry = {
         let mut g = inner.lock().unwrap();
@@ -253,10 +284,18 @@ async fn answer(
         g.tokens.get(token).cloned()
     };
     let api_audiences = vec!["https://kubernetes.default.svc.cluster.local".to_string()];
-    let wanted = if requested.is_empty() { api_audiences.clone() } else { requested.clone() };
+    let wanted = if requested.is_empty() {
+        api_audiences.clone()
+    } else {
+        requested.clone()
+    };
     let status_obj = match entry {
-        None => json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"}),
-        Some(t) if t.expires < SystemTime::now() => json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose/jwt: validation failed, token is expired (exp)]"}),
+        None => {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        }
+        Some(t) if t.expires < SystemTime::now() => {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose/jwt: validation failed, token is expired (exp)]"})
+        }
         Some(t) => {
             let user = {
                 let mut u = json!({
@@ -275,7 +314,8 @@ async fn answer(
             if faults.audience_unaware {
                 json!({"authenticated": true, "user": user})
             } else {
-                let matched: Vec<&String> = wanted.iter().filter(|a| t.audiences.contains(a)).collect();
+                let matched: Vec<&String> =
+                    wanted.iter().filter(|a| t.audiences.contains(a)).collect();
                 if matched.is_empty() {
                     json!({"authenticated": false, "error": format!(
                         "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",

@@ -190,7 +190,10 @@ pub fn csr(uris: &[&str]) -> (KeyPair, String) {
 /// A certify body for `id` with a fresh CSR.
 pub fn body_for(id: &str) -> (KeyPair, Value) {
     let (key, pem) = csr(&[id]);
-    (key, json!({"identity": id, "csr": pem, "ttl_seconds": 3600}))
+    (
+        key,
+        json!({"identity": id, "csr": pem, "ttl_seconds": 3600}),
+    )
 }
 
 /// Accepts any server certificate: for looking at a service whose

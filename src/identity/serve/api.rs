@@ -141,7 +141,10 @@ pub async fn handle(state: &State, req: Request<Incoming>) -> Reply {
         }
         (_, path) => {
             let r = if matches!(path, "/v1/certify" | "/v1/trust-bundle") {
-                reject(Code::MethodNotAllowed, "use POST /v1/certify or GET /v1/trust-bundle")
+                reject(
+                    Code::MethodNotAllowed,
+                    "use POST /v1/certify or GET /v1/trust-bundle",
+                )
             } else {
                 reject(Code::NotFound, format!("no such endpoint {path}"))
             };
@@ -198,10 +201,14 @@ async fn certify(state: &State, req: Request<Incoming>) -> Result<CertifyRespons
     }
 
     // 3. the identity asked for.
-    let request: CertifyRequest = serde_json::from_slice(&body)
-        .map_err(|e| reject(Code::BadRequest, format!("body is not a certify request: {e}")))?;
-    let id = workload_id(&request.identity, &state.td)
-        .map_err(|why| reject(Code::BadRequest, why))?;
+    let request: CertifyRequest = serde_json::from_slice(&body).map_err(|e| {
+        reject(
+            Code::BadRequest,
+            format!("body is not a certify request: {e}"),
+        )
+    })?;
+    let id =
+        workload_id(&request.identity, &state.td).map_err(|why| reject(Code::BadRequest, why))?;
     let ttl = match request.ttl_seconds {
         None => DEFAULT_TTL.min(state.max_ttl),
         Some(0) => return Err(reject(Code::BadRequest, "ttl_seconds must be positive")),

@@ -119,8 +119,14 @@ mod tests {
 
     #[test]
     fn server_names_from_uri_hosts() {
-        assert!(matches!(server_name("[::1]"), Some(ServerName::IpAddress(_))));
-        assert!(matches!(server_name("10.0.0.1"), Some(ServerName::IpAddress(_))));
+        assert!(matches!(
+            server_name("[::1]"),
+            Some(ServerName::IpAddress(_))
+        ));
+        assert!(matches!(
+            server_name("10.0.0.1"),
+            Some(ServerName::IpAddress(_))
+        ));
         assert!(matches!(
             server_name("kubernetes.default.svc"),
             Some(ServerName::DnsName(_))

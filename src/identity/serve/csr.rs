@@ -135,29 +135,57 @@ mod tests {
             ("good", good.clone(), ok),
             (
                 "extra dns",
-                csr(p256, vec![uri(ID), SanType::DnsName("a.b".try_into().unwrap())], false),
+                csr(
+                    p256,
+                    vec![uri(ID), SanType::DnsName("a.b".try_into().unwrap())],
+                    false,
+                ),
                 policy,
             ),
             (
                 "extra ip",
-                csr(p256, vec![uri(ID), SanType::IpAddress([127, 0, 0, 1].into())], false),
+                csr(
+                    p256,
+                    vec![uri(ID), SanType::IpAddress([127, 0, 0, 1].into())],
+                    false,
+                ),
                 policy,
             ),
             (
                 "extra email",
-                csr(p256, vec![uri(ID), SanType::Rfc822Name("a@b.c".try_into().unwrap())], false),
+                csr(
+                    p256,
+                    vec![uri(ID), SanType::Rfc822Name("a@b.c".try_into().unwrap())],
+                    false,
+                ),
                 policy,
             ),
             (
                 "second uri",
-                csr(p256, vec![uri(ID), uri("spiffe://cluster.local/ns/default/sa/x")], false),
+                csr(
+                    p256,
+                    vec![uri(ID), uri("spiffe://cluster.local/ns/default/sa/x")],
+                    false,
+                ),
                 policy,
             ),
-            ("other uri", csr(p256, vec![uri("spiffe://cluster.local/ns/a/sa/b")], false), policy),
+            (
+                "other uri",
+                csr(p256, vec![uri("spiffe://cluster.local/ns/a/sa/b")], false),
+                policy,
+            ),
             ("no san", csr(p256, vec![], false), policy),
             ("ca", csr(p256, vec![uri(ID)], true), policy),
-            ("p384", csr(&rcgen::PKCS_ECDSA_P384_SHA384, vec![uri(ID)], false), bad),
-            ("ed25519", csr(&rcgen::PKCS_ED25519, vec![uri(ID)], false), bad),
+            (
+                "p384",
+                csr(&rcgen::PKCS_ECDSA_P384_SHA384, vec![uri(ID)], false),
+                bad,
+            ),
+            (
+                "ed25519",
+                csr(&rcgen::PKCS_ED25519, vec![uri(ID)], false),
+                bad,
+            ),
             (
                 "rsa",
                 include_str!("../../../tests/fixtures/ca_serve/rsa.csr").to_string(),
@@ -165,7 +193,11 @@ mod tests {
             ),
             ("bad signature", tampered, bad),
             ("garbage", "hello".into(), bad),
-            ("certificate, not csr", crate::identity::pem_encode("CERTIFICATE", b"x"), bad),
+            (
+                "certificate, not csr",
+                crate::identity::pem_encode("CERTIFICATE", b"x"),
+                bad,
+            ),
         ];
         let id = SpiffeId::parse(ID).unwrap();
         for (name, pem, want) in cases {

@@ -76,7 +76,8 @@ pub fn load(
         cert: files.cert.clone(),
         key: files.key.clone(),
     };
-    let issuer = Issuer::from_pem(&ca, &contents[0], &contents[1], td).map_err(|e| e.to_string())?;
+    let issuer =
+        Issuer::from_pem(&ca, &contents[0], &contents[1], td).map_err(|e| e.to_string())?;
     let bundle = TrustBundle::from_pem(&files.bundle, &contents[2])?;
     if !chains_to(&issuer.chain, &bundle.certs) {
         return Err(format!(

@@ -84,7 +84,10 @@ pub fn judge(
             Code::IdentityMismatch,
             format!("token is for {id}, not {requested}"),
         )),
-        Err(e) => Err((Code::IdentityMismatch, format!("token names {ns}/{sa}: {e}"))),
+        Err(e) => Err((
+            Code::IdentityMismatch,
+            format!("token names {ns}/{sa}: {e}"),
+        )),
     }
 }
 
@@ -122,10 +125,26 @@ mod tests {
             ("good", status(sa, Some(aud), true), None),
             ("not authenticated", rejected, Some(Code::TokenRejected)),
             ("error set", errored, Some(Code::TokenRejected)),
-            ("no audiences", status(sa, None, true), Some(Code::AudienceMismatch)),
-            ("other audience", status(sa, Some(&["api"]), true), Some(Code::AudienceMismatch)),
-            ("a user", status("alice", Some(aud), true), Some(Code::NotBoundServiceAccount)),
-            ("unbound", status(sa, Some(aud), false), Some(Code::NotBoundServiceAccount)),
+            (
+                "no audiences",
+                status(sa, None, true),
+                Some(Code::AudienceMismatch),
+            ),
+            (
+                "other audience",
+                status(sa, Some(&["api"]), true),
+                Some(Code::AudienceMismatch),
+            ),
+            (
+                "a user",
+                status("alice", Some(aud), true),
+                Some(Code::NotBoundServiceAccount),
+            ),
+            (
+                "unbound",
+                status(sa, Some(aud), false),
+                Some(Code::NotBoundServiceAccount),
+            ),
             (
                 "other sa",
                 status("system:serviceaccount:shop:db", Some(aud), true),

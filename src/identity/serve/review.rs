@@ -173,7 +173,9 @@ impl Reviewer {
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| unavailable(format!("building the review: {e}"), Duration::from_secs(5)))?;
+            .map_err(|e| {
+                unavailable(format!("building the review: {e}"), Duration::from_secs(5))
+            })?;
         let resp = self.client.request(req).await.map_err(|e| {
             debug!(error = ?e, "TokenReview request failed");
             unavailable(
