@@ -532,6 +532,34 @@ mod tests {
     }
 
     #[test]
+    fn ca_url_or_issuer_but_not_both() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["portcullis", "run", "--trust-bundle", "b"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| {
+                    let Command::Run(args) = cli.command else {
+                        panic!("not run")
+                    };
+                    args.settings()
+                })
+        };
+        let url = ["--ca-url", "https://portcullis-ca.portcullis.svc:15012"];
+        let s = parse(&url).unwrap();
+        assert!(
+            matches!(s.cert_source, CertSource::Remote { ref token_file, .. }
+            if token_file.to_str() == Some(DEFAULT_CA_TOKEN_FILE))
+        );
+        assert!(parse(&[&url[..], &["--ca-cert", "c", "--ca-key", "k"]].concat()).is_err());
+        assert!(parse(&["--ca-token-file", "t"]).is_err());
+        assert!(parse(&[]).unwrap_err().contains("--ca-url"));
+        assert!(parse(&["--ca-url", "http://ca:1"])
+            .unwrap_err()
+            .starts_with("--ca-url"));
+    }
+
+    #[test]
     fn bad_flags_name_themselves() {
         let parse = |extra: &[&str]| {
             let mut argv = vec![

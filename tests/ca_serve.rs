@@ -331,6 +331,21 @@ async fn missing_token_and_malformed_requests() {
     );
     assert!(f.api.reviews().is_empty());
     assert_eq!(ca.requests("missing_token"), 2.0);
+
+    // The admin server: /live, /ready, and metrics that promtool accepts.
+    assert_eq!(http_get(ca.admin, "/live").await.unwrap().0, 200);
+    assert_eq!(http_get(ca.admin, "/ready").await.unwrap().0, 200);
+    let (status, text) = http_get(ca.admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "portcullis_ca_requests_total",
+        "portcullis_ca_tokenreview_duration_seconds",
+        "portcullis_ca_issuer_expiry_timestamp_seconds",
+        "portcullis_ca_issuer_reloads_total",
+    ] {
+        assert!(text.contains(name), "{name} missing");
+    }
+    promtool_check(&text);
 }
 
 /// Test 5: API server trouble is 503 with Retry-After; the in-flight cap
