@@ -146,8 +146,10 @@ fn not_ready_reason(state: &AdminState) -> Option<&'static str> {
     if state.drain.is_draining() {
         return Some("draining");
     }
-    if !state.tls.snapshot().has_valid_leaf() {
-        return Some("no valid certificate");
+    // Ready from the first certificate on: a later renewal failure (the
+    // identity service down) must not pull every pod out of its Service.
+    if state.tls.snapshot().leaf.is_none() {
+        return Some("no certificate yet");
     }
     None
 }

@@ -13,7 +13,7 @@ use crate::authz::{AuthzMetrics, LiveRules};
 use crate::config::{CertSource, Settings};
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
-use crate::identity::{chains_to, CaFiles, Issuer, LeafRequest, Rotator};
+use crate::identity::{chains_to, CaFiles, Issuer, LeafRequest, LeafSource, RemoteCa, Rotator};
 use crate::metrics::Metrics;
 use crate::proxy::{self, AppClients, Inbound, Outbound, Policy, Shared, UpstreamListener};
 use crate::tls::{MeshTls, TrustBundle};
@@ -37,7 +37,8 @@ pub struct App {
     inbound: Inbound,
     outbound: Outbound,
     admin: Admin,
-    issuer: (Vec<Vec<u8>>, Issuer),
+    /// The mounted issuer (its file contents and itself), in issuer mode.
+    issuer: Option<(Vec<Vec<u8>>, Issuer)>,
     rules: LiveRules,
     bundle_pem: Vec<u8>,
 }
@@ -52,18 +53,10 @@ impl App {
             .with_context(|| format!("--trust-bundle {}", settings.trust_bundle.display()))?;
         let bundle = TrustBundle::from_pem(&settings.trust_bundle, &bundle_pem)
             .map_err(|e| anyhow!("--trust-bundle: {e}"))?;
-        let CertSource::LocalIssuer { cert, key } = &settings.cert_source;
-        let files = CaFiles {
-            cert: cert.clone(),
-            key: key.clone(),
+        let issuer = match &settings.cert_source {
+            CertSource::LocalIssuer { cert, key } => Some(load_issuer(cert, key, &td, &bundle)?),
+            CertSource::Remote { .. } => None,
         };
-        let issuer_pem = read_all(&[files.cert.clone(), files.key.clone()])
-            .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
-        let issuer = Issuer::from_pem(&files, &issuer_pem[0], &issuer_pem[1], &td)
-            .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
-        if !chains_to(&issuer.chain, &bundle.certs) {
-            warn!(issuer = %issuer.subject, "the issuer does not chain to --trust-bundle; peers using the same bundle will refuse this sidecar");
-        }
         let tls = Arc::new(MeshTls::new(td.clone(), bundle));
 
         let drain = Drain::new();
@@ -147,7 +140,7 @@ impl App {
                     default_policy: settings.default_policy,
                 },
             ),
-            issuer: (issuer_pem, issuer),
+            issuer,
             rules,
             bundle_pem,
             settings,
@@ -177,27 +170,43 @@ impl App {
         let _stop_background = exit.clone().drop_guard();
         let s = &self.settings;
         let td = s.id.trust_domain().clone();
-        let (issuer_pem, issuer) = self.issuer;
-        let (issuer_tx, issuer_rx) = tokio::sync::watch::channel(Arc::new(issuer));
-
-        let CertSource::LocalIssuer { cert, key } = &s.cert_source;
-        let files = CaFiles {
-            cert: cert.clone(),
-            key: key.clone(),
+        let source = match (&s.cert_source, self.issuer) {
+            (CertSource::LocalIssuer { cert, key }, Some((issuer_pem, issuer))) => {
+                let (issuer_tx, issuer_rx) = tokio::sync::watch::channel(Arc::new(issuer));
+                let files = CaFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                let parse_td = td.clone();
+                Reloader::new(
+                    "issuer",
+                    vec![files.cert.clone(), files.key.clone()],
+                    &issuer_pem,
+                    move |c| {
+                        Issuer::from_pem(&files, &c[0], &c[1], &parse_td).map_err(|e| e.to_string())
+                    },
+                    move |issuer| {
+                        issuer_tx.send_replace(Arc::new(issuer));
+                    },
+                    self.metrics.issuer_reloads.clone(),
+                )
+                .spawn(s.file_poll_interval, exit.clone())
+                .context("watching --ca-cert/--ca-key")?;
+                LeafSource::Issuer(issuer_rx)
+            }
+            (
+                CertSource::Remote {
+                    url,
+                    token_file,
+                    connect_to,
+                },
+                _,
+            ) => LeafSource::Remote(Arc::new(
+                RemoteCa::new(url, token_file.clone(), *connect_to, self.tls.clone())
+                    .map_err(|e| anyhow!("--ca-url: {e}"))?,
+            )),
+            (CertSource::LocalIssuer { .. }, None) => unreachable!("bind loads the issuer"),
         };
-        let parse_td = td.clone();
-        Reloader::new(
-            "issuer",
-            vec![files.cert.clone(), files.key.clone()],
-            &issuer_pem,
-            move |c| Issuer::from_pem(&files, &c[0], &c[1], &parse_td).map_err(|e| e.to_string()),
-            move |issuer| {
-                issuer_tx.send_replace(Arc::new(issuer));
-            },
-            self.metrics.issuer_reloads.clone(),
-        )
-        .spawn(s.file_poll_interval, exit.clone())
-        .context("watching --ca-cert/--ca-key")?;
 
         let bundle_path = s.trust_bundle.clone();
         let tls = self.tls.clone();
@@ -226,7 +235,7 @@ impl App {
                 id: s.id.clone(),
                 ttl: s.cert_ttl,
             },
-            issuer: issuer_rx,
+            source,
             publish: Box::new(move |leaf| {
                 if let Err(e) = tls.set_leaf(leaf) {
                     warn!(error = %e, "new certificate could not be used");
@@ -266,6 +275,27 @@ impl App {
         admin.abort();
         Ok(())
     }
+}
+
+/// Loads the mounted issuer (`--ca-cert/--ca-key`), naming the flags in errors.
+fn load_issuer(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    td: &crate::identity::TrustDomain,
+    bundle: &TrustBundle,
+) -> Result<(Vec<Vec<u8>>, Issuer)> {
+    let files = CaFiles {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+    };
+    let pem = read_all(&[files.cert.clone(), files.key.clone()])
+        .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
+    let issuer = Issuer::from_pem(&files, &pem[0], &pem[1], td)
+        .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
+    if !chains_to(&issuer.chain, &bundle.certs) {
+        warn!(issuer = %issuer.subject, "the issuer does not chain to --trust-bundle; peers using the same bundle will refuse this sidecar");
+    }
+    Ok((pem, issuer))
 }
 
 /// Explicit mode: targets and upstreams are given, nothing is intercepted.

@@ -1,4 +1,5 @@
-//! `portcullis ca init|issue|inspect`: the local CA from the command line.
+//! `portcullis ca init|issue|inspect|serve`: the local CA from the command
+//! line, and the identity service.
 
 use anyhow::{anyhow, Result};
 
@@ -8,6 +9,7 @@ use crate::identity::{inspect_files, CaFiles, Issuer, LeafRequest, NewCa, Spiffe
 /// Runs one `ca` subcommand, printing what it did.
 pub fn run(cmd: CaCommand) -> Result<()> {
     match cmd {
+        CaCommand::Serve(args) => return serve(*args),
         CaCommand::Init {
             out,
             trust_domain,
@@ -79,4 +81,35 @@ pub fn run(cmd: CaCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ca serve`: runs the identity service until SIGTERM or SIGINT, then
+/// drains open requests and exits 0.
+fn serve(args: crate::identity::serve::ServeArgs) -> Result<()> {
+    use crate::identity::serve::CaServer;
+    let settings = args.settings().map_err(anyhow::Error::msg)?;
+    crate::logging::init(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let server = CaServer::bind(settings).await?;
+        let drain = server.drain();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            drain.begin();
+        });
+        server.run().await?;
+        Ok(())
+    })
 }

@@ -78,6 +78,9 @@ pub enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Run the identity service: sign sidecars' CSRs after a Kubernetes
+    /// TokenReview of their projected service-account token.
+    Serve(Box<crate::identity::serve::ServeArgs>),
     /// Describe certificates: subject, SPIFFE ids, serial, validity, issuer,
     /// and whether each chains to a bundle.
     Inspect {
@@ -139,6 +142,24 @@ pub struct RunArgs {
         requires = "ca_cert"
     )]
     pub ca_key: Option<PathBuf>,
+    /// The identity service that signs this sidecar's leaf (Kubernetes),
+    /// e.g. https://portcullis-ca.portcullis.svc:15012; instead of --ca-cert/--ca-key.
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_URL",
+        value_name = "URL",
+        conflicts_with_all = ["ca_cert", "ca_key"]
+    )]
+    pub ca_url: Option<String>,
+    /// The projected service-account token sent to --ca-url, read afresh for
+    /// every request [default: /var/run/secrets/portcullis/token].
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "ca_url"
+    )]
+    pub ca_token_file: Option<PathBuf>,
     /// PEM roots that peers' certificates must chain to.
     #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE", value_name = "FILE")]
     pub trust_bundle: PathBuf,
@@ -348,7 +369,19 @@ impl Upstream {
 pub enum CertSource {
     /// A mounted issuer (CA or intermediate) signs the leaf in-process.
     LocalIssuer { cert: PathBuf, key: PathBuf },
+    /// The identity service (`ca serve`) signs our CSR.
+    Remote {
+        url: String,
+        token_file: PathBuf,
+        /// Connect here instead of resolving the URL's host; the certificate
+        /// is still checked against the host. Tests and the demo set it; no
+        /// flag does.
+        connect_to: Option<SocketAddr>,
+    },
 }
+
+/// Where the projected token for the identity service is mounted by default.
+pub const DEFAULT_CA_TOKEN_FILE: &str = "/var/run/secrets/portcullis/token";
 
 /// Validated settings for `run`.
 #[derive(Debug, Clone)]
@@ -391,13 +424,24 @@ impl RunArgs {
         };
         let id = SpiffeId::workload(&td, &self.namespace, sa)
             .map_err(|e| format!("--namespace/--service-account: {e}"))?;
-        let cert_source = match (&self.ca_cert, &self.ca_key) {
-            (Some(cert), Some(key)) => CertSource::LocalIssuer {
+        let cert_source = match (&self.ca_cert, &self.ca_key, &self.ca_url) {
+            (Some(cert), Some(key), None) => CertSource::LocalIssuer {
                 cert: cert.clone(),
                 key: key.clone(),
             },
+            (None, None, Some(url)) => {
+                crate::identity::CaUrl::parse(url).map_err(|e| format!("--ca-url: {e}"))?;
+                CertSource::Remote {
+                    url: url.clone(),
+                    token_file: self
+                        .ca_token_file
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_TOKEN_FILE)),
+                    connect_to: None,
+                }
+            }
             _ => return Err(
-                "--ca-cert and --ca-key: an issuer is required to sign this sidecar's certificate"
+                "--ca-url, or --ca-cert and --ca-key: something must sign this sidecar's certificate"
                     .into(),
             ),
         };
@@ -496,6 +540,34 @@ mod tests {
             let err = Upstream::parse(bad).unwrap_err();
             assert!(err.starts_with("--upstream"), "{err}");
         }
+    }
+
+    #[test]
+    fn ca_url_or_issuer_but_not_both() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["portcullis", "run", "--trust-bundle", "b"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| {
+                    let Command::Run(args) = cli.command else {
+                        panic!("not run")
+                    };
+                    args.settings()
+                })
+        };
+        let url = ["--ca-url", "https://portcullis-ca.portcullis.svc:15012"];
+        let s = parse(&url).unwrap();
+        assert!(
+            matches!(s.cert_source, CertSource::Remote { ref token_file, .. }
+            if token_file.to_str() == Some(DEFAULT_CA_TOKEN_FILE))
+        );
+        assert!(parse(&[&url[..], &["--ca-cert", "c", "--ca-key", "k"]].concat()).is_err());
+        assert!(parse(&["--ca-token-file", "t"]).is_err());
+        assert!(parse(&[]).unwrap_err().contains("--ca-url"));
+        assert!(parse(&["--ca-url", "http://ca:1"])
+            .unwrap_err()
+            .starts_with("--ca-url"));
     }
 
     #[test]

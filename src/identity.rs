@@ -4,13 +4,16 @@
 mod ca;
 mod inspect;
 mod pem;
+mod remote;
 mod rotate;
+pub mod serve;
 mod spiffe;
 
-pub use ca::{pem_cert, write_file, CaFiles, Issuer, Leaf, LeafRequest, NewCa};
+pub use ca::{pem_cert, pem_encode, write_file, CaFiles, Issuer, Leaf, LeafRequest, NewCa};
 pub use inspect::{chains_to, inspect_files, rfc3339 as inspect_rfc3339, spiffe_uris, CertReport};
 pub use pem::{parse_cert_chain, read_cert_chain, read_pem_file};
-pub use rotate::{renewal_delay, Backoff, IssuerWatch, Rotator};
+pub use remote::{check_answer, CaUrl, RemoteCa, RemoteError};
+pub use rotate::{renewal_delay, retry_delay, Backoff, IssuerWatch, LeafSource, Rotator};
 pub use spiffe::{SpiffeId, TrustDomain};
 
 use std::path::PathBuf;

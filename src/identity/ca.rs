@@ -262,6 +262,55 @@ impl Issuer {
     /// Signs a leaf for `req.id` with a new in-memory P-256 key.
     pub fn issue(&self, req: &LeafRequest) -> Result<Leaf, Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = self.valid_now()?;
+        let params = leaf_params(&req.id, req.ttl, now, self.not_after)?;
+        let chain = self.sign(params, &key)?;
+        Leaf::new(
+            req.id.clone(),
+            chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+    }
+
+    /// Signs a leaf for `id` around someone else's public key (from a CSR).
+    /// Everything but the key comes from our own leaf template, so nothing a
+    /// requester puts in its CSR (CA flag, usages, names) reaches the
+    /// certificate. Returns the chain, leaf first.
+    pub fn certify(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let now = self.valid_now()?;
+        self.sign(leaf_params(id, ttl, now, self.not_after)?, public_key)
+    }
+
+    /// A TLS server leaf for the identity service itself: the SPIFFE id as
+    /// URI SAN plus `dns_names`, so sidecars can check the URL's host name.
+    pub fn issue_server(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<Leaf, Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = self.valid_now()?;
+        let mut params = leaf_params(id, ttl, now, self.not_after)?;
+        for name in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into()?));
+        }
+        let chain = self.sign(params, &key)?;
+        Leaf::new(
+            id.clone(),
+            chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+    }
+
+    fn valid_now(&self) -> Result<OffsetDateTime, Error> {
         let now = OffsetDateTime::now_utc();
         if !self.is_valid_at(now) {
             return Err(Error::Certificate(format!(
@@ -269,15 +318,18 @@ impl Issuer {
                 self.subject
             )));
         }
-        let params = leaf_params(&req.id, req.ttl, now, self.not_after)?;
-        let cert = params.signed_by(&key, &self.handle, &self.key)?;
+        Ok(now)
+    }
+
+    fn sign(
+        &self,
+        params: CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let cert = params.signed_by(public_key, &self.handle, &self.key)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
-        Leaf::new(
-            req.id.clone(),
-            chain,
-            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        )
+        Ok(chain)
     }
 }
 
@@ -307,13 +359,18 @@ fn leaf_params(
 
 /// PEM text of one certificate.
 pub fn pem_cert(der: &CertificateDer<'_>) -> String {
-    let b64 = base64_encode(der.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    pem_encode("CERTIFICATE", der.as_ref())
+}
+
+/// PEM text of one DER object under `label` (`CERTIFICATE`, `CERTIFICATE REQUEST`…).
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64_encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
     for line in b64.as_bytes().chunks(64) {
         out.push_str(std::str::from_utf8(line).expect("base64 is ascii"));
         out.push('\n');
     }
-    out.push_str("-----END CERTIFICATE-----\n");
+    out.push_str(&format!("-----END {label}-----\n"));
     out
 }
 
@@ -399,15 +456,7 @@ impl Leaf {
 
     /// PEM of the private key, for `ca issue` only (the sidecar never writes it).
     pub fn key_pem(&self) -> String {
-        let der = self.key.secret_der();
-        let b64 = base64_encode(der);
-        let mut out = String::from("-----BEGIN PRIVATE KEY-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).expect("base64 is ascii"));
-            out.push('\n');
-        }
-        out.push_str("-----END PRIVATE KEY-----\n");
-        out
+        pem_encode("PRIVATE KEY", self.key.secret_der())
     }
 }
 

@@ -1,5 +1,6 @@
-//! Keeping this sidecar's leaf certificate fresh: renewal scheduling, backoff,
-//! and reloading the issuer files when they change.
+//! Keeping this sidecar's leaf certificate fresh: renewal scheduling and
+//! backoff, shared by both leaf sources (a mounted issuer, or the identity
+//! service).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -8,6 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::remote::RemoteCa;
 use super::{Issuer, Leaf, LeafRequest};
 use crate::metrics::Metrics;
 
@@ -51,15 +53,72 @@ impl Backoff {
     }
 }
 
+/// The longest `Retry-After` honoured, so a confused server cannot park a
+/// sidecar for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The wait before retrying a failed renewal: the backoff, but never less
+/// than what the server asked for with `Retry-After` (capped).
+pub fn retry_delay(backoff: Duration, retry_after: Option<Duration>) -> Duration {
+    match retry_after {
+        Some(after) => backoff.max(after.min(MAX_RETRY_AFTER)),
+        None => backoff,
+    }
+}
+
 /// The issuer in use; the issuer file reloader writes it, the rotator reads it.
 pub type IssuerWatch = watch::Receiver<Arc<Issuer>>;
 
-/// Renews this sidecar's leaf from the current issuer: on schedule, at once
-/// when the issuer changes, and with backoff after a failure (the still-valid
-/// leaf stays in use meanwhile).
+/// Where leaves come from.
+pub enum LeafSource {
+    /// A mounted issuer signs in-process; a new issuer means renew at once.
+    Issuer(IssuerWatch),
+    /// The identity service (`--ca-url`) signs our CSR.
+    Remote(Arc<RemoteCa>),
+}
+
+/// A failed attempt, as the rotator logs and counts it.
+struct Failure {
+    label: &'static str,
+    error: String,
+    retry_after: Option<Duration>,
+}
+
+impl LeafSource {
+    async fn fetch(&mut self, request: &LeafRequest) -> Result<Leaf, Failure> {
+        match self {
+            LeafSource::Issuer(watch) => {
+                let issuer = watch.borrow_and_update().clone();
+                issuer.issue(request).map_err(|e| Failure {
+                    label: "error",
+                    error: e.to_string(),
+                    retry_after: None,
+                })
+            }
+            LeafSource::Remote(ca) => ca.fetch(request).await.map_err(|e| Failure {
+                label: e.label(),
+                retry_after: e.retry_after(),
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// Resolves when the source changed (a new issuer); `false` when it is gone.
+    async fn changed(&mut self) -> bool {
+        match self {
+            LeafSource::Issuer(watch) => watch.changed().await.is_ok(),
+            LeafSource::Remote(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// Renews this sidecar's leaf from its source: on schedule, at once when
+/// the issuer changes, and with backoff after a failure (the still-valid
+/// leaf stays in use meanwhile; an expired one is replaced as soon as the
+/// source answers again).
 pub struct Rotator {
     pub request: LeafRequest,
-    pub issuer: IssuerWatch,
+    pub source: LeafSource,
     pub publish: Box<dyn Fn(Arc<Leaf>) + Send + Sync>,
     pub metrics: Arc<Metrics>,
 }
@@ -68,8 +127,11 @@ impl Rotator {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
-            let issuer = self.issuer.borrow_and_update().clone();
-            let delay = match issuer.issue(&self.request) {
+            let fetched = tokio::select! {
+                f = self.source.fetch(&self.request) => f,
+                _ = shutdown.cancelled() => return,
+            };
+            let delay = match fetched {
                 Ok(mut leaf) => {
                     let delay = renewal_delay(
                         leaf.received_at,
@@ -84,19 +146,20 @@ impl Rotator {
                     backoff.reset();
                     delay
                 }
-                Err(e) => {
-                    let delay = backoff.next_delay(rand::random());
-                    warn!(error = %e, retry_in = ?delay, "certificate renewal failed; keeping the current one");
+                Err(failure) => {
+                    let delay =
+                        retry_delay(backoff.next_delay(rand::random()), failure.retry_after);
+                    warn!(error = %failure.error, result = failure.label, retry_in = ?delay, "certificate renewal failed; keeping the current one");
                     self.metrics
                         .cert_rotations
-                        .with_label_values(&["error"])
+                        .with_label_values(&[failure.label])
                         .inc();
                     delay
                 }
             };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                changed = self.issuer.changed() => if changed.is_err() { return },
+                changed = self.source.changed() => if !changed { return },
                 _ = shutdown.cancelled() => return,
             }
         }
@@ -129,6 +192,20 @@ mod tests {
             renewal_delay(t0, t0 - Duration::from_secs(5), 0.0),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn retry_after_is_honoured_within_a_cap() {
+        let s = Duration::from_secs;
+        let cases = [
+            (s(1), None, s(1)),
+            (s(1), Some(s(5)), s(5)),
+            (s(10), Some(s(5)), s(10)),
+            (s(1), Some(s(86400)), s(300)),
+        ];
+        for (backoff, after, want) in cases {
+            assert_eq!(retry_delay(backoff, after), want, "{backoff:?} {after:?}");
+        }
     }
 
     #[test]

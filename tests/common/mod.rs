@@ -155,6 +155,17 @@ impl Sidecar {
     /// Starts `portcullis run` with `args` (listeners default to port 0 on
     /// loopback) and waits until it is ready.
     pub async fn start(args: &[&str]) -> Sidecar {
+        let sidecar = Sidecar::spawn_with(args, |_| {}).await;
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    /// Starts `portcullis run` with `args`, letting `tweak` adjust the
+    /// parsed settings (e.g. where `--ca-url` connects), without waiting.
+    pub async fn spawn_with(
+        args: &[&str],
+        tweak: impl FnOnce(&mut portcullis::config::Settings),
+    ) -> Sidecar {
         let mut argv = vec![
             "portcullis",
             "run",
@@ -169,14 +180,20 @@ impl Sidecar {
         let Command::Run(run) = Cli::try_parse_from(&argv).unwrap().command else {
             unreachable!()
         };
-        let app = App::bind(run.settings().unwrap()).await.unwrap();
-        let sidecar = Sidecar {
+        let mut settings = run.settings().unwrap();
+        tweak(&mut settings);
+        let app = App::bind(settings).await.unwrap();
+        Sidecar {
             addrs: app.addrs().clone(),
             metrics: app.metrics(),
             drain: app.drain(),
             task: tokio::spawn(app.run()),
-        };
-        let admin = sidecar.addrs.admin;
+        }
+    }
+
+    /// Waits (at most 10 s) until `/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        let admin = self.addrs.admin;
         eventually("sidecar ready", Duration::from_secs(10), || async move {
             http_get(admin, "/ready")
                 .await
@@ -184,7 +201,6 @@ impl Sidecar {
                 .unwrap_or(false)
         })
         .await;
-        sidecar
     }
 
     /// The sum of a metric's samples whose labels include all of `labels`.
