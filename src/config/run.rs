@@ -1,0 +1,439 @@
+//! `portcullis run`: its flags and their validation into [`Settings`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use ipnet::IpNet;
+
+use super::{InboundMode, LogFormat, PortRange, DEFAULT_RULES_DIR};
+use crate::authz::DefaultPolicy;
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::proxy::OutboundPolicy;
+
+/// `portcullis run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long, env = "PORTCULLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "PORTCULLIS_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    #[arg(long, env = "PORTCULLIS_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+
+    /// Issuer certificate (a CA, then its chain) that signs this sidecar's leaf.
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
+    pub ca_cert: Option<PathBuf>,
+    /// The issuer's private key.
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
+    pub ca_key: Option<PathBuf>,
+    /// The identity service that signs this sidecar's leaf (Kubernetes),
+    /// e.g. https://portcullis-ca.portcullis.svc:15012; instead of --ca-cert/--ca-key.
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_URL",
+        value_name = "URL",
+        conflicts_with_all = ["ca_cert", "ca_key"]
+    )]
+    pub ca_url: Option<String>,
+    /// The projected service-account token sent to --ca-url, read afresh for
+    /// every request [default: /var/run/secrets/portcullis/token].
+    #[arg(
+        long,
+        env = "PORTCULLIS_CA_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "ca_url"
+    )]
+    pub ca_token_file: Option<PathBuf>,
+    /// PEM roots that peers' certificates must chain to.
+    #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE", value_name = "FILE")]
+    pub trust_bundle: PathBuf,
+    /// Lifetime of this sidecar's leaf certificate.
+    #[arg(long, env = "PORTCULLIS_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+
+    #[arg(long, env = "PORTCULLIS_INBOUND_LISTEN", default_value = "[::]:15006")]
+    pub inbound_listen: SocketAddr,
+    #[arg(
+        long,
+        env = "PORTCULLIS_OUTBOUND_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001,[::1]:15001"
+    )]
+    pub outbound_listen: Vec<SocketAddr>,
+    #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
+    pub admin_listen: SocketAddr,
+
+    /// Explicit mode: forward every inbound connection to ADDR.
+    #[arg(long, env = "PORTCULLIS_INBOUND_TARGET", value_name = "ADDR")]
+    pub inbound_target: Option<SocketAddr>,
+    /// Explicit mode: LISTEN=DEST[=SPIFFE_ID] carries connections accepted on
+    /// LISTEN over mTLS to the sidecar at DEST.
+    #[arg(
+        long,
+        env = "PORTCULLIS_UPSTREAM",
+        value_delimiter = ',',
+        value_name = "LISTEN=DEST[=ID]"
+    )]
+    pub upstream: Vec<String>,
+
+    #[arg(
+        long,
+        env = "PORTCULLIS_INBOUND_MODE",
+        value_enum,
+        default_value = "strict"
+    )]
+    pub inbound_mode: InboundMode,
+    /// Ports whose clients may wait for the server to speak first.
+    #[arg(
+        long,
+        env = "PORTCULLIS_OPAQUE_PORTS",
+        value_delimiter = ',',
+        default_value = "25,587,3306,4444,5432,6379,9300,11211"
+    )]
+    pub opaque_ports: Vec<PortRange>,
+    /// Transparent mode: destinations in these networks have sidecars and
+    /// get mTLS; everything else passes through as plain TCP.
+    #[arg(
+        long,
+        env = "PORTCULLIS_MESH_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub mesh_cidrs: Vec<IpNet>,
+    /// Never use mTLS to these networks, even inside --mesh-cidrs.
+    #[arg(
+        long,
+        env = "PORTCULLIS_PASSTHROUGH_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub passthrough_cidrs: Vec<IpNet>,
+    /// Never use mTLS to these destination ports (ranges like 9000-9100 too).
+    #[arg(
+        long,
+        env = "PORTCULLIS_PASSTHROUGH_PORTS",
+        value_delimiter = ',',
+        value_name = "PORT"
+    )]
+    pub passthrough_ports: Vec<PortRange>,
+    /// Transparent mode: deliver inbound connections to localhost:PORT
+    /// instead of the pod IP (for apps that listen on 127.0.0.1 only).
+    #[arg(long, env = "PORTCULLIS_INBOUND_FORWARD_TO_LOCALHOST")]
+    pub inbound_forward_to_localhost: bool,
+
+    /// Directory of authorization rule files (*.yaml, *.yml, *.json),
+    /// watched and hot-reloaded [default: /etc/portcullis/rules; given
+    /// explicitly, it must exist].
+    #[arg(long, env = "PORTCULLIS_RULES_DIR", value_name = "DIR")]
+    pub rules_dir: Option<PathBuf>,
+    /// What happens when no rule matches on a port that no allow rule covers.
+    #[arg(
+        long,
+        env = "PORTCULLIS_DEFAULT_POLICY",
+        value_enum,
+        default_value = "authenticated"
+    )]
+    pub default_policy: DefaultPolicy,
+    /// Accept `%2F` and `%5C` in request paths instead of answering 400.
+    #[arg(long, env = "PORTCULLIS_ALLOW_ENCODED_SLASH")]
+    pub allow_encoded_slash: bool,
+
+    #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// How long to wait for a client's first bytes before treating it as
+    /// opaque (permissive) or closing it (strict).
+    #[arg(long, env = "PORTCULLIS_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub detect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    #[arg(long, env = "PORTCULLIS_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// How often mounted files are re-read even without a change event.
+    #[arg(long, env = "PORTCULLIS_FILE_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub file_poll_interval: Duration,
+
+    #[arg(
+        long,
+        env = "PORTCULLIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `portcullis=debug,warn`…
+    #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// An explicit upstream: listen locally, carry to a sidecar over mTLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub listen: SocketAddr,
+    pub dest: SocketAddr,
+    pub expect: Option<SpiffeId>,
+}
+
+impl Upstream {
+    /// Parses `LISTEN=DEST[=SPIFFE_ID]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = s.splitn(3, '=');
+        let (Some(l), Some(d)) = (parts.next(), parts.next()) else {
+            return Err(format!(
+                "--upstream {s:?}: expected LISTEN=DEST[=SPIFFE_ID]"
+            ));
+        };
+        let listen = l.parse().map_err(|_| {
+            format!("--upstream {s:?}: {l:?} is not an address like 127.0.0.1:8080")
+        })?;
+        let dest = d.parse().map_err(|_| {
+            format!("--upstream {s:?}: {d:?} is not an address like 10.0.0.2:15006")
+        })?;
+        let expect = parts
+            .next()
+            .map(SpiffeId::parse)
+            .transpose()
+            .map_err(|e| format!("--upstream {s:?}: {e}"))?;
+        Ok(Upstream {
+            listen,
+            dest,
+            expect,
+        })
+    }
+}
+
+/// Where this sidecar's leaf comes from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// A mounted issuer (CA or intermediate) signs the leaf in-process.
+    LocalIssuer { cert: PathBuf, key: PathBuf },
+    /// The identity service (`ca serve`) signs our CSR.
+    Remote {
+        url: String,
+        token_file: PathBuf,
+        /// Connect here instead of resolving the URL's host; the certificate
+        /// is still checked against the host. Tests and the demo set it; no
+        /// flag does.
+        connect_to: Option<SocketAddr>,
+    },
+}
+
+/// Where the projected token for the identity service is mounted by default.
+pub const DEFAULT_CA_TOKEN_FILE: &str = "/var/run/secrets/portcullis/token";
+
+/// Validated settings for `run`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub id: SpiffeId,
+    pub cert_source: CertSource,
+    pub trust_bundle: PathBuf,
+    pub cert_ttl: Duration,
+    pub inbound_listen: SocketAddr,
+    pub outbound_listen: Vec<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub inbound_target: Option<SocketAddr>,
+    pub upstreams: Vec<Upstream>,
+    pub inbound_mode: InboundMode,
+    pub opaque_ports: Vec<PortRange>,
+    pub outbound: OutboundPolicy,
+    pub inbound_forward_to_localhost: bool,
+    pub rules_dir: PathBuf,
+    /// The user named the rules directory, so it must exist.
+    pub rules_required: bool,
+    pub default_policy: DefaultPolicy,
+    pub allow_encoded_slash: bool,
+    pub drain_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub detect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub file_poll_interval: Duration,
+}
+
+impl RunArgs {
+    /// Checks the flags; the error names the flag at fault.
+    pub fn settings(&self) -> Result<Settings, String> {
+        let td =
+            TrustDomain::new(&self.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
+        // The Downward API gives an empty string for a pod without one.
+        let sa = match self.service_account.as_str() {
+            "" => "default",
+            sa => sa,
+        };
+        let id = SpiffeId::workload(&td, &self.namespace, sa)
+            .map_err(|e| format!("--namespace/--service-account: {e}"))?;
+        let cert_source = match (&self.ca_cert, &self.ca_key, &self.ca_url) {
+            (Some(cert), Some(key), None) => CertSource::LocalIssuer {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (None, None, Some(url)) => {
+                crate::identity::CaUrl::parse(url).map_err(|e| format!("--ca-url: {e}"))?;
+                CertSource::Remote {
+                    url: url.clone(),
+                    token_file: self
+                        .ca_token_file
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_TOKEN_FILE)),
+                    connect_to: None,
+                }
+            }
+            _ => return Err(
+                "--ca-url, or --ca-cert and --ca-key: something must sign this sidecar's certificate"
+                    .into(),
+            ),
+        };
+        if self.cert_ttl < Duration::from_secs(1) {
+            return Err("--cert-ttl: must be at least 1s".into());
+        }
+        let upstreams = self
+            .upstream
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| Upstream::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        for timeout in [
+            ("--drain-timeout", self.drain_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--file-poll-interval", self.file_poll_interval),
+        ] {
+            if timeout.1.is_zero() {
+                return Err(format!("{}: must be more than zero", timeout.0));
+            }
+        }
+        Ok(Settings {
+            id,
+            cert_source,
+            trust_bundle: self.trust_bundle.clone(),
+            cert_ttl: self.cert_ttl,
+            inbound_listen: self.inbound_listen,
+            outbound_listen: self.outbound_listen.clone(),
+            admin_listen: self.admin_listen,
+            inbound_target: self.inbound_target,
+            upstreams,
+            inbound_mode: self.inbound_mode,
+            opaque_ports: self.opaque_ports.clone(),
+            outbound: OutboundPolicy {
+                mesh_cidrs: self.mesh_cidrs.clone(),
+                passthrough_cidrs: self.passthrough_cidrs.clone(),
+                passthrough_ports: self.passthrough_ports.clone(),
+            },
+            inbound_forward_to_localhost: self.inbound_forward_to_localhost,
+            rules_dir: self
+                .rules_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RULES_DIR)),
+            rules_required: self.rules_dir.is_some(),
+            default_policy: self.default_policy,
+            allow_encoded_slash: self.allow_encoded_slash,
+            drain_timeout: self.drain_timeout,
+            connect_timeout: self.connect_timeout,
+            handshake_timeout: self.handshake_timeout,
+            detect_timeout: self.detect_timeout,
+            idle_timeout: self.idle_timeout,
+            file_poll_interval: self.file_poll_interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn upstream_forms() {
+        let u = Upstream::parse("127.0.0.1:1=127.0.0.1:2").unwrap();
+        assert_eq!(u.dest.port(), 2);
+        assert!(u.expect.is_none());
+        let u = Upstream::parse("127.0.0.1:1=[::1]:2=spiffe://td/ns/a/sa/b").unwrap();
+        assert_eq!(u.expect.unwrap().to_string(), "spiffe://td/ns/a/sa/b");
+        for bad in [
+            "127.0.0.1:1",
+            "x=127.0.0.1:2",
+            "127.0.0.1:1=y",
+            "127.0.0.1:1=127.0.0.1:2=http://x",
+        ] {
+            let err = Upstream::parse(bad).unwrap_err();
+            assert!(err.starts_with("--upstream"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ca_url_or_issuer_but_not_both() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["portcullis", "run", "--trust-bundle", "b"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| {
+                    let Command::Run(args) = cli.command else {
+                        panic!("not run")
+                    };
+                    args.settings()
+                })
+        };
+        let url = ["--ca-url", "https://portcullis-ca.portcullis.svc:15012"];
+        let s = parse(&url).unwrap();
+        assert!(
+            matches!(s.cert_source, CertSource::Remote { ref token_file, .. }
+            if token_file.to_str() == Some(DEFAULT_CA_TOKEN_FILE))
+        );
+        assert!(parse(&[&url[..], &["--ca-cert", "c", "--ca-key", "k"]].concat()).is_err());
+        assert!(parse(&["--ca-token-file", "t"]).is_err());
+        assert!(parse(&[]).unwrap_err().contains("--ca-url"));
+        assert!(parse(&["--ca-url", "http://ca:1"])
+            .unwrap_err()
+            .starts_with("--ca-url"));
+    }
+
+    #[test]
+    fn bad_flags_name_themselves() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "portcullis",
+                "run",
+                "--trust-bundle",
+                "b",
+                "--ca-cert",
+                "c",
+                "--ca-key",
+                "k",
+            ];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not run")
+            };
+            args.settings()
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(parse(&["--trust-domain", "Bad"])
+            .unwrap_err()
+            .starts_with("--trust-domain"));
+        assert!(parse(&["--namespace", "a/b"])
+            .unwrap_err()
+            .starts_with("--namespace"));
+        assert!(parse(&["--cert-ttl", "10ms"])
+            .unwrap_err()
+            .starts_with("--cert-ttl"));
+        assert!(parse(&["--drain-timeout", "0s"])
+            .unwrap_err()
+            .starts_with("--drain-timeout"));
+    }
+}
