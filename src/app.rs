@@ -201,10 +201,22 @@ impl App {
                     connect_to,
                 },
                 _,
-            ) => LeafSource::Remote(Arc::new(
-                RemoteCa::new(url, token_file.clone(), *connect_to, self.tls.clone())
-                    .map_err(|e| anyhow!("--ca-url: {e}"))?,
-            )),
+            ) => {
+                let remote = Arc::new(
+                    RemoteCa::new(url, token_file.clone(), *connect_to, self.tls.clone())
+                        .map_err(|e| anyhow!("--ca-url: {e}"))?,
+                );
+                if !s.trust_bundle_refresh.is_zero() {
+                    tokio::spawn(refresh_bundle(
+                        remote.clone(),
+                        self.tls.clone(),
+                        self.metrics.clone(),
+                        s.trust_bundle_refresh,
+                        exit.clone(),
+                    ));
+                }
+                LeafSource::Remote(remote)
+            }
             (CertSource::LocalIssuer { .. }, None) => unreachable!("bind loads the issuer"),
         };
 
@@ -296,6 +308,62 @@ fn load_issuer(
         warn!(issuer = %issuer.subject, "the issuer does not chain to --trust-bundle; peers using the same bundle will refuse this sidecar");
     }
     Ok((pem, issuer))
+}
+
+/// Fetches the identity service's trust bundle every `every` and uses it
+/// when it changed. A failure keeps the current bundle; the next round
+/// tries again.
+async fn refresh_bundle(
+    remote: Arc<RemoteCa>,
+    tls: Arc<MeshTls>,
+    metrics: Arc<Metrics>,
+    every: std::time::Duration,
+    exit: CancellationToken,
+) {
+    let mut last = crate::filewatch::content_hash(&[]);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = exit.cancelled() => return,
+        }
+        match remote.fetch_bundle().await {
+            Ok((bundle, pem)) => {
+                let hash = crate::filewatch::content_hash(&[&pem]);
+                let same = bundle.certs == tls.snapshot().bundle.certs;
+                if hash == last || same {
+                    last = hash;
+                    continue;
+                }
+                last = hash;
+                match tls.set_bundle(bundle) {
+                    Ok(()) => {
+                        info!(
+                            roots = tls.snapshot().bundle.certs.len(),
+                            "trust bundle refreshed from the identity service"
+                        );
+                        metrics
+                            .trust_bundle_reloads
+                            .with_label_values(&["ok"])
+                            .inc();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "trust bundle from the identity service could not be used");
+                        metrics
+                            .trust_bundle_reloads
+                            .with_label_values(&["error"])
+                            .inc();
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "fetching the trust bundle from the identity service failed; keeping the current one");
+                metrics
+                    .trust_bundle_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+            }
+        }
+    }
 }
 
 /// Explicit mode: targets and upstreams are given, nothing is intercepted.

@@ -56,6 +56,10 @@ pub struct RunArgs {
         requires = "ca_url"
     )]
     pub ca_token_file: Option<PathBuf>,
+    /// With --ca-url: how often to fetch the identity service's trust
+    /// bundle (so a root rotation reaches running pods); 0s turns it off.
+    #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub trust_bundle_refresh: Duration,
     /// PEM roots that peers' certificates must chain to.
     #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE", value_name = "FILE")]
     pub trust_bundle: PathBuf,
@@ -237,6 +241,8 @@ pub const DEFAULT_CA_TOKEN_FILE: &str = "/var/run/secrets/portcullis/token";
 /// Validated settings for `run`.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// How often the identity service's bundle is fetched (`--ca-url` only; zero: never).
+    pub trust_bundle_refresh: Duration,
     pub id: SpiffeId,
     pub cert_source: CertSource,
     pub trust_bundle: PathBuf,
@@ -317,6 +323,7 @@ impl RunArgs {
             }
         }
         Ok(Settings {
+            trust_bundle_refresh: self.trust_bundle_refresh,
             id,
             cert_source,
             trust_bundle: self.trust_bundle.clone(),

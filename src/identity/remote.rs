@@ -85,6 +85,8 @@ impl RemoteError {
 #[derive(Debug, Clone)]
 pub struct CaUrl {
     pub endpoint: Uri,
+    /// `GET` here returns the service's trust bundle.
+    pub bundle_endpoint: Uri,
     pub host: ServerName<'static>,
     pub authority: String,
     /// The host to connect to (without IPv6 brackets).
@@ -110,8 +112,12 @@ impl CaUrl {
         let endpoint = format!("https://{authority}{prefix}/v1/certify")
             .parse()
             .map_err(|e| format!("{url:?}: {e}"))?;
+        let bundle_endpoint = format!("https://{authority}{prefix}/v1/trust-bundle")
+            .parse()
+            .map_err(|e| format!("{url:?}: {e}"))?;
         Ok(CaUrl {
             endpoint,
+            bundle_endpoint,
             host: name,
             port: uri.port_u16().unwrap_or(443),
             connect_host: bare.to_string(),
@@ -229,6 +235,51 @@ impl RemoteCa {
         let answer: CertifyResponse = serde_json::from_slice(&body)
             .map_err(|e| RemoteError::BadAnswer(format!("does not parse ({e})")))?;
         check_answer(&answer, &key, req, &bundle, self.tls.trust_domain())
+    }
+
+    /// The service's trust bundle (`GET /v1/trust-bundle`), accepted only
+    /// over a connection verified with the bundle we already hold, so a
+    /// root rotation reaches running pods without a restart and nobody
+    /// else can hand us roots.
+    pub async fn fetch_bundle(&self) -> Result<(TrustBundle, Vec<u8>), RemoteError> {
+        let attempt = async {
+            let bundle = self.tls.snapshot().bundle.clone();
+            let stream = self.connect(&bundle).await?;
+            let unreachable = |e: hyper::Error| RemoteError::Unreachable(e.to_string());
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(unreachable)?;
+            tokio::spawn(conn);
+            let request = Request::builder()
+                .method(Method::GET)
+                .uri(self.url.bundle_endpoint.path())
+                .header(HOST, &self.url.authority)
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| RemoteError::Local(e.to_string()))?;
+            let resp = sender.send_request(request).await.map_err(unreachable)?;
+            if resp.status() != StatusCode::OK {
+                return Err(RemoteError::BadAnswer(format!(
+                    "trust bundle: status {}",
+                    resp.status()
+                )));
+            }
+            let pem = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| RemoteError::Unreachable(format!("reading the bundle: {e}")))?
+                .to_bytes()
+                .to_vec();
+            let parsed = TrustBundle::from_pem(std::path::Path::new("GET /v1/trust-bundle"), &pem)
+                .map_err(RemoteError::BadAnswer)?;
+            Ok((parsed, pem))
+        };
+        tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RemoteError::Unreachable(format!(
+                    "no answer within {ATTEMPT_TIMEOUT:?}"
+                )))
+            })
     }
 
     /// TCP, then TLS 1.3 verified against the bundle and the URL's host.

@@ -187,3 +187,60 @@ async fn sidecar_never_sends_its_token_to_an_untrusted_service() {
         "the token was never reviewed, so never sent"
     );
 }
+
+/// Issue 6: a root rotation reaches running sidecars without a restart: the
+/// sidecar fetches the service's bundle over a connection verified with the
+/// bundle it already holds, and uses it for the next handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_refreshes_its_trust_bundle_from_the_service() {
+    let f = Fixture::new().await;
+    let ca = Service::start(&f.args(&["--issuer-poll-interval", "200ms"])).await;
+    let ca_addr = ca.addr;
+    let url = format!("https://{HOST}:{}", ca_addr.port());
+    std::fs::write(f.dir.path().join("server-token"), "server-token").unwrap();
+    // The sidecar's own bundle file is a copy: only the service changes.
+    let own_bundle = f.dir.path().join("sidecar-bundle.pem");
+    std::fs::write(&own_bundle, f.bundle_pem()).unwrap();
+    let args = [
+        "--ca-url".to_string(),
+        url,
+        "--ca-token-file".into(),
+        f.dir.path().join("server-token").display().to_string(),
+        "--trust-bundle".into(),
+        own_bundle.display().to_string(),
+        "--trust-bundle-refresh".into(),
+        "200ms".into(),
+        "--service-account".into(),
+        "server".into(),
+        "--inbound-target".into(),
+        "127.0.0.1:9".into(),
+    ];
+    let b = Sidecar::spawn_with(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), |s| {
+        if let CertSource::Remote { connect_to, .. } = &mut s.cert_source {
+            *connect_to = Some(ca_addr);
+        }
+    })
+    .await;
+    b.wait_ready().await;
+    let admin = b.addrs.admin;
+    let roots = move || async move {
+        let (_, body) = http_get(admin, "/certs").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["trust_bundle"].as_array().map(|a| a.len()).unwrap_or(0)
+    };
+    assert_eq!(roots().await, 1);
+
+    // The operator adds a second root at the service.
+    let td = portcullis::identity::TrustDomain::new(TD).unwrap();
+    let new_root = portcullis::identity::NewCa::root(&td, Duration::from_secs(3600)).unwrap();
+    let both = [f.bundle_pem(), new_root.cert_pem.into_bytes()].concat();
+    write_atomic(&f.bundle, &both);
+    eventually(
+        "the sidecar holds both roots",
+        Duration::from_secs(10),
+        || async { roots().await == 2 },
+    )
+    .await;
+    assert!(b.metric("portcullis_trust_bundle_reloads_total", &[("result", "ok")]) >= 1.0);
+    ca.stop().await;
+}
