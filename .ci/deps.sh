@@ -8,6 +8,9 @@ set -euo pipefail
 # ip, iptables and nft live in sbin, which a non-root PATH often lacks.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
+# Helm 3.17 for the chart tests, into .tools/bin (see .ci/helm.sh).
+bash "$(dirname "$0")/helm.sh"
+
 # tool=Debian package(s) providing it
 needs=(
   promtool=prometheus
@@ -30,7 +33,37 @@ for pair in "${needs[@]}"; do
   fi
 done
 
+# Python tools from PyPI: tool=pip package.
+pip_needs=(
+  kubernetes-validate=kubernetes-validate
+)
+for pair in "${pip_needs[@]}"; do
+  tool=${pair%%=*}
+  pkg=${pair#*=}
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    if ! command -v pip3 >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&1; then
+      missing+=(python3-pip)
+      continue
+    fi
+  fi
+done
+
+install_pip() {
+  for pair in "${pip_needs[@]}"; do
+    tool=${pair%%=*}
+    pkg=${pair#*=}
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      echo "make deps: installing the PyPI package $pkg (for $tool)"
+      pip=$(command -v pip3 || command -v pip)
+      "$pip" install -q "$pkg" 2>/dev/null || "$pip" install -q --break-system-packages "$pkg"
+      hash -r
+      command -v "$tool" >/dev/null 2>&1 || { echo "make deps: $tool still missing after pip install $pkg" >&2; exit 1; }
+    fi
+  done
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
+  install_pip
   echo "make deps: all needed tools are present"
   exit 0
 fi
@@ -54,4 +87,5 @@ for pair in "${needs[@]}"; do
   tool=${pair%%=*}
   command -v "$tool" >/dev/null 2>&1 || { echo "make deps: $tool still missing after install" >&2; exit 1; }
 done
+install_pip
 echo "make deps: done"
