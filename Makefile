@@ -1,7 +1,7 @@
 # portcullis: common tasks. CARGO_TARGET_DIR is honoured if set.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo bench clean
+.PHONY: deps build test lint demo bench clean manifests
 
 # deps: install the system tools the tests use (promtool, ip, iptables, nft,
 # tcpdump, curl, setpriv, and kubernetes-validate from PyPI), only those
@@ -32,6 +32,13 @@ demo:
 bench: build
 	$(CARGO) bench --locked --bench pair
 	$(CARGO) bench --locked --bench authz
+
+# manifests: deploy/portcullis.yaml, the chart rendered with its defaults
+# (tests/helm.rs checks it is up to date); needs Helm from `make deps`.
+manifests:
+	bash .ci/helm.sh
+	bash .ci/manifests.sh > deploy/portcullis.yaml.tmp
+	mv deploy/portcullis.yaml.tmp deploy/portcullis.yaml
 
 # clean: remove build output.
 clean:

@@ -8,6 +8,9 @@ set -euo pipefail
 # ip, iptables and nft live in sbin, which a non-root PATH often lacks.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
+# Helm 3.17 for the chart tests, into .tools/bin (see .ci/helm.sh).
+bash "$(dirname "$0")/helm.sh"
+
 # tool=Debian package(s) providing it
 needs=(
   promtool=prometheus
