@@ -143,7 +143,7 @@ pub fn proxy_container(
         "command": [BINARY],
         "args": ["run"],
         "env": envs,
-        "ports": [{"name": "portcullis-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "proxy-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
         "resources": resources(&s.cpu_request, &s.cpu_limit, &s.memory_request, &s.memory_limit),
         "securityContext": {
             "runAsUser": cfg.proxy.uid,

@@ -30,6 +30,22 @@ pub fn injected_pod(case: &str, before: &Value, after: &Value, bundle: &str) {
         all.len(),
         "{case}: container names not unique: {all:?}"
     );
+    // The schema does not check it, the API server does: port names are
+    // IANA service names, at most 15 characters.
+    for c in a["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(a["containers"].as_array())
+        .flatten()
+    {
+        for port in c["ports"].as_array().into_iter().flatten() {
+            let name = port["name"].as_str().unwrap_or_default();
+            assert!(
+                name.len() <= 15,
+                "{case}: port name {name:?} is longer than 15 characters"
+            );
+        }
+    }
     let user_inits = names(&b["initContainers"]);
     let user_apps = names(&b["containers"]);
     let native = inits.get(1).map(String::as_str) == Some("portcullis-proxy");
