@@ -56,7 +56,13 @@ async fn app() -> SocketAddr {
                             .map(|v| v.to_str().unwrap().to_string())
                             .collect::<Vec<_>>()
                             .join("|");
-                        let body = format!("{} {} xfcc={xfcc}", req.method(), req.uri().path());
+                        let mut body = format!("{} {} xfcc={xfcc}", req.method(), req.uri().path());
+                        if req.headers().contains_key("x-echo-host") {
+                            body.push_str(&format!(
+                                " host={}",
+                                req.headers()["host"].to_str().unwrap()
+                            ));
+                        }
                         Ok(Response::new(Full::new(Bytes::from(body))))
                     },
                 );
@@ -192,6 +198,20 @@ async fn http1_keepalive_allows_denies_and_sets_xfcc() {
     assert_eq!(status, 400, "an encoded slash is refused");
     let (status, _) = get(&mut c, "/public/ok", &[]).await;
     assert_eq!(status, 200, "the connection is still usable");
+    // An absolute-form target: the app sees the host the rules saw.
+    let (status, body) = get(
+        &mut c,
+        "http://api.example/public/abs",
+        &[("x-echo-host", "1")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.ends_with(
+            "GET /public/abs xfcc=URI=spiffe://cluster.local/ns/default/sa/client host=api.example"
+        ),
+        "{body}"
+    );
 
     let port = |m: &Sidecar, decision| {
         m.metric(

@@ -140,6 +140,13 @@ fn authorize_and_rewrite(
             req.headers_mut().insert(XFCC, v);
         }
     }
+    if let (Some(h), true) = (&host, req.version() < Version::HTTP_2) {
+        // The app must see the host the rules saw: for an absolute-form
+        // target that is the URI's authority, whatever `Host` said.
+        if let Ok(v) = HeaderValue::from_str(h) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
     let authority = host.unwrap_or_else(|| conn.target.to_string());
     let query = req
         .uri()
