@@ -88,7 +88,7 @@ pub fn run(cmd: CaCommand) -> Result<()> {
 fn serve(args: crate::identity::serve::ServeArgs) -> Result<()> {
     use crate::identity::serve::CaServer;
     let settings = args.settings().map_err(anyhow::Error::msg)?;
-    crate::logging::init(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
+    args.log.init().map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -96,17 +96,7 @@ fn serve(args: crate::identity::serve::ServeArgs) -> Result<()> {
         let server = CaServer::bind(settings).await?;
         let drain = server.drain();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
+            crate::drain::terminated().await;
             drain.begin();
         });
         server.run().await?;

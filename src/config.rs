@@ -108,6 +108,29 @@ pub enum InboundMode {
     Permissive,
 }
 
+/// Log flags of every long-running command.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// `text`, or `json` (one object per line).
+    #[arg(
+        long,
+        env = "PORTCULLIS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `portcullis=debug,warn`…
+    #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl LogArgs {
+    /// Installs the global log subscriber; the error names the bad flag.
+    pub fn init(&self) -> Result<(), String> {
+        crate::logging::init(self.log_format, &self.log_level)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,

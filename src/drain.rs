@@ -6,6 +6,22 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Resolves on SIGTERM or SIGINT (logged), the signals that start a
+/// graceful shutdown. Never resolves if the handlers cannot be installed.
+pub async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
 /// Shared by every listener: `stopping` ends accept loops, `connections`
 /// tracks the tasks that must finish (or time out) before exit.
 #[derive(Clone, Default)]

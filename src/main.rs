@@ -48,22 +48,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(args: portcullis::config::RunArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
-    portcullis::logging::init(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
+    args.log.init().map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async {
         let app = portcullis::app::App::bind(settings).await?;
         let drain = app.drain();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
+            portcullis::drain::terminated().await;
             drain.begin();
         });
         app.run().await
@@ -71,7 +61,7 @@ fn run(args: portcullis::config::RunArgs) -> anyhow::Result<()> {
 }
 
 fn webhook(args: portcullis::inject::webhook::WebhookArgs) -> anyhow::Result<()> {
-    portcullis::logging::init(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
+    args.log.init().map_err(anyhow::Error::msg)?;
     runtime()?.block_on(portcullis::inject::webhook::run(args))?;
     Ok(())
 }

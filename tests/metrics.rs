@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -55,28 +53,7 @@ async fn metrics_pass_promtool_and_admin_endpoints_answer() {
             "{name} missing from /metrics"
         );
     }
-    let promtool =
-        which("promtool").expect("promtool not found: run `make deps` (Debian package prometheus)");
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&body);
 
     let (status, body) = http_get(admin, "/live").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "live\n"));
@@ -99,12 +76,4 @@ async fn metrics_pass_promtool_and_admin_endpoints_answer() {
         .unwrap()
         .contains("portcullis root CA"));
     assert_eq!(http_get(admin, "/nope").await.unwrap().0, 404);
-}
-
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(name))
-        .find(|p| p.is_file())
 }

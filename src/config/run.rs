@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use ipnet::IpNet;
 
-use super::{InboundMode, LogFormat, PortRange, DEFAULT_RULES_DIR};
+use super::{InboundMode, LogArgs, PortRange, DEFAULT_RULES_DIR};
 use crate::authz::DefaultPolicy;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proxy::OutboundPolicy;
@@ -171,16 +171,8 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_FILE_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
 
-    #[arg(
-        long,
-        env = "PORTCULLIS_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-    /// A tracing filter: `info`, `debug`, `portcullis=debug,warn`…
-    #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// An explicit upstream: listen locally, carry to a sidecar over mTLS.

@@ -191,11 +191,6 @@ impl RemoteCa {
             ttl_seconds: Some(req.ttl.as_secs().max(1)),
         })
         .expect("serializable");
-        let unreachable = |e: hyper::Error| RemoteError::Unreachable(e.to_string());
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(unreachable)?;
-        tokio::spawn(conn);
         let request = Request::builder()
             .method(Method::POST)
             .uri(self.url.endpoint.path())
@@ -204,7 +199,7 @@ impl RemoteCa {
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| RemoteError::Local(e.to_string()))?;
-        let resp = sender.send_request(request).await.map_err(unreachable)?;
+        let resp = send(stream, request).await?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -245,18 +240,13 @@ impl RemoteCa {
         let attempt = async {
             let bundle = self.tls.snapshot().bundle.clone();
             let stream = self.connect(&bundle).await?;
-            let unreachable = |e: hyper::Error| RemoteError::Unreachable(e.to_string());
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(unreachable)?;
-            tokio::spawn(conn);
             let request = Request::builder()
                 .method(Method::GET)
                 .uri(self.url.bundle_endpoint.path())
                 .header(HOST, &self.url.authority)
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| RemoteError::Local(e.to_string()))?;
-            let resp = sender.send_request(request).await.map_err(unreachable)?;
+            let resp = send(stream, request).await?;
             if resp.status() != StatusCode::OK {
                 return Err(RemoteError::BadAnswer(format!(
                     "trust bundle: status {}",
@@ -313,6 +303,19 @@ impl RemoteCa {
                 }
             })
     }
+}
+
+/// One HTTP/1.1 request on a verified connection.
+async fn send(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    request: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, RemoteError> {
+    let unreachable = |e: hyper::Error| RemoteError::Unreachable(e.to_string());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(unreachable)?;
+    tokio::spawn(conn);
+    sender.send_request(request).await.map_err(unreachable)
 }
 
 /// Checks an answer before it is used: the leaf carries our key and our

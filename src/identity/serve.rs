@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::LogFormat;
+use crate::config::LogArgs;
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
 use crate::identity::TrustDomain;
@@ -115,15 +115,8 @@ pub struct ServeArgs {
     /// How long open requests may take to finish after SIGTERM.
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
-    #[arg(
-        long,
-        env = "PORTCULLIS_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-    #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Validated settings for `ca serve`.

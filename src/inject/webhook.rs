@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Error, InjectorConfig};
-use crate::config::LogFormat;
+use crate::config::LogArgs;
 use crate::filewatch::{read_all, Reloader};
 
 /// The largest AdmissionReview accepted (a pod is at most ~1.5 MiB in etcd).
@@ -58,15 +58,8 @@ pub struct WebhookArgs {
     pub admin_listen: SocketAddr,
     #[arg(long, env = "PORTCULLIS_FILE_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
-    #[arg(
-        long,
-        env = "PORTCULLIS_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-    #[arg(long, env = "PORTCULLIS_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// The injector's metrics, in their own registry.
@@ -126,11 +119,7 @@ impl WebhookMetrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding");
-        String::from_utf8(out).expect("utf-8")
+        crate::metrics::encode(&self.registry)
     }
 }
 
@@ -357,13 +346,7 @@ pub async fn run(args: WebhookArgs) -> Result<(), Error> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        }
+        crate::drain::terminated().await;
         info!("stopping");
         stop.cancel();
     });

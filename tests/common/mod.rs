@@ -339,3 +339,37 @@ impl Pair {
         matches!(tokio::time::timeout(Duration::from_secs(5), round_trip(s, msg)).await, Ok(Ok(out)) if out == msg)
     }
 }
+
+/// Asserts that `text` passes `promtool check metrics`.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let promtool = std::env::var_os("PATH")
+        .and_then(|p| {
+            p.to_str()?
+                .split(':')
+                .map(|d| std::path::Path::new(d).join("promtool"))
+                .find(|p| p.is_file())
+        })
+        .expect("promtool not found: run `make deps` (Debian package prometheus)");
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,9 +1,7 @@
 //! The identity service's own metrics, in their own registry (it is a
 //! separate process from any sidecar).
 
-use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 
 use super::code::Code;
 
@@ -79,11 +77,7 @@ impl CaMetrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding cannot fail");
-        String::from_utf8(buf).expect("exposition is utf-8")
+        crate::metrics::encode(&self.registry)
     }
 }
 
