@@ -23,17 +23,25 @@ struct Proc {
 }
 
 impl Proc {
+    /// `portcullis run` with `args`, listeners on port 0, JSON logs.
     fn start(args: &[String]) -> Proc {
+        let mut all = strings(&[
+            "run",
+            "--log-format",
+            "json",
+            "--inbound-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ]);
+        all.extend_from_slice(args);
+        Proc::spawn(&all, "listening", "inbound")
+    }
+
+    /// Any server command; waits for its JSON log line `message` and reads
+    /// the addresses from its `listen_key` and `admin` fields.
+    fn spawn(args: &[String], message: &str, listen_key: &str) -> Proc {
         let mut child = Command::new(BIN)
-            .args([
-                "run",
-                "--log-format",
-                "json",
-                "--inbound-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
@@ -42,10 +50,10 @@ impl Proc {
         let listening = loop {
             let line = lines
                 .next()
-                .expect("the sidecar logged 'listening'")
+                .unwrap_or_else(|| panic!("the process logged {message:?}"))
                 .unwrap();
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "listening" {
+            if v["message"] == message {
                 break v;
             }
         };
@@ -53,7 +61,7 @@ impl Proc {
         std::thread::spawn(move || for _ in lines {});
         let addr = |k: &str| listening[k].as_str().unwrap().parse().unwrap();
         Proc {
-            inbound: addr("inbound"),
+            inbound: addr(listen_key),
             admin: addr("admin"),
             child,
         }
@@ -390,4 +398,54 @@ fn every_startup_error_names_its_flag_or_file_and_exits_non_zero() {
         }
     }
     drop(busy);
+}
+
+/// The identity service also drains on SIGTERM and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_serve_exits_zero_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let token = dir.path().join("kube-token");
+    std::fs::write(&token, "t").unwrap();
+    let d = |p: &Path| p.display().to_string();
+    let mut p = Proc::spawn(
+        &strings(&[
+            "ca",
+            "serve",
+            "--issuer-cert",
+            &d(&ca.files.cert),
+            "--issuer-key",
+            &d(&ca.files.key),
+            "--trust-bundle",
+            &d(&ca.files.cert),
+            "--namespace",
+            "portcullis",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--kube-api-url",
+            "https://127.0.0.1:1",
+            "--kube-ca-file",
+            &d(&ca.files.cert),
+            "--kube-token-file",
+            &d(&token),
+            "--log-format",
+            "json",
+        ]),
+        "identity service listening",
+        "listen",
+    );
+    let admin = p.admin;
+    eventually("ca serve ready", Duration::from_secs(10), || async move {
+        http_get(admin, "/ready")
+            .await
+            .map(|(s, _)| s == 200)
+            .unwrap_or(false)
+    })
+    .await;
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, took) = p.wait(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
 }
