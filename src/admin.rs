@@ -31,6 +31,8 @@ pub struct AdminState {
     pub drain: Drain,
     pub rules: LiveRules,
     pub default_policy: DefaultPolicy,
+    /// `POST /shutdown` is honoured (`--allow-shutdown`).
+    pub allow_shutdown: bool,
 }
 
 /// The bound admin server.
@@ -121,6 +123,11 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
                 Err(e) => reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
             }
         }
+        (&Method::POST, "/shutdown") if !state.allow_shutdown => reply(
+            StatusCode::FORBIDDEN,
+            TEXT,
+            "shutdown is disabled (--allow-shutdown false)\n",
+        ),
         (&Method::POST, "/shutdown") => {
             if !peer.ip().to_canonical().is_loopback() {
                 return reply(

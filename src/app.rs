@@ -138,6 +138,7 @@ impl App {
                     drain: drain.clone(),
                     rules: rules.clone(),
                     default_policy: settings.default_policy,
+                    allow_shutdown: settings.allow_shutdown,
                 },
             ),
             issuer,

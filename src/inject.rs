@@ -311,7 +311,7 @@ pub fn inject(req: &Request, cfg: &InjectorConfig) -> Result<Injection, Error> {
         b.insert(&["spec", "volumes"], None, v);
     }
     let init = build::init_container(cfg, &s);
-    let proxy = build::proxy_container(cfg, &s, native, app_probes);
+    let proxy = build::proxy_container(cfg, &s, native, app_probes, !native && job);
     if native {
         b.insert(&["spec", "initContainers"], Some(0), init);
         b.insert(&["spec", "initContainers"], Some(1), proxy);

@@ -449,3 +449,26 @@ async fn ca_serve_exits_zero_on_sigterm() {
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// `--allow-shutdown false` (what the injector sets outside Job pods): the
+/// endpoint refuses and the sidecar keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_endpoint_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let echo = echo_server().await;
+    let mut args = issuer_args(&ca, &ca.files.cert, "server");
+    args.extend(strings(&[
+        "--inbound-target",
+        &echo.to_string(),
+        "--allow-shutdown",
+        "false",
+    ]));
+    let b = Sidecar::start(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let (status, body) = http_request(b.addrs.admin, "POST", "/shutdown")
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(!b.drain.is_draining());
+    assert_eq!(http_get(b.addrs.admin, "/ready").await.unwrap().0, 200);
+}

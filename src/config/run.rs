@@ -78,6 +78,10 @@ pub struct RunArgs {
     pub outbound_listen: Vec<SocketAddr>,
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
+    /// Whether `POST /shutdown` (loopback only) may stop the sidecar; the
+    /// injector turns it off except for Job pods that need it.
+    #[arg(long, env = "PORTCULLIS_ALLOW_SHUTDOWN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_shutdown: bool,
 
     /// Explicit mode: forward every inbound connection to ADDR.
     #[arg(long, env = "PORTCULLIS_INBOUND_TARGET", value_name = "ADDR")]
@@ -242,6 +246,7 @@ pub struct Settings {
     pub inbound_listen: SocketAddr,
     pub outbound_listen: Vec<SocketAddr>,
     pub admin_listen: SocketAddr,
+    pub allow_shutdown: bool,
     pub inbound_target: Option<SocketAddr>,
     pub upstreams: Vec<Upstream>,
     pub inbound_mode: InboundMode,
@@ -323,6 +328,7 @@ impl RunArgs {
             inbound_listen: self.inbound_listen,
             outbound_listen: self.outbound_listen.clone(),
             admin_listen: self.admin_listen,
+            allow_shutdown: self.allow_shutdown,
             inbound_target: self.inbound_target,
             upstreams,
             inbound_mode: self.inbound_mode,

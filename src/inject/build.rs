@@ -102,11 +102,14 @@ pub fn init_container(cfg: &InjectorConfig, s: &PodSettings) -> Value {
 /// `portcullis-proxy`: the sidecar. Every setting is a `PORTCULLIS_*` env
 /// var; the namespace, service account and pod IP come from the Downward API
 /// (an empty service account is read as `default` by the sidecar).
+/// `shutdown_endpoint`: a Job pod in the fallback layout, whose app must
+/// `POST /shutdown` to let the pod complete; every other pod has it off.
 pub fn proxy_container(
     cfg: &InjectorConfig,
     s: &PodSettings,
     native: bool,
     app_probes: Option<String>,
+    shutdown_endpoint: bool,
 ) -> Value {
     let mut envs = vec![
         env("PORTCULLIS_TRUST_DOMAIN", &cfg.trust_domain),
@@ -125,6 +128,7 @@ pub fn proxy_container(
         env("PORTCULLIS_DEFAULT_POLICY", &s.default_inbound_policy),
         env("PORTCULLIS_LOG_LEVEL", &s.log_level),
         env("PORTCULLIS_LOG_FORMAT", &s.log_format),
+        env("PORTCULLIS_ALLOW_SHUTDOWN", &shutdown_endpoint.to_string()),
     ];
     if !cfg.proxy.mesh_cidrs.is_empty() {
         envs.push(env(

@@ -93,6 +93,19 @@ pub fn injected_pod(case: &str, before: &Value, after: &Value, bundle: &str) {
         }
         p
     };
+    // `/shutdown` is on only where the app needs it: a Job pod whose proxy
+    // is an ordinary container (the fallback layout).
+    let job = before["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["kind"] == "Job");
+    let want = if !native && job { "true" } else { "false" };
+    assert_eq!(
+        env(proxy, "PORTCULLIS_ALLOW_SHUTDOWN").map(|e| &e["value"]),
+        Some(&Value::from(want)),
+        "{case}: PORTCULLIS_ALLOW_SHUTDOWN"
+    );
     assert_eq!(
         proxy["readinessProbe"]["httpGet"]["path"], "/ready",
         "{case}"
