@@ -1,0 +1,653 @@
+//! A stand-in for the kubelet (and for the parts of the API server that
+//! fill a pod in), enough to start a pod exactly as its spec says: each
+//! container's `command`/`args`/`env` as written, Downward API values filled
+//! in, every volume written as files in the kubelet's layout (`..data`
+//! symlink to a timestamped directory) and mounted at its `mountPath`, the
+//! user, groups, capabilities and read-only root of its `securityContext`.
+//!
+//! How a container is run: `ip netns exec POD unshare --mount` (the pod's
+//! network, a private mount namespace), then a shell script that builds the
+//! container's root — an overlay whose lower layer is the host's `/` and
+//! whose upper layer is a tmpfs, so nothing it creates touches the host —
+//! bind-mounts the volumes, the built binary at `/usr/local/bin/portcullis`
+//! (where the image has it) and the pod's `/etc/hosts`, and `exec`s
+//! `chroot` + `setpriv` + `env -i` + the command. Every mount lives in the
+//! private mount namespace and disappears with the process; the process the
+//! test holds is the container's own (each step `exec`s the next).
+//!
+//! Names: cluster DNS is played by `/etc/hosts`, where each Service's
+//! `name.namespace.svc` names the IP of the pod its selector picks (no
+//! kube-proxy: a Service port must equal its target container port).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+
+use crate::apiserver::{FakeApi, TokenInfo};
+use crate::netns::Netns;
+use crate::node::{eventually, Node, Pod};
+
+/// Where a service account's credentials are mounted in every container.
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The audience of tokens minted for the API server itself.
+const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+/// Capabilities a container runtime grants unless the spec drops them.
+const DEFAULT_CAPS: [&str; 14] = [
+    "chown",
+    "dac_override",
+    "fsetid",
+    "fowner",
+    "mknod",
+    "net_raw",
+    "setgid",
+    "setuid",
+    "setfcap",
+    "setpcap",
+    "net_bind_service",
+    "sys_chroot",
+    "kill",
+    "audit_write",
+];
+
+/// What the pods of this "cluster" can see: the objects volumes are made
+/// from, the API server stand-in (tokens, `KUBERNETES_SERVICE_*`), and
+/// where every pod is placed (for Service names).
+pub struct Cluster {
+    pub objects: Vec<Value>,
+    pub api: FakeApi,
+    /// (namespace, labels, IP, pod spec) of every placed pod.
+    placed: Vec<(String, Value, String, Value)>,
+    tokens: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(objects: Vec<Value>, api: FakeApi) -> Cluster {
+        Cluster {
+            objects,
+            api,
+            placed: Vec::new(),
+            tokens: AtomicUsize::new(0),
+        }
+    }
+
+    /// Says that `pod` will run at `ip` (before any pod starts, so that
+    /// every pod's hosts file names every Service).
+    pub fn place(&mut self, pod: &Value, ip: &str) {
+        let labels = pod["metadata"]["labels"].clone();
+        let ns = str_at(pod, "/metadata/namespace").to_string();
+        self.placed
+            .push((ns, labels, ip.to_string(), pod["spec"].clone()));
+    }
+
+    fn find(&self, kind: &str, ns: &str, name: &str) -> Option<&Value> {
+        self.objects.iter().find(|o| {
+            o["kind"] == kind && o["metadata"]["name"] == name && o["metadata"]["namespace"] == ns
+        })
+    }
+
+    /// A token for `pod`'s service account, known to the API stand-in.
+    pub fn mint(&self, pod: &PodMeta, audience: Option<&str>, seconds: u64) -> String {
+        let n = self.tokens.fetch_add(1, Ordering::SeqCst);
+        let token = format!("podstart-token-{}-{}-{n}", pod.namespace, pod.name);
+        let audience = audience.unwrap_or(API_AUDIENCE).to_string();
+        let info = TokenInfo {
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            audiences: vec![audience],
+            expires: SystemTime::now() + Duration::from_secs(seconds),
+            pod: Some(pod.name.clone()),
+        };
+        self.api.add_token(&token, info);
+        token
+    }
+
+    /// The hosts file of a pod: localhost, the pod itself, and every
+    /// Service whose selector picks a placed pod.
+    fn hosts(&self, pod: &PodMeta) -> String {
+        let mut out = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n{}\t{}\n",
+            pod.ip, pod.name
+        );
+        for svc in self.objects.iter().filter(|o| o["kind"] == "Service") {
+            let ns = str_at(svc, "/metadata/namespace");
+            let name = str_at(svc, "/metadata/name");
+            let Some(selector) = svc["spec"]["selector"].as_object() else {
+                continue;
+            };
+            let picked = self.placed.iter().find(|(pns, labels, ..)| {
+                pns == ns && selector.iter().all(|(k, v)| &labels[k] == v)
+            });
+            let Some((_, _, ip, spec)) = picked else {
+                continue;
+            };
+            for port in svc["spec"]["ports"].as_array().into_iter().flatten() {
+                let target = port.get("targetPort").unwrap_or(&port["port"]);
+                let resolved = spec["containers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|c| container_port(c, target));
+                assert_eq!(
+                    resolved,
+                    port["port"].as_u64(),
+                    "Service {ns}/{name}: port {port} (no kube-proxy here: it must equal the target container port)"
+                );
+            }
+            out.push_str(&format!("{ip}\t{name}.{ns}.svc {name}.{ns}.svc.cluster.local\n"));
+        }
+        out
+    }
+}
+
+/// What the Downward API can tell about a pod.
+#[derive(Debug, Clone)]
+pub struct PodMeta {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub ip: String,
+    pub labels: Value,
+    pub annotations: Value,
+}
+
+impl PodMeta {
+    /// The value of a `fieldRef.fieldPath`.
+    fn field(&self, path: &str) -> String {
+        let keyed = |prefix: &str, map: &Value| {
+            let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
+            Some(map[key].as_str().unwrap_or("").to_string())
+        };
+        if let Some(v) = keyed("metadata.annotations['", &self.annotations) {
+            return v;
+        }
+        if let Some(v) = keyed("metadata.labels['", &self.labels) {
+            return v;
+        }
+        match path {
+            "metadata.name" => self.name.clone(),
+            "metadata.namespace" => self.namespace.clone(),
+            "metadata.uid" => format!("00000000-0000-4000-8000-{:012}", self.ip.len()),
+            "spec.serviceAccountName" => self.service_account.clone(),
+            "status.podIP" | "status.podIPs" => self.ip.clone(),
+            "spec.nodeName" => "podstart-node".into(),
+            "status.hostIP" => crate::node::NODE_V4.into(),
+            other => panic!("the kubelet stand-in does not know the field {other:?}"),
+        }
+    }
+}
+
+/// A running pod: its namespace, processes (in [`Pod`]) and full object.
+pub struct RunningPod {
+    pub pod: Pod,
+    pub object: Value,
+    pub meta: PodMeta,
+    dir: PathBuf,
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+/// A container port named or numbered `target`, if the container has it.
+fn container_port(c: &Value, target: &Value) -> Option<u64> {
+    c["ports"].as_array()?.iter().find_map(|p| {
+        let hit = match target {
+            Value::String(name) => p["name"] == name.as_str(),
+            other => &p["containerPort"] == other,
+        };
+        hit.then(|| p["containerPort"].as_u64()).flatten()
+    })
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// `path` as the container will see it: the host's symlinks resolved in
+/// its existing part (the container's root is the host's, overlaid).
+fn in_root(path: &str) -> String {
+    let mut existing = PathBuf::from(path);
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        rest.push(existing.file_name().expect("a mountPath").to_owned());
+        existing.pop();
+    }
+    let mut real = existing.canonicalize().expect("canonical path");
+    real.extend(rest.iter().rev());
+    real.display().to_string()
+}
+
+/// Writes `files` into `dir` the way the kubelet's atomic writer does: in
+/// a timestamped directory that `..data` points to, with a symlink per
+/// top-level name.
+fn write_volume(dir: &Path, files: &[(String, Vec<u8>)], mode: u32, gid: Option<u32>) {
+    let data = dir.join("..2025_01_01_00_00_00.000000001");
+    std::fs::create_dir_all(&data).expect("volume dir");
+    let mut tops = std::collections::BTreeSet::new();
+    for (path, content) in files {
+        let file = data.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).expect("volume subdir");
+        std::fs::write(&file, content).expect("volume file");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::os::unix::fs::chown(&file, Some(0), gid).expect("chown");
+        tops.insert(path.split('/').next().unwrap().to_string());
+    }
+    symlink(data.file_name().unwrap(), dir.join("..data")).expect("..data");
+    for top in tops {
+        symlink(format!("..data/{top}"), dir.join(&top)).expect("volume symlink");
+    }
+}
+
+/// The files of a ConfigMap or Secret `source` (`name`, `items`, `optional`).
+fn object_files(cluster: &Cluster, kind: &str, ns: &str, source: &Value) -> Vec<(String, Vec<u8>)> {
+    let name = source["name"]
+        .as_str()
+        .or_else(|| source["secretName"].as_str())
+        .expect("a name");
+    let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    if kind == "ConfigMap" && name == "kube-root-ca.crt" {
+        data.insert("ca.crt".into(), cluster.api.ca_pem.clone().into_bytes());
+    } else if let Some(obj) = cluster.find(kind, ns, name) {
+        for (k, v) in obj["data"].as_object().into_iter().flatten() {
+            let v = v.as_str().unwrap_or("");
+            let bytes = if kind == "Secret" {
+                crate::support::b64(v).into_bytes()
+            } else {
+                v.as_bytes().to_vec()
+            };
+            data.insert(k.clone(), bytes);
+        }
+        for (k, v) in obj["stringData"].as_object().into_iter().flatten() {
+            data.insert(k.clone(), v.as_str().unwrap_or("").as_bytes().to_vec());
+        }
+    } else {
+        assert!(
+            source["optional"] == true,
+            "{kind} {ns}/{name} does not exist and is not optional: the pod would not start"
+        );
+    }
+    match source["items"].as_array() {
+        None => data.into_iter().collect(),
+        Some(items) => items
+            .iter()
+            .filter_map(|i| {
+                let v = data.get(str_at(i, "/key"))?;
+                Some((str_at(i, "/path").to_string(), v.clone()))
+            })
+            .collect(),
+    }
+}
+
+fn downward_files(meta: &PodMeta, items: &Value) -> Vec<(String, Vec<u8>)> {
+    items
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let path = str_at(i, "/fieldRef/fieldPath");
+            assert!(!path.is_empty(), "only fieldRef items: {i}");
+            (str_at(i, "/path").to_string(), meta.field(path).into_bytes())
+        })
+        .collect()
+}
+
+/// Writes every volume of `spec` under `dir`; returns name → directory.
+fn volumes(
+    cluster: &Cluster,
+    meta: &PodMeta,
+    spec: &Value,
+    dir: &Path,
+) -> HashMap<String, PathBuf> {
+    let fs_group = spec["securityContext"]["fsGroup"].as_u64().map(|g| g as u32);
+    let mut out = HashMap::new();
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        let name = str_at(v, "/name");
+        let vdir = dir.join(name);
+        std::fs::create_dir_all(&vdir).expect("volume dir");
+        std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let ns = meta.namespace.as_str();
+        let (files, mode) = if let Some(src) = v.get("configMap") {
+            (object_files(cluster, "ConfigMap", ns, src), &src["defaultMode"])
+        } else if let Some(src) = v.get("secret") {
+            (object_files(cluster, "Secret", ns, src), &src["defaultMode"])
+        } else if let Some(src) = v.get("downwardAPI") {
+            (downward_files(meta, &src["items"]), &src["defaultMode"])
+        } else if let Some(src) = v.get("projected") {
+            let mut files = Vec::new();
+            for s in src["sources"].as_array().into_iter().flatten() {
+                if let Some(t) = s.get("serviceAccountToken") {
+                    let seconds = t["expirationSeconds"].as_u64().unwrap_or(3600);
+                    let token = cluster.mint(meta, t["audience"].as_str(), seconds);
+                    files.push((str_at(t, "/path").to_string(), token.into_bytes()));
+                } else if let Some(c) = s.get("configMap") {
+                    files.extend(object_files(cluster, "ConfigMap", ns, c));
+                } else if let Some(d) = s.get("downwardAPI") {
+                    files.extend(downward_files(meta, &d["items"]));
+                } else {
+                    panic!("projected source not supported here: {s}");
+                }
+            }
+            (files, &src["defaultMode"])
+        } else if v.get("emptyDir").is_some() {
+            std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o777))
+                .expect("chmod");
+            out.insert(name.to_string(), vdir);
+            continue;
+        } else {
+            panic!("volume type not supported here: {v}");
+        };
+        let mode = mode.as_u64().unwrap_or(0o644) as u32;
+        write_volume(&vdir, &files, mode, fs_group);
+        out.insert(name.to_string(), vdir);
+    }
+    out
+}
+
+/// What the ServiceAccount admission plugin adds: the API credentials
+/// volume, mounted in every container, unless the pod opts out.
+fn automount(spec: &mut Value) {
+    if spec["automountServiceAccountToken"] == false {
+        return;
+    }
+    let volume = json!({"name": "kube-api-access", "projected": {"defaultMode": 420, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}});
+    let spec = spec.as_object_mut().expect("a pod spec");
+    let volumes = spec.entry("volumes").or_insert_with(|| json!([]));
+    volumes.as_array_mut().unwrap().push(volume);
+    for list in ["initContainers", "containers"] {
+        for c in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
+            let mounts = c.as_object_mut().unwrap().entry("volumeMounts");
+            let mounts = mounts.or_insert_with(|| json!([])).as_array_mut().unwrap();
+            if !mounts.iter().any(|m| m["mountPath"] == SA_DIR) {
+                mounts.push(json!({"name": "kube-api-access", "mountPath": SA_DIR, "readOnly": true}));
+            }
+        }
+    }
+}
+
+/// Replaces `$(NAME)` with the value of the variable, as the kubelet does
+/// in env values, `command` and `args`.
+fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = s.to_string();
+    for (k, v) in env {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    out
+}
+
+/// The container's environment, in order.
+fn environment(cluster: &Cluster, meta: &PodMeta, c: &Value) -> Vec<(String, String)> {
+    let api = cluster.api.addr;
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOSTNAME".into(), meta.name.clone()),
+        ("KUBERNETES_SERVICE_HOST".into(), api.ip().to_string()),
+        ("KUBERNETES_SERVICE_PORT".into(), api.port().to_string()),
+    ];
+    for e in c["env"].as_array().into_iter().flatten() {
+        let value = if let Some(v) = e["value"].as_str() {
+            expand(v, &env)
+        } else if let Some(path) = e.pointer("/valueFrom/fieldRef/fieldPath") {
+            meta.field(path.as_str().unwrap())
+        } else if e.get("valueFrom").is_some() {
+            panic!("env source not supported here: {e}");
+        } else {
+            String::new()
+        };
+        env.push((str_at(e, "/name").to_string(), value));
+    }
+    env
+}
+
+/// The shell script that becomes container `c` (see the module doc).
+fn script(
+    node: &Node,
+    cluster: &Cluster,
+    meta: &PodMeta,
+    spec: &Value,
+    c: &Value,
+    vols: &HashMap<String, PathBuf>,
+    dir: &Path,
+) -> String {
+    let name = str_at(c, "/name");
+    let scratch = dir.join(format!("root-{name}"));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let (s, r) = (quote(&scratch.display().to_string()), "\"$S/root\"");
+    let mut lines = vec![
+        "set -e".to_string(),
+        format!("S={s}"),
+        "mount -t tmpfs podstart \"$S\"".into(),
+        "mkdir \"$S/upper\" \"$S/work\" \"$S/root\"".into(),
+        format!("mount -t overlay overlay -o lowerdir=/,upperdir=\"$S/upper\",workdir=\"$S/work\" {r}"),
+    ];
+    for m in ["proc", "dev", "sys"] {
+        lines.push(format!("mount --rbind /{m} {r}/{m}"));
+    }
+    let bind = |src: &Path, dst: &str, ro: bool, lines: &mut Vec<String>| {
+        let dst = format!("{r}{}", quote(&in_root(dst)));
+        if src.is_dir() {
+            lines.push(format!("mkdir -p {dst}"));
+        } else {
+            lines.push(format!("mkdir -p \"$(dirname {dst})\" && touch {dst}"));
+        }
+        lines.push(format!("mount --bind {} {dst}", quote(&src.display().to_string())));
+        if ro {
+            lines.push(format!("mount -o remount,bind,ro {dst}"));
+        }
+    };
+    let hosts = dir.join(format!("hosts-{name}"));
+    std::fs::write(&hosts, cluster.hosts(meta)).expect("hosts file");
+    bind(&hosts, "/etc/hosts", false, &mut lines);
+    bind(node.bin(), "/usr/local/bin/portcullis", true, &mut lines);
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let vol = &vols[str_at(m, "/name")];
+        let src = vol.join(str_at(m, "/subPath"));
+        bind(&src, str_at(m, "/mountPath"), m["readOnly"] == true, &mut lines);
+    }
+    let (psc, csc) = (&spec["securityContext"], &c["securityContext"]);
+    let pick = |k: &str| csc[k].as_u64().or_else(|| psc[k].as_u64());
+    if csc["readOnlyRootFilesystem"] == true {
+        lines.push(format!("mount -o remount,bind,ro {r}"));
+    }
+
+    let uid = pick("runAsUser").unwrap_or(0);
+    let gid = pick("runAsGroup").unwrap_or(0);
+    if csc["runAsNonRoot"] == true || (csc["runAsNonRoot"].is_null() && psc["runAsNonRoot"] == true) {
+        assert_ne!(uid, 0, "{name}: runAsNonRoot with UID 0: the kubelet refuses");
+    }
+    let mut groups: Vec<String> = psc["fsGroup"].as_u64().map(|g| g.to_string()).into_iter().collect();
+    groups.extend(psc["supplementalGroups"].as_array().into_iter().flatten().map(|g| g.to_string()));
+    let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
+    let lower = |v: &Value| v.as_str().unwrap_or("").to_lowercase();
+    for d in csc["capabilities"]["drop"].as_array().into_iter().flatten() {
+        if lower(d) == "all" {
+            caps.clear();
+        }
+        caps.retain(|c| *c != lower(d));
+    }
+    caps.extend(csc["capabilities"]["add"].as_array().into_iter().flatten().map(lower));
+    let bounding: String = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut argv = vec![
+        "chroot".to_string(),
+        "\"$S/root\"".into(),
+        "setpriv".into(),
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+    ];
+    argv.push(if groups.is_empty() {
+        "--clear-groups".into()
+    } else {
+        format!("--groups={}", groups.join(","))
+    });
+    argv.push(format!("--bounding-set={bounding}"));
+    argv.push("--inh-caps=-all".into());
+    if csc["allowPrivilegeEscalation"] == false {
+        argv.push("--no-new-privs".into());
+    }
+    argv.extend(["--".into(), "env".into(), "-i".into()]);
+    let env = environment(cluster, meta, c);
+    argv.extend(env.iter().map(|(k, v)| quote(&format!("{k}={v}"))));
+    let command = c["command"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{name}: no command (the image's entrypoint is unknown here)"));
+    for a in command.iter().chain(c["args"].as_array().into_iter().flatten()) {
+        argv.push(quote(&expand(a.as_str().expect("a string"), &env)));
+    }
+    lines.push(format!("exec {}", argv.join(" ")));
+    lines.join("\n")
+}
+
+/// Starts the pod `name` (numbered `n` on the node) from the Pod object
+/// `object`: init containers in order (each to completion, a native sidecar
+/// until its startup probe passes), then the containers. The native
+/// sidecar's output goes to the pod's sidecar log, the others' to its app log.
+pub fn start(node: &Node, cluster: &Cluster, name: &'static str, n: u16, object: &Value) -> RunningPod {
+    let mut pod = node.bare_pod(name, n);
+    let meta = PodMeta {
+        name: str_at(object, "/metadata/name").to_string(),
+        namespace: str_at(object, "/metadata/namespace").to_string(),
+        service_account: object["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string(),
+        ip: pod.v4.clone(),
+        labels: object["metadata"]["labels"].clone(),
+        annotations: object["metadata"]["annotations"].clone(),
+    };
+    let mut object = object.clone();
+    automount(&mut object["spec"]);
+    let spec = &object["spec"];
+    let dir = node.dir().join(format!("pod-{name}"));
+    std::fs::create_dir_all(&dir).expect("pod dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let vols = volumes(cluster, &meta, spec, &dir.join("volumes"));
+    let (app_log, sidecar_log) = pod.log_paths();
+    let (app_log, sidecar_log) = (app_log.to_path_buf(), sidecar_log.to_path_buf());
+    let launch = |ns: &Netns, c: &Value| {
+        let mut cmd = ns.command("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"]);
+        cmd.arg(script(node, cluster, &meta, spec, c, &vols, &dir));
+        cmd
+    };
+    let log = |path: &Path| -> Stdio {
+        File::options().create(true).append(true).open(path).expect("log").into()
+    };
+    for c in spec["initContainers"].as_array().into_iter().flatten() {
+        let cname = str_at(c, "/name");
+        if c["restartPolicy"] == "Always" {
+            let child = launch(&pod.ns, c)
+                .stdin(Stdio::null())
+                .stdout(log(&sidecar_log))
+                .stderr(log(&sidecar_log))
+                .spawn()
+                .expect("starting a native sidecar");
+            pod.set_sidecar(crate::netns::Process::from_child(child));
+            let started = format!("{name}: native sidecar {cname} passes its startup probe");
+            eventually(&started, Duration::from_secs(15), || {
+                if let Some(status) = pod.sidecar_exited() {
+                    panic!("{name}: {cname} exited ({status}):\n{}", pod.sidecar_log());
+                }
+                probe(node.bridge(), &meta, c, "startupProbe") == Some(true)
+            });
+        } else {
+            let out = launch(&pod.ns, c).stdin(Stdio::null()).output().expect("running an init container");
+            assert!(
+                out.status.success(),
+                "{name}: init container {cname} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    for (i, c) in spec["containers"].as_array().expect("containers").iter().enumerate() {
+        let child = launch(&pod.ns, c)
+            .stdin(Stdio::null())
+            .stdout(log(&app_log))
+            .stderr(log(&app_log))
+            .spawn()
+            .expect("starting a container");
+        let process = crate::netns::Process::from_child(child);
+        if i == 0 {
+            pod.set_app(process);
+        } else {
+            pod.adopt(process);
+        }
+    }
+    RunningPod {
+        pod,
+        object,
+        meta,
+        dir,
+    }
+}
+
+/// Runs `kind` (`readinessProbe`…) of container `c` from `from` as the
+/// kubelet would: `None` without such a probe, else whether it passed.
+/// Only HTTP GET probes are run (the rewritten ones all are).
+pub fn probe(from: &Netns, meta: &PodMeta, c: &Value, kind: &str) -> Option<bool> {
+    let p = c.get(kind)?;
+    let status = probe_status(from, meta, c, p);
+    Some((200..400).contains(&status))
+}
+
+/// The HTTP status an HTTP GET probe gets (0 when no answer).
+pub fn probe_status(from: &Netns, meta: &PodMeta, c: &Value, p: &Value) -> u16 {
+    let get = p.get("httpGet").unwrap_or_else(|| {
+        panic!("the kubelet stand-in runs only httpGet probes, not {p} (was it rewritten?)")
+    });
+    let port = container_port(c, &get["port"])
+        .or_else(|| get["port"].as_u64())
+        .unwrap_or_else(|| panic!("probe port {} not found", get["port"]));
+    let host = get["host"].as_str().unwrap_or(&meta.ip);
+    let scheme = get["scheme"].as_str().unwrap_or("HTTP").to_lowercase();
+    let url = format!("{scheme}://{host}:{port}{}", str_at(get, "/path"));
+    let timeout = p["timeoutSeconds"].as_u64().unwrap_or(1).to_string();
+    let out = from.run(&["curl", "-sk", "--noproxy", "*", "-m", &timeout, "-o", "/dev/null", "-w", "%{http_code}", &url]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+impl RunningPod {
+    /// The host directory holding volume `name`'s files.
+    pub fn volume(&self, name: &str) -> PathBuf {
+        self.dir.join("volumes").join(name)
+    }
+
+    pub fn container(&self, name: &str) -> &Value {
+        let spec = &self.object["spec"];
+        ["initContainers", "containers"]
+            .iter()
+            .flat_map(|l| spec[*l].as_array().into_iter().flatten())
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
+    }
+
+    /// Waits until every container's readiness probe passes.
+    pub fn wait_ready(&mut self, from: &Netns, limit: Duration) {
+        let spec = self.object["spec"].clone();
+        let all: Vec<&Value> = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|l| spec[*l].as_array().into_iter().flatten())
+            .collect();
+        let what = format!("pod {} ready", self.meta.name);
+        eventually(&what, limit, || {
+            if let Some(status) = self.pod.sidecar_exited() {
+                panic!("{what}: the sidecar exited ({status}):\n{}", self.pod.sidecar_log());
+            }
+            all.iter()
+                .all(|c| probe(from, &self.meta, c, "readinessProbe") != Some(false))
+        });
+    }
+}
