@@ -40,12 +40,13 @@ mod apiserver;
 mod apps;
 #[path = "podstart/kubelet.rs"]
 mod kubelet;
-#[allow(dead_code)]
 #[path = "pods/node.rs"]
 mod node;
 #[allow(dead_code)]
 #[path = "helm/support.rs"]
 mod support;
+#[path = "podstart/volumes.rs"]
+mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -95,15 +96,30 @@ fn ok(cmd: &mut Command) -> String {
 fn make_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (root, issuer) = (dir.join("root"), dir.join("issuer"));
     ok(Command::new(BIN)
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--ttl", "48h", "--out"])
+        .args([
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--ttl",
+            "48h",
+            "--out",
+        ])
         .arg(&root));
     ok(Command::new(BIN)
         .args(["ca", "issue", "--ca"])
         .arg(&root)
         .args(["--intermediate", "--ttl", "24h", "--out"])
         .arg(&issuer)
-        .args(["--id", "spiffe://cluster.local/ns/portcullis/sa/portcullis-ca"]));
-    (root.join("ca.crt"), issuer.join("ca.crt"), issuer.join("ca.key"))
+        .args([
+            "--id",
+            "spiffe://cluster.local/ns/portcullis/sa/portcullis-ca",
+        ]));
+    (
+        root.join("ca.crt"),
+        issuer.join("ca.crt"),
+        issuer.join("ca.key"),
+    )
 }
 
 fn find_doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -164,18 +180,24 @@ fn listen_in(ns: &Netns, addr: &str) -> std::net::TcpListener {
 
 /// GET `url` with curl from `ns`: (status, body); status 0 without an answer.
 fn get(ns: &Netns, url: &str) -> (u16, String) {
-    let out = ns.run(&["curl", "-s", "--noproxy", "*", "-m", "5", "-w", "\n%{http_code}", url]);
+    let out = ns.run(&[
+        "curl",
+        "-s",
+        "--noproxy",
+        "*",
+        "-m",
+        "5",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 fn env_of<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
-    c["env"]
-        .as_array()?
-        .iter()
-        .find(|e| e["name"] == name)?["value"]
-        .as_str()
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
 }
 
 /// The counters the assertions follow, read from one pod's sidecar:
@@ -207,7 +229,10 @@ fn injected_example_pods_really_work() {
         return;
     }
     for tool in ["ip", "setpriv", "curl", "python3", "unshare", "chroot"] {
-        assert!(find(tool).is_some(), "{tool} is missing: run `bash .ci/deps.sh`");
+        assert!(
+            find(tool).is_some(),
+            "{tool} is missing: run `bash .ci/deps.sh`"
+        );
     }
     let started = Instant::now();
     let node = Node::new();
@@ -225,7 +250,9 @@ fn injected_example_pods_really_work() {
         .docs();
     let config = dir.join("injector-config.yaml");
     let config_map = find_doc(&chart, "ConfigMap", "portcullis-injector-config");
-    let config_yaml = config_map["data"]["config.yaml"].as_str().expect("config.yaml");
+    let config_yaml = config_map["data"]["config.yaml"]
+        .as_str()
+        .expect("config.yaml");
     std::fs::write(&config, config_yaml).expect("injector config");
 
     // The example, injected; the api opts into default-deny.
@@ -248,12 +275,22 @@ fn injected_example_pods_really_work() {
     let listener = listen_in(node.bridge(), &format!("{node_ip}:{API_PORT}"));
     let api = rt.block_on(FakeApi::start_on(listener, "not yet"));
 
-    let ca_pod = pod_of(find_doc(&chart, "Deployment", "portcullis-ca"), "portcullis-ca-0");
+    let ca_pod = pod_of(
+        find_doc(&chart, "Deployment", "portcullis-ca"),
+        "portcullis-ca-0",
+    );
     let api_pod = pod_of(find_doc(&api_docs, "Deployment", "api"), "api-0");
-    let frontend_pod = pod_of(find_doc(&frontend_docs, "Deployment", "frontend"), "frontend-0");
+    let frontend_pod = pod_of(
+        find_doc(&frontend_docs, "Deployment", "frontend"),
+        "frontend-0",
+    );
     let objects = [chart.clone(), api_docs, frontend_docs, rules].concat();
     let mut cluster = Cluster::new(objects, api);
-    for (pod, n) in [(&ca_pod, CA_N), (&api_pod, API_N), (&frontend_pod, FRONTEND_N)] {
+    for (pod, n) in [
+        (&ca_pod, CA_N),
+        (&api_pod, API_N),
+        (&frontend_pod, FRONTEND_N),
+    ] {
         cluster.place(pod, &format!("10.89.0.{n}"));
     }
     let prepared = started.elapsed();
@@ -270,15 +307,51 @@ fn injected_example_pods_really_work() {
     frontend.wait_ready(node.bridge(), Duration::from_secs(15));
     let running = started.elapsed();
 
+    // The containers run as their securityContext says: the sidecar as
+    // 1500 with no capabilities and no privilege escalation, the identity
+    // service as 1500 with the fsGroup that can read the issuer key.
+    let status = |pid: Option<u32>| {
+        let pid = pid.expect("a running process");
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status")
+    };
+    let sidecar = status(api.pod.pids().0);
+    for line in [
+        "Uid:\t1500\t1500\t1500\t1500",
+        "Gid:\t1500\t1500\t1500\t1500",
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+        "NoNewPrivs:\t1",
+    ] {
+        assert!(
+            sidecar.contains(line),
+            "the api's sidecar lacks {line:?}:\n{sidecar}"
+        );
+    }
+    let identity = status(ca.pod.pids().1);
+    for line in ["Uid:\t1500\t1500\t1500\t1500", "Groups:\t1500"] {
+        assert!(
+            identity.contains(line),
+            "the identity service lacks {line:?}:\n{identity}"
+        );
+    }
+
     // Both sidecars hold leaves from the chart's identity service, for
     // their pods' service accounts, and it checked their tokens' audience.
     for (pod, id) in [(&api, API_ID), (&frontend, FRONTEND_ID)] {
         let (status, certs) = pod.pod.admin("/certs");
         assert_eq!(status, 200, "{}: /certs", pod.meta.name);
-        assert!(certs.contains(id), "{}: /certs lacks {id}: {certs}", pod.meta.name);
+        assert!(
+            certs.contains(id),
+            "{}: /certs lacks {id}: {certs}",
+            pod.meta.name
+        );
     }
     let ca_metrics = get(node.bridge(), "http://10.89.0.10:15020/metrics").1;
-    let issued = metric_value(&ca_metrics, "portcullis_ca_requests_total", &[("result", "ok")]);
+    let issued = metric_value(
+        &ca_metrics,
+        "portcullis_ca_requests_total",
+        &[("result", "ok")],
+    );
     assert!(issued >= 2.0, "the CA issued {issued}:\n{ca_metrics}");
     let audiences = cluster.api.reviews();
     assert!(
@@ -291,18 +364,34 @@ fn injected_example_pods_really_work() {
     let [a_in, _, a_allow, a_deny] = counters(&api);
     let [_, f_out, _, _] = counters(&frontend);
     let (status, body) = get(&frontend.pod.ns, &api_url("/api/hello"));
-    assert_eq!((status, body.as_str()), (200, "hello from the api\n"), "allowed route");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from the api\n"),
+        "allowed route"
+    );
     let [a_in2, _, a_allow2, _] = counters(&api);
     let [_, f_out2, _, _] = counters(&frontend);
-    assert_eq!(a_in2, a_in + 1.0, "the api's sidecar counts one inbound mTLS handshake");
-    assert_eq!(f_out2, f_out + 1.0, "the frontend's sidecar counts one outbound handshake");
+    assert_eq!(
+        a_in2,
+        a_in + 1.0,
+        "the api's sidecar counts one inbound mTLS handshake"
+    );
+    assert_eq!(
+        f_out2,
+        f_out + 1.0,
+        "the frontend's sidecar counts one outbound handshake"
+    );
     assert_eq!(a_allow2, a_allow + 1.0, "{RULE} allowed it");
 
     // Everything else on the port is denied by the sidecar, not the app.
     let (status, _) = get(&frontend.pod.ns, &api_url("/admin/"));
     assert_eq!(status, 403, "GET /admin/");
     let denied = counters(&api)[3];
-    assert_eq!(denied, a_deny + 1.0, "{RULE} covers port 8080: implicitly denied");
+    assert_eq!(
+        denied,
+        a_deny + 1.0,
+        "{RULE} covers port 8080: implicitly denied"
+    );
 
     // The frontend's own page (what `kubectl port-forward` would show),
     // calling the api by its Service name.
@@ -315,7 +404,10 @@ fn injected_example_pods_really_work() {
     assert_eq!(env_of(&proxy, "PORTCULLIS_DEFAULT_POLICY"), Some("deny"));
     let explain = format!("/authz/explain?from={API_ID}&port=9090&method=GET&path=/");
     let (status, why) = api.pod.admin(&explain);
-    assert!(status == 200 && why.contains("default_deny"), "explain: {status} {why}");
+    assert!(
+        status == 200 && why.contains("default_deny"),
+        "explain: {status} {why}"
+    );
 
     // The kubelet's probe: rewritten, it passes through the admin port;
     // the original, sent straight to the app from the node, is refused.

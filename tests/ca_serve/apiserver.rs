@@ -103,8 +103,7 @@ impl FakeApi {
         let root = root.self_signed(&root_key).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut leaf = CertificateParams::new(vec!["kubernetes.default.svc".into()]).unwrap();
-        leaf.subject_alt_names
-            .push(SanType::IpAddress(ip));
+        leaf.subject_alt_names.push(SanType::IpAddress(ip));
         let leaf = leaf.signed_by(&key, &root, &root_key).unwrap();
         let chain: Vec<CertificateDer<'static>> = vec![leaf.der().clone(), root.der().clone()];
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(

@@ -6,6 +6,9 @@
 //!
 //! Everything lives in namespaces the test creates and is torn down on drop
 //! (also when the test fails), and the sidecar's logs are printed then.
+//!
+//! Shared by tests/pods.rs and tests/podstart.rs, which use different parts.
+#![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -353,6 +356,14 @@ impl Pod {
     /// Whether the sidecar has exited (with its status).
     pub fn sidecar_exited(&mut self) -> Option<std::process::ExitStatus> {
         self.sidecar.as_mut().and_then(|p| p.exited())
+    }
+
+    /// The process ids of the sidecar and of the app, when running.
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.sidecar.as_ref().map(Process::id),
+            self.app.as_ref().map(Process::id),
+        )
     }
 
     /// Kills the app (SIGKILL).

@@ -19,22 +19,20 @@
 //! `name.namespace.svc` names the IP of the pod its selector picks (no
 //! kube-proxy: a Service port must equal its target container port).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::apiserver::{FakeApi, TokenInfo};
 use crate::netns::Netns;
 use crate::node::{eventually, Node, Pod};
 
-/// Where a service account's credentials are mounted in every container.
-const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// The audience of tokens minted for the API server itself.
 const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 /// Capabilities a container runtime grants unless the spec drops them.
@@ -85,7 +83,7 @@ impl Cluster {
             .push((ns, labels, ip.to_string(), pod["spec"].clone()));
     }
 
-    fn find(&self, kind: &str, ns: &str, name: &str) -> Option<&Value> {
+    pub fn find(&self, kind: &str, ns: &str, name: &str) -> Option<&Value> {
         self.objects.iter().find(|o| {
             o["kind"] == kind && o["metadata"]["name"] == name && o["metadata"]["namespace"] == ns
         })
@@ -139,7 +137,9 @@ impl Cluster {
                     "Service {ns}/{name}: port {port} (no kube-proxy here: it must equal the target container port)"
                 );
             }
-            out.push_str(&format!("{ip}\t{name}.{ns}.svc {name}.{ns}.svc.cluster.local\n"));
+            out.push_str(&format!(
+                "{ip}\t{name}.{ns}.svc {name}.{ns}.svc.cluster.local\n"
+            ));
         }
         out
     }
@@ -158,7 +158,7 @@ pub struct PodMeta {
 
 impl PodMeta {
     /// The value of a `fieldRef.fieldPath`.
-    fn field(&self, path: &str) -> String {
+    pub fn field(&self, path: &str) -> String {
         let keyed = |prefix: &str, map: &Value| {
             let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
             Some(map[key].as_str().unwrap_or("").to_string())
@@ -190,7 +190,7 @@ pub struct RunningPod {
     dir: PathBuf,
 }
 
-fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+pub fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
@@ -223,157 +223,6 @@ fn in_root(path: &str) -> String {
     real.display().to_string()
 }
 
-/// Writes `files` into `dir` the way the kubelet's atomic writer does: in
-/// a timestamped directory that `..data` points to, with a symlink per
-/// top-level name.
-fn write_volume(dir: &Path, files: &[(String, Vec<u8>)], mode: u32, gid: Option<u32>) {
-    let data = dir.join("..2025_01_01_00_00_00.000000001");
-    std::fs::create_dir_all(&data).expect("volume dir");
-    let mut tops = std::collections::BTreeSet::new();
-    for (path, content) in files {
-        let file = data.join(path);
-        std::fs::create_dir_all(file.parent().unwrap()).expect("volume subdir");
-        std::fs::write(&file, content).expect("volume file");
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        std::os::unix::fs::chown(&file, Some(0), gid).expect("chown");
-        tops.insert(path.split('/').next().unwrap().to_string());
-    }
-    symlink(data.file_name().unwrap(), dir.join("..data")).expect("..data");
-    for top in tops {
-        symlink(format!("..data/{top}"), dir.join(&top)).expect("volume symlink");
-    }
-}
-
-/// The files of a ConfigMap or Secret `source` (`name`, `items`, `optional`).
-fn object_files(cluster: &Cluster, kind: &str, ns: &str, source: &Value) -> Vec<(String, Vec<u8>)> {
-    let name = source["name"]
-        .as_str()
-        .or_else(|| source["secretName"].as_str())
-        .expect("a name");
-    let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    if kind == "ConfigMap" && name == "kube-root-ca.crt" {
-        data.insert("ca.crt".into(), cluster.api.ca_pem.clone().into_bytes());
-    } else if let Some(obj) = cluster.find(kind, ns, name) {
-        for (k, v) in obj["data"].as_object().into_iter().flatten() {
-            let v = v.as_str().unwrap_or("");
-            let bytes = if kind == "Secret" {
-                crate::support::b64(v).into_bytes()
-            } else {
-                v.as_bytes().to_vec()
-            };
-            data.insert(k.clone(), bytes);
-        }
-        for (k, v) in obj["stringData"].as_object().into_iter().flatten() {
-            data.insert(k.clone(), v.as_str().unwrap_or("").as_bytes().to_vec());
-        }
-    } else {
-        assert!(
-            source["optional"] == true,
-            "{kind} {ns}/{name} does not exist and is not optional: the pod would not start"
-        );
-    }
-    match source["items"].as_array() {
-        None => data.into_iter().collect(),
-        Some(items) => items
-            .iter()
-            .filter_map(|i| {
-                let v = data.get(str_at(i, "/key"))?;
-                Some((str_at(i, "/path").to_string(), v.clone()))
-            })
-            .collect(),
-    }
-}
-
-fn downward_files(meta: &PodMeta, items: &Value) -> Vec<(String, Vec<u8>)> {
-    items
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|i| {
-            let path = str_at(i, "/fieldRef/fieldPath");
-            assert!(!path.is_empty(), "only fieldRef items: {i}");
-            (str_at(i, "/path").to_string(), meta.field(path).into_bytes())
-        })
-        .collect()
-}
-
-/// Writes every volume of `spec` under `dir`; returns name → directory.
-fn volumes(
-    cluster: &Cluster,
-    meta: &PodMeta,
-    spec: &Value,
-    dir: &Path,
-) -> HashMap<String, PathBuf> {
-    let fs_group = spec["securityContext"]["fsGroup"].as_u64().map(|g| g as u32);
-    let mut out = HashMap::new();
-    for v in spec["volumes"].as_array().into_iter().flatten() {
-        let name = str_at(v, "/name");
-        let vdir = dir.join(name);
-        std::fs::create_dir_all(&vdir).expect("volume dir");
-        std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let ns = meta.namespace.as_str();
-        let (files, mode) = if let Some(src) = v.get("configMap") {
-            (object_files(cluster, "ConfigMap", ns, src), &src["defaultMode"])
-        } else if let Some(src) = v.get("secret") {
-            (object_files(cluster, "Secret", ns, src), &src["defaultMode"])
-        } else if let Some(src) = v.get("downwardAPI") {
-            (downward_files(meta, &src["items"]), &src["defaultMode"])
-        } else if let Some(src) = v.get("projected") {
-            let mut files = Vec::new();
-            for s in src["sources"].as_array().into_iter().flatten() {
-                if let Some(t) = s.get("serviceAccountToken") {
-                    let seconds = t["expirationSeconds"].as_u64().unwrap_or(3600);
-                    let token = cluster.mint(meta, t["audience"].as_str(), seconds);
-                    files.push((str_at(t, "/path").to_string(), token.into_bytes()));
-                } else if let Some(c) = s.get("configMap") {
-                    files.extend(object_files(cluster, "ConfigMap", ns, c));
-                } else if let Some(d) = s.get("downwardAPI") {
-                    files.extend(downward_files(meta, &d["items"]));
-                } else {
-                    panic!("projected source not supported here: {s}");
-                }
-            }
-            (files, &src["defaultMode"])
-        } else if v.get("emptyDir").is_some() {
-            std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o777))
-                .expect("chmod");
-            out.insert(name.to_string(), vdir);
-            continue;
-        } else {
-            panic!("volume type not supported here: {v}");
-        };
-        let mode = mode.as_u64().unwrap_or(0o644) as u32;
-        write_volume(&vdir, &files, mode, fs_group);
-        out.insert(name.to_string(), vdir);
-    }
-    out
-}
-
-/// What the ServiceAccount admission plugin adds: the API credentials
-/// volume, mounted in every container, unless the pod opts out.
-fn automount(spec: &mut Value) {
-    if spec["automountServiceAccountToken"] == false {
-        return;
-    }
-    let volume = json!({"name": "kube-api-access", "projected": {"defaultMode": 420, "sources": [
-        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
-    ]}});
-    let spec = spec.as_object_mut().expect("a pod spec");
-    let volumes = spec.entry("volumes").or_insert_with(|| json!([]));
-    volumes.as_array_mut().unwrap().push(volume);
-    for list in ["initContainers", "containers"] {
-        for c in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
-            let mounts = c.as_object_mut().unwrap().entry("volumeMounts");
-            let mounts = mounts.or_insert_with(|| json!([])).as_array_mut().unwrap();
-            if !mounts.iter().any(|m| m["mountPath"] == SA_DIR) {
-                mounts.push(json!({"name": "kube-api-access", "mountPath": SA_DIR, "readOnly": true}));
-            }
-        }
-    }
-}
-
 /// Replaces `$(NAME)` with the value of the variable, as the kubelet does
 /// in env values, `command` and `args`.
 fn expand(s: &str, env: &[(String, String)]) -> String {
@@ -388,7 +237,10 @@ fn expand(s: &str, env: &[(String, String)]) -> String {
 fn environment(cluster: &Cluster, meta: &PodMeta, c: &Value) -> Vec<(String, String)> {
     let api = cluster.api.addr;
     let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
         ("HOSTNAME".into(), meta.name.clone()),
         ("KUBERNETES_SERVICE_HOST".into(), api.ip().to_string()),
         ("KUBERNETES_SERVICE_PORT".into(), api.port().to_string()),
@@ -427,7 +279,9 @@ fn script(
         format!("S={s}"),
         "mount -t tmpfs podstart \"$S\"".into(),
         "mkdir \"$S/upper\" \"$S/work\" \"$S/root\"".into(),
-        format!("mount -t overlay overlay -o lowerdir=/,upperdir=\"$S/upper\",workdir=\"$S/work\" {r}"),
+        format!(
+            "mount -t overlay overlay -o lowerdir=/,upperdir=\"$S/upper\",workdir=\"$S/work\" {r}"
+        ),
     ];
     for m in ["proc", "dev", "sys"] {
         lines.push(format!("mount --rbind /{m} {r}/{m}"));
@@ -439,7 +293,10 @@ fn script(
         } else {
             lines.push(format!("mkdir -p \"$(dirname {dst})\" && touch {dst}"));
         }
-        lines.push(format!("mount --bind {} {dst}", quote(&src.display().to_string())));
+        lines.push(format!(
+            "mount --bind {} {dst}",
+            quote(&src.display().to_string())
+        ));
         if ro {
             lines.push(format!("mount -o remount,bind,ro {dst}"));
         }
@@ -451,7 +308,12 @@ fn script(
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
         let vol = &vols[str_at(m, "/name")];
         let src = vol.join(str_at(m, "/subPath"));
-        bind(&src, str_at(m, "/mountPath"), m["readOnly"] == true, &mut lines);
+        bind(
+            &src,
+            str_at(m, "/mountPath"),
+            m["readOnly"] == true,
+            &mut lines,
+        );
     }
     let (psc, csc) = (&spec["securityContext"], &c["securityContext"]);
     let pick = |k: &str| csc[k].as_u64().or_else(|| psc[k].as_u64());
@@ -461,11 +323,25 @@ fn script(
 
     let uid = pick("runAsUser").unwrap_or(0);
     let gid = pick("runAsGroup").unwrap_or(0);
-    if csc["runAsNonRoot"] == true || (csc["runAsNonRoot"].is_null() && psc["runAsNonRoot"] == true) {
-        assert_ne!(uid, 0, "{name}: runAsNonRoot with UID 0: the kubelet refuses");
+    if csc["runAsNonRoot"] == true || (csc["runAsNonRoot"].is_null() && psc["runAsNonRoot"] == true)
+    {
+        assert_ne!(
+            uid, 0,
+            "{name}: runAsNonRoot with UID 0: the kubelet refuses"
+        );
     }
-    let mut groups: Vec<String> = psc["fsGroup"].as_u64().map(|g| g.to_string()).into_iter().collect();
-    groups.extend(psc["supplementalGroups"].as_array().into_iter().flatten().map(|g| g.to_string()));
+    let mut groups: Vec<String> = psc["fsGroup"]
+        .as_u64()
+        .map(|g| g.to_string())
+        .into_iter()
+        .collect();
+    groups.extend(
+        psc["supplementalGroups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|g| g.to_string()),
+    );
     let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
     let lower = |v: &Value| v.as_str().unwrap_or("").to_lowercase();
     for d in csc["capabilities"]["drop"].as_array().into_iter().flatten() {
@@ -474,7 +350,13 @@ fn script(
         }
         caps.retain(|c| *c != lower(d));
     }
-    caps.extend(csc["capabilities"]["add"].as_array().into_iter().flatten().map(lower));
+    caps.extend(
+        csc["capabilities"]["add"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(lower),
+    );
     let bounding: String = std::iter::once("-all".to_string())
         .chain(caps.iter().map(|c| format!("+{c}")))
         .collect::<Vec<_>>()
@@ -502,7 +384,10 @@ fn script(
     let command = c["command"]
         .as_array()
         .unwrap_or_else(|| panic!("{name}: no command (the image's entrypoint is unknown here)"));
-    for a in command.iter().chain(c["args"].as_array().into_iter().flatten()) {
+    for a in command
+        .iter()
+        .chain(c["args"].as_array().into_iter().flatten())
+    {
         argv.push(quote(&expand(a.as_str().expect("a string"), &env)));
     }
     lines.push(format!("exec {}", argv.join(" ")));
@@ -513,7 +398,13 @@ fn script(
 /// `object`: init containers in order (each to completion, a native sidecar
 /// until its startup probe passes), then the containers. The native
 /// sidecar's output goes to the pod's sidecar log, the others' to its app log.
-pub fn start(node: &Node, cluster: &Cluster, name: &'static str, n: u16, object: &Value) -> RunningPod {
+pub fn start(
+    node: &Node,
+    cluster: &Cluster,
+    name: &'static str,
+    n: u16,
+    object: &Value,
+) -> RunningPod {
     let mut pod = node.bare_pod(name, n);
     let meta = PodMeta {
         name: str_at(object, "/metadata/name").to_string(),
@@ -527,12 +418,12 @@ pub fn start(node: &Node, cluster: &Cluster, name: &'static str, n: u16, object:
         annotations: object["metadata"]["annotations"].clone(),
     };
     let mut object = object.clone();
-    automount(&mut object["spec"]);
+    crate::volumes::automount(&mut object["spec"]);
     let spec = &object["spec"];
     let dir = node.dir().join(format!("pod-{name}"));
     std::fs::create_dir_all(&dir).expect("pod dir");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let vols = volumes(cluster, &meta, spec, &dir.join("volumes"));
+    let vols = crate::volumes::volumes(cluster, &meta, spec, &dir.join("volumes"));
     let (app_log, sidecar_log) = pod.log_paths();
     let (app_log, sidecar_log) = (app_log.to_path_buf(), sidecar_log.to_path_buf());
     let launch = |ns: &Netns, c: &Value| {
@@ -542,7 +433,12 @@ pub fn start(node: &Node, cluster: &Cluster, name: &'static str, n: u16, object:
         cmd
     };
     let log = |path: &Path| -> Stdio {
-        File::options().create(true).append(true).open(path).expect("log").into()
+        File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("log")
+            .into()
     };
     for c in spec["initContainers"].as_array().into_iter().flatten() {
         let cname = str_at(c, "/name");
@@ -562,7 +458,10 @@ pub fn start(node: &Node, cluster: &Cluster, name: &'static str, n: u16, object:
                 probe(node.bridge(), &meta, c, "startupProbe") == Some(true)
             });
         } else {
-            let out = launch(&pod.ns, c).stdin(Stdio::null()).output().expect("running an init container");
+            let out = launch(&pod.ns, c)
+                .stdin(Stdio::null())
+                .output()
+                .expect("running an init container");
             assert!(
                 out.status.success(),
                 "{name}: init container {cname} failed ({}):\n{}{}",
@@ -572,7 +471,12 @@ pub fn start(node: &Node, cluster: &Cluster, name: &'static str, n: u16, object:
             );
         }
     }
-    for (i, c) in spec["containers"].as_array().expect("containers").iter().enumerate() {
+    for (i, c) in spec["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .enumerate()
+    {
         let child = launch(&pod.ns, c)
             .stdin(Stdio::null())
             .stdout(log(&app_log))
@@ -615,8 +519,23 @@ pub fn probe_status(from: &Netns, meta: &PodMeta, c: &Value, p: &Value) -> u16 {
     let scheme = get["scheme"].as_str().unwrap_or("HTTP").to_lowercase();
     let url = format!("{scheme}://{host}:{port}{}", str_at(get, "/path"));
     let timeout = p["timeoutSeconds"].as_u64().unwrap_or(1).to_string();
-    let out = from.run(&["curl", "-sk", "--noproxy", "*", "-m", &timeout, "-o", "/dev/null", "-w", "%{http_code}", &url]);
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    let out = from.run(&[
+        "curl",
+        "-sk",
+        "--noproxy",
+        "*",
+        "-m",
+        &timeout,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url,
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 impl RunningPod {
@@ -644,7 +563,10 @@ impl RunningPod {
         let what = format!("pod {} ready", self.meta.name);
         eventually(&what, limit, || {
             if let Some(status) = self.pod.sidecar_exited() {
-                panic!("{what}: the sidecar exited ({status}):\n{}", self.pod.sidecar_log());
+                panic!(
+                    "{what}: the sidecar exited ({status}):\n{}",
+                    self.pod.sidecar_log()
+                );
             }
             all.iter()
                 .all(|c| probe(from, &self.meta, c, "readinessProbe") != Some(false))
