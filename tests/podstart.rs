@@ -222,9 +222,52 @@ fn counters(pod: &RunningPod) -> [f64; 4] {
     ]
 }
 
+/// The native sidecar layout (the default).
 #[test]
 fn injected_example_pods_really_work() {
-    let test = "injected_example_pods_really_work";
+    example_pods_really_work("injected_example_pods_really_work", true);
+}
+
+/// The fallback layout (`config.portcullis.io/native-sidecar: "false"`):
+/// the proxy is the first container and its `postStart` hook, `portcullis
+/// await`, holds the app's start until the proxy is ready.
+#[test]
+fn injected_example_pods_really_work_in_the_fallback_layout() {
+    example_pods_really_work(
+        "injected_example_pods_really_work_in_the_fallback_layout",
+        false,
+    );
+}
+
+/// Asserts the layout the injector chose: the proxy after `portcullis-init`
+/// among the init containers, restarted always (native), or first among the
+/// containers with `portcullis await` as its postStart hook (fallback).
+fn check_layout(pod: &Value, native: bool) {
+    let names = |list: &str| -> Vec<&str> {
+        let list = pod["spec"][list].as_array().into_iter().flatten();
+        list.map(|c| c["name"].as_str().unwrap()).collect()
+    };
+    let (init, containers) = (names("initContainers"), names("containers"));
+    assert_eq!(init[0], "portcullis-init", "{init:?}");
+    let proxy = if native {
+        assert_eq!(init[1], "portcullis-proxy", "{init:?}");
+        &pod["spec"]["initContainers"][1]
+    } else {
+        assert_eq!(containers[0], "portcullis-proxy", "{containers:?}");
+        assert!(!init.contains(&"portcullis-proxy"), "{init:?}");
+        &pod["spec"]["containers"][0]
+    };
+    let hook = proxy.pointer("/lifecycle/postStart/exec/command");
+    if native {
+        assert_eq!(proxy["restartPolicy"], "Always");
+        assert_eq!(hook, None);
+    } else {
+        let await_ = json!(["/usr/local/bin/portcullis", "await", "--timeout", "120s"]);
+        assert_eq!(hook, Some(&await_));
+    }
+}
+
+fn example_pods_really_work(test: &str, native: bool) {
     if skip(test, &[]) {
         return;
     }
@@ -256,14 +299,25 @@ fn injected_example_pods_really_work() {
     std::fs::write(&config, config_yaml).expect("injector config");
 
     // The example, injected; the api opts into default-deny.
-    let deny = |d: &mut Value| {
-        if d["kind"] == "Deployment" {
-            let annotations = &mut d["spec"]["template"]["metadata"]["annotations"];
-            annotations["config.portcullis.io/default-inbound-policy"] = json!("deny");
+    let annotate = |deny: bool| {
+        move |d: &mut Value| {
+            if d["kind"] != "Deployment" {
+                return;
+            }
+            let mut add = |k: &str, v: &str| {
+                let metadata = &mut d["spec"]["template"]["metadata"];
+                metadata["annotations"][format!("config.portcullis.io/{k}")] = json!(v);
+            };
+            if deny {
+                add("default-inbound-policy", "deny");
+            }
+            if !native {
+                add("native-sidecar", "false");
+            }
         }
     };
-    let api_docs = inject(&dir, &config, "20-api.yaml", deny);
-    let frontend_docs = inject(&dir, &config, "30-frontend.yaml", |_| {});
+    let api_docs = inject(&dir, &config, "20-api.yaml", annotate(true));
+    let frontend_docs = inject(&dir, &config, "30-frontend.yaml", annotate(false));
     let rules = docs(&std::fs::read_to_string(example("10-rules.yaml")).expect("rules"));
 
     // The API server stand-in on the node's address.
@@ -284,6 +338,8 @@ fn injected_example_pods_really_work() {
         find_doc(&frontend_docs, "Deployment", "frontend"),
         "frontend-0",
     );
+    check_layout(&api_pod, native);
+    check_layout(&frontend_pod, native);
     let objects = [chart.clone(), api_docs, frontend_docs, rules].concat();
     let mut cluster = Cluster::new(objects, api);
     for (pod, n) in [

@@ -35,6 +35,9 @@ use crate::node::{eventually, Node, Pod};
 
 /// The audience of tokens minted for the API server itself.
 const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+/// The container whose output goes to the [`Pod`]'s sidecar log (in the
+/// fallback layout it is a regular container; natively, an init container).
+const SIDECAR: &str = "portcullis-proxy";
 /// Capabilities a container runtime grants unless the spec drops them.
 const DEFAULT_CAPS: [&str; 14] = [
     "chown",
@@ -315,12 +318,31 @@ fn script(
             &mut lines,
         );
     }
-    let (psc, csc) = (&spec["securityContext"], &c["securityContext"]);
-    let pick = |k: &str| csc[k].as_u64().or_else(|| psc[k].as_u64());
-    if csc["readOnlyRootFilesystem"] == true {
+    if c["securityContext"]["readOnlyRootFilesystem"] == true {
         lines.push(format!("mount -o remount,bind,ro {r}"));
     }
+    let command = c["command"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{name}: no command (the image's entrypoint is unknown here)"));
+    let args = c["args"].as_array().into_iter().flatten();
+    let command: Vec<&Value> = command.iter().chain(args).collect();
+    let run = run_as(cluster, meta, spec, c, &command);
+    lines.push(format!("exec chroot {r} {run}"));
+    lines.join("\n")
+}
 
+/// `setpriv … -- env -i … COMMAND…`, shell-quoted: `command` as container
+/// `c`'s user, groups and capabilities, with its environment.
+fn run_as(
+    cluster: &Cluster,
+    meta: &PodMeta,
+    spec: &Value,
+    c: &Value,
+    command: &[&Value],
+) -> String {
+    let name = str_at(c, "/name");
+    let (psc, csc) = (&spec["securityContext"], &c["securityContext"]);
+    let pick = |k: &str| csc[k].as_u64().or_else(|| psc[k].as_u64());
     let uid = pick("runAsUser").unwrap_or(0);
     let gid = pick("runAsGroup").unwrap_or(0);
     if csc["runAsNonRoot"] == true || (csc["runAsNonRoot"].is_null() && psc["runAsNonRoot"] == true)
@@ -362,9 +384,7 @@ fn script(
         .collect::<Vec<_>>()
         .join(",");
     let mut argv = vec![
-        "chroot".to_string(),
-        "\"$S/root\"".into(),
-        "setpriv".into(),
+        "setpriv".to_string(),
         format!("--reuid={uid}"),
         format!("--regid={gid}"),
     ];
@@ -381,23 +401,50 @@ fn script(
     argv.extend(["--".into(), "env".into(), "-i".into()]);
     let env = environment(cluster, meta, c);
     argv.extend(env.iter().map(|(k, v)| quote(&format!("{k}={v}"))));
-    let command = c["command"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{name}: no command (the image's entrypoint is unknown here)"));
-    for a in command
-        .iter()
-        .chain(c["args"].as_array().into_iter().flatten())
-    {
+    for a in command {
         argv.push(quote(&expand(a.as_str().expect("a string"), &env)));
     }
-    lines.push(format!("exec {}", argv.join(" ")));
-    lines.join("\n")
+    argv.join(" ")
+}
+
+/// Runs container `c`'s `postStart` exec hook, if it has one, inside the
+/// container (its namespaces and root, its user and environment) once its
+/// process `pid` is in its root; the kubelet starts the next container
+/// only after the hook succeeds.
+fn post_start(cluster: &Cluster, meta: &PodMeta, spec: &Value, c: &Value, pid: u32) {
+    let Some(hook) = c.pointer("/lifecycle/postStart/exec/command") else {
+        return;
+    };
+    let hook: Vec<&Value> = hook.as_array().expect("a command").iter().collect();
+    let name = str_at(c, "/name");
+    let root = format!("/proc/{pid}/root");
+    eventually(
+        &format!("{name} in its root"),
+        Duration::from_secs(5),
+        || std::fs::read_link(&root).is_ok_and(|r| r != Path::new("/")),
+    );
+    let run = run_as(cluster, meta, spec, c, &hook);
+    let script = format!("exec nsenter --target {pid} --mount --net --root --wd {run}");
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running a postStart hook");
+    assert!(
+        out.status.success(),
+        "{}: {name}'s postStart hook {hook:?} failed ({}): {}{}",
+        meta.name,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Starts the pod `name` (numbered `n` on the node) from the Pod object
 /// `object`: init containers in order (each to completion, a native sidecar
-/// until its startup probe passes), then the containers. The native
-/// sidecar's output goes to the pod's sidecar log, the others' to its app log.
+/// until its startup probe passes), then the containers in order (each
+/// after the previous one's `postStart` hook succeeded). The sidecar's
+/// output goes to the pod's sidecar log, the others' to its app log.
 pub fn start(
     node: &Node,
     cluster: &Cluster,
@@ -471,24 +518,27 @@ pub fn start(
             );
         }
     }
-    for (i, c) in spec["containers"]
-        .as_array()
-        .expect("containers")
-        .iter()
-        .enumerate()
-    {
+    let mut has_app = false;
+    for c in spec["containers"].as_array().expect("containers") {
+        let is_sidecar = c["name"] == SIDECAR;
+        let out = if is_sidecar { &sidecar_log } else { &app_log };
         let child = launch(&pod.ns, c)
             .stdin(Stdio::null())
-            .stdout(log(&app_log))
-            .stderr(log(&app_log))
+            .stdout(log(out))
+            .stderr(log(out))
             .spawn()
             .expect("starting a container");
         let process = crate::netns::Process::from_child(child);
-        if i == 0 {
+        let pid = process.id();
+        if is_sidecar {
+            pod.set_sidecar(process);
+        } else if !has_app {
             pod.set_app(process);
+            has_app = true;
         } else {
             pod.adopt(process);
         }
+        post_start(cluster, &meta, spec, c, pid);
     }
     RunningPod {
         pod,
