@@ -38,6 +38,8 @@ mod apiserver;
 #[allow(dead_code)]
 #[path = "pods/apps.rs"]
 mod apps;
+#[path = "podstart/cluster.rs"]
+mod cluster;
 #[path = "podstart/kubelet.rs"]
 mod kubelet;
 #[path = "pods/node.rs"]

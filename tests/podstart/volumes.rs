@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::kubelet::{str_at, Cluster, PodMeta};
+use crate::cluster::{Cluster, PodMeta};
+use crate::kubelet::str_at;
 
 /// Where a service account's credentials are mounted in every container.
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
