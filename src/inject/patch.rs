@@ -53,10 +53,12 @@ impl Builder {
     }
 
     /// Adds (or replaces) the object member at `path` (unescaped tokens),
-    /// creating missing parent objects first.
+    /// creating missing parent objects first. A `null` parent counts as
+    /// missing (YAML's empty `annotations:` is `null`).
     pub fn set(&mut self, path: &[&str], value: Value) {
         for depth in 1..path.len() {
-            if self.doc.pointer(&pointer(&path[..depth])).is_none() {
+            let parent = self.doc.pointer(&pointer(&path[..depth]));
+            if parent.map_or(true, Value::is_null) {
                 self.push(pointer(&path[..depth]), Value::Object(Default::default()));
             }
         }
@@ -173,6 +175,28 @@ mod tests {
         apply(&mut doc, &patch).unwrap();
         assert_eq!(doc["metadata"]["annotations"]["a/b"], "x");
         assert_eq!(doc["spec"]["volumes"][1]["name"], "w");
+    }
+
+    #[test]
+    fn replaces_null_parents() {
+        let pod = json!({"metadata": {"annotations": null}, "spec": {"volumes": null}});
+        let mut b = Builder::new(&pod);
+        b.set(&["metadata", "annotations", "a/b"], json!("x"));
+        b.insert(&["spec", "volumes"], None, json!({"name": "v"}));
+        let patch = b.finish();
+        let paths: Vec<&str> = patch.0.iter().map(|o| o.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/metadata/annotations",
+                "/metadata/annotations/a~1b",
+                "/spec/volumes"
+            ]
+        );
+        let mut doc = pod.clone();
+        apply(&mut doc, &patch).unwrap();
+        assert_eq!(doc["metadata"]["annotations"], json!({"a/b": "x"}));
+        assert_eq!(doc["spec"]["volumes"], json!([{"name": "v"}]));
     }
 
     #[test]

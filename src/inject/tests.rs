@@ -108,3 +108,31 @@ fn config_refuses_bad_values() {
         assert!(InjectorConfig::parse(bad).is_err(), "{bad}");
     }
 }
+
+/// Empty YAML fields (`annotations:`, `volumes:`) arrive as `null`: they
+/// are injected like missing ones, not a crash of `portcullis inject`.
+#[test]
+fn null_fields_are_like_missing_ones() {
+    let pod = json!({
+        "metadata": {"name": "p", "labels": null, "annotations": null},
+        "spec": {"initContainers": null, "volumes": null,
+                 "containers": [{"name": "app", "image": "x", "ports": null, "env": null}]},
+    });
+    let ns = labels(&[(INJECT_LABEL, "enabled")]);
+    let req = Request {
+        kind: "Pod",
+        operation: "CREATE",
+        sub_resource: "",
+        namespace: "shop",
+        namespace_labels: &ns,
+        pod: &pod,
+        job: false,
+    };
+    let injection = inject(&req, &InjectorConfig::default()).unwrap();
+    assert_eq!(injection.skipped, None);
+    let mut doc = pod.clone();
+    patch::apply(&mut doc, &injection.patch).unwrap();
+    assert!(doc["metadata"]["annotations"][build::STATUS_ANNOTATION].is_string());
+    assert_eq!(doc["spec"]["initContainers"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["spec"]["volumes"].as_array().unwrap().len(), 4);
+}

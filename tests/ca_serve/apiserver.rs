@@ -86,6 +86,15 @@ impl FakeApi {
     /// Serves on 127.0.0.1 with a certificate for that IP, accepting
     /// `ca_token` as the identity service's credentials.
     pub async fn start(ca_token: &str) -> FakeApi {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeApi::start_on(listener, ca_token).await
+    }
+
+    /// Serves on `listener` (bound anywhere, e.g. in another network
+    /// namespace) with a certificate for its IP address.
+    pub async fn start_on(listener: std::net::TcpListener, ca_token: &str) -> FakeApi {
+        let ip = listener.local_addr().unwrap().ip();
+        listener.set_nonblocking(true).unwrap();
         let root_key = KeyPair::generate().unwrap();
         let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
         root.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -94,8 +103,7 @@ impl FakeApi {
         let root = root.self_signed(&root_key).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut leaf = CertificateParams::new(vec!["kubernetes.default.svc".into()]).unwrap();
-        leaf.subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        leaf.subject_alt_names.push(SanType::IpAddress(ip));
         let leaf = leaf.signed_by(&key, &root, &root_key).unwrap();
         let chain: Vec<CertificateDer<'static>> = vec![leaf.der().clone(), root.der().clone()];
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -108,7 +116,7 @@ impl FakeApi {
         .unwrap();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         let api = FakeApi {
             addr: listener.local_addr().unwrap(),
             ca_pem: root.pem(),

@@ -64,6 +64,7 @@ pub struct Render {
     pub release: Option<String>,
     pub files: Vec<PathBuf>,
     pub sets: Vec<String>,
+    pub set_files: Vec<String>,
     pub api_versions: Vec<String>,
     pub kube: Option<String>,
 }
@@ -75,6 +76,12 @@ impl Render {
     }
     pub fn set(mut self, kv: &str) -> Self {
         self.sets.push(kv.to_string());
+        self
+    }
+    /// `--set-file key=path` (tests/podstart.rs gives the chart its CA so).
+    #[allow(dead_code)]
+    pub fn set_file(mut self, key: &str, path: &Path) -> Self {
+        self.set_files.push(format!("{key}={}", path.display()));
         self
     }
     pub fn kube(mut self, v: &str) -> Self {
@@ -96,6 +103,9 @@ impl Render {
         }
         for s in &self.sets {
             cmd.arg("--set").arg(s);
+        }
+        for s in &self.set_files {
+            cmd.arg("--set-file").arg(s);
         }
         cmd.arg("--kube-version")
             .arg(self.kube.as_deref().unwrap_or(KUBE_VERSIONS[0]));

@@ -231,6 +231,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// Adopts a child started elsewhere (killed and reaped on drop too).
+    pub fn from_child(child: Child) -> Process {
+        Process { child }
+    }
+
     /// Reads stdout lines until one equals `line` (e.g. a server's "ready");
     /// panics if the process ends first.
     pub fn wait_for_line(&mut self, line: &str) {

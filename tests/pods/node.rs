@@ -6,6 +6,9 @@
 //!
 //! Everything lives in namespaces the test creates and is torn down on drop
 //! (also when the test fails), and the sidecar's logs are printed then.
+//!
+//! Shared by tests/pods.rs and tests/podstart.rs, which use different parts.
+#![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,10 @@ pub const PROXY_ID: u32 = 1500;
 /// The pod network; pod N gets `10.89.0.N` and `fd89::N` (N in hex there).
 const POD_V4: &str = "10.89.0";
 const POD_V6: &str = "fd89:";
+
+/// The node's own address on the bridge (see [`Node::node_ip`]); no pod
+/// is numbered 1.
+pub const NODE_V4: &str = "10.89.0.1";
 
 /// The meshed part of the pod network (`--mesh-cidrs`): pods numbered
 /// 1 to 15 are inside; pods from 16 up are outside the mesh, so meshed
@@ -96,8 +103,40 @@ impl Node {
         &self.bridge
     }
 
+    /// The node's working directory (logs, CA, copied binary).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The binary the proxy UID can run.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Gives the bridge the node's address [`NODE_V4`], so the node's
+    /// namespace can reach its pods (as the kubelet probes them); returns it.
+    pub fn node_ip(&self) -> &'static str {
+        let addrs = self.bridge.ok(&["ip", "-4", "addr", "show", "dev", "br0"]);
+        if !addrs.contains(&format!("{NODE_V4}/")) {
+            // A bridge takes the lowest MAC of its ports unless given one,
+            // so every new pod could change it under the pods' ARP caches.
+            self.bridge
+                .ok(&["ip", "link", "set", "br0", "address", "02:89:00:00:00:01"]);
+            self.bridge.addr("br0", &format!("{NODE_V4}/24"));
+        }
+        NODE_V4
+    }
+
     /// A pod without a sidecar, numbered `n` (its addresses end in `n`).
     pub fn plain_pod(&self, name: &'static str, n: u16) -> Pod {
+        let mut pod = self.bare_pod(name, n);
+        pod.app = Some(start_app(&pod.ns, name, &pod.app_log));
+        pod
+    }
+
+    /// A pod namespace on the bridge with its addresses, and nothing
+    /// running in it yet.
+    pub fn bare_pod(&self, name: &'static str, n: u16) -> Pod {
         let ns = Netns::new(name);
         let veth = format!("veth-{name}");
         self.bridge.link(&veth, &ns, "eth0");
@@ -107,16 +146,15 @@ impl Node {
         let v6 = format!("{POD_V6}:{n:x}");
         ns.addr("eth0", &format!("{v4}/24"));
         ns.addr("eth0", &format!("{v6}/64"));
-        let app_log = self.dir.path().join(format!("{name}-app.log"));
-        let app = start_app(&ns, name, &app_log);
         Pod {
             sidecar: None,
-            _app: Some(app),
+            app: None,
+            others: Vec::new(),
             name,
             v4,
             v6,
             veth,
-            app_log,
+            app_log: self.dir.path().join(format!("{name}-app.log")),
             sidecar_log: self.dir.path().join(format!("{name}-sidecar.log")),
             ns,
         }
@@ -236,7 +274,8 @@ fn path(p: &Path) -> String {
 pub struct Pod {
     // Processes first: they are dropped (killed) before the namespace.
     sidecar: Option<Process>,
-    _app: Option<Process>,
+    app: Option<Process>,
+    others: Vec<Process>,
     pub name: &'static str,
     pub v4: String,
     pub v6: String,
@@ -292,6 +331,44 @@ impl Pod {
         assert_eq!(status, 200, "{}: /metrics: {text}", self.name);
         metric_value(&text, "portcullis_tcp_connections_opened_total", &[])
             + metric_value(&text, "portcullis_tls_handshakes_total", &[])
+    }
+
+    /// Where the app's and the sidecar's output go (printed if a test fails).
+    pub fn log_paths(&self) -> (&Path, &Path) {
+        (&self.app_log, &self.sidecar_log)
+    }
+
+    /// Takes `process` as the pod's sidecar (ended with the pod).
+    pub fn set_sidecar(&mut self, process: Process) {
+        self.sidecar = Some(process);
+    }
+
+    /// Takes `process` as the pod's app (ended with the pod).
+    pub fn set_app(&mut self, process: Process) {
+        self.app = Some(process);
+    }
+
+    /// Keeps any other process of the pod until the pod ends.
+    pub fn adopt(&mut self, process: Process) {
+        self.others.push(process);
+    }
+
+    /// Whether the sidecar has exited (with its status).
+    pub fn sidecar_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.sidecar.as_mut().and_then(|p| p.exited())
+    }
+
+    /// The process ids of the sidecar and of the app, when running.
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.sidecar.as_ref().map(Process::id),
+            self.app.as_ref().map(Process::id),
+        )
+    }
+
+    /// Kills the app (SIGKILL).
+    pub fn kill_app(&mut self) {
+        drop(self.app.take());
     }
 
     /// Kills the sidecar (SIGKILL: no draining, as in a crash).
