@@ -13,7 +13,7 @@ use crate::authz::{AuthzMetrics, LiveRules};
 use crate::config::{CertSource, Settings};
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
-use crate::identity::{chains_to, CaFiles, Issuer, LeafRequest, LeafSource, RemoteCa, Rotator};
+use crate::identity::{CaFiles, Issuer, LeafRequest, LeafSource, RemoteCa, Rotator};
 use crate::metrics::Metrics;
 use crate::proxy::{self, AppClients, Inbound, Outbound, Policy, Shared, UpstreamListener};
 use crate::tls::{MeshTls, TrustBundle};
@@ -179,12 +179,16 @@ impl App {
                     key: key.clone(),
                 };
                 let parse_td = td.clone();
+                let check_tls = self.tls.clone();
                 Reloader::new(
                     "issuer",
                     vec![files.cert.clone(), files.key.clone()],
                     &issuer_pem,
                     move |c| {
-                        Issuer::from_pem(&files, &c[0], &c[1], &parse_td).map_err(|e| e.to_string())
+                        let issuer = Issuer::from_pem(&files, &c[0], &c[1], &parse_td)
+                            .map_err(|e| e.to_string())?;
+                        check_issuer(&issuer, &parse_td, &check_tls.snapshot().bundle)?;
+                        Ok(issuer)
                     },
                     move |issuer| {
                         issuer_tx.send_replace(Arc::new(issuer));
@@ -290,6 +294,29 @@ impl App {
     }
 }
 
+/// Signs a throw-away leaf and verifies it as peers will: an issuer whose
+/// leaves every peer using `bundle` would refuse is not put in service.
+fn check_issuer(
+    issuer: &Issuer,
+    td: &crate::identity::TrustDomain,
+    bundle: &TrustBundle,
+) -> std::result::Result<(), String> {
+    let probe_id = crate::identity::SpiffeId::workload(td, "portcullis", "issuer-check")
+        .map_err(|e| e.to_string())?;
+    let probe = issuer
+        .issue(&LeafRequest {
+            id: probe_id,
+            ttl: std::time::Duration::from_secs(60),
+        })
+        .map_err(|e| e.to_string())?;
+    crate::tls::check_own_leaf(&probe.chain, bundle.roots.clone(), td).map_err(|e| {
+        format!(
+            "leaves signed by {} do not verify against the trust bundle ({e})",
+            issuer.subject
+        )
+    })
+}
+
 /// Loads the mounted issuer (`--ca-cert/--ca-key`), naming the flags in errors.
 fn load_issuer(
     cert: &std::path::Path,
@@ -305,9 +332,7 @@ fn load_issuer(
         .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
     let issuer = Issuer::from_pem(&files, &pem[0], &pem[1], td)
         .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
-    if !chains_to(&issuer.chain, &bundle.certs) {
-        warn!(issuer = %issuer.subject, "the issuer does not chain to --trust-bundle; peers using the same bundle will refuse this sidecar");
-    }
+    check_issuer(&issuer, td, bundle).map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
     Ok((pem, issuer))
 }
 

@@ -169,6 +169,30 @@ async fn sidecars_sign_with_an_intermediate() {
         "{report}"
     );
 
+    // An intermediate may sign leaves only: a second level is refused
+    // (peers would refuse every leaf under it).
+    let deeper = dir.path().join("deeper");
+    let out = ca(&[
+        "issue",
+        "--ca",
+        s(&inter),
+        "--id",
+        id,
+        "--intermediate",
+        "--out",
+        s(&deeper),
+    ]);
+    assert!(
+        !out.status.success(),
+        "an intermediate of an intermediate was made"
+    );
+    assert!(
+        text(&out).contains("may sign leaves only"),
+        "{}",
+        text(&out)
+    );
+    assert!(!deeper.join("ca.key").exists());
+
     let issuer = Ca {
         files: portcullis::identity::CaFiles::in_dir(&inter),
         dir: inter.clone(),

@@ -369,6 +369,11 @@ fn every_startup_error_names_its_flag_or_file_and_exits_non_zero() {
             vec!["--trust-bundle".into(), d(bundle)],
             vec!["--ca-cert"],
         ),
+        (
+            "issuer outside the bundle",
+            good(crt, key, &other.files.cert),
+            vec!["--ca-cert/--ca-key", "do not verify against the trust bundle"],
+        ),
     ];
     for (what, args, wants) in cases {
         let started = Instant::now();

@@ -62,6 +62,13 @@ impl NewCa {
 
     /// Makes an intermediate signed by `issuer`, allowed to sign leaves only.
     pub fn intermediate(issuer: &Issuer, ttl: Duration) -> Result<Self, Error> {
+        if !issuer.may_sign_cas {
+            // Peers would refuse every leaf under it (path length exceeded).
+            return Err(Error::Certificate(format!(
+                "{} may sign leaves only (path length 0): issue intermediates from the root",
+                issuer.subject
+            )));
+        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let td = issuer.trust_domain.clone();
         let mut params = ca_params(
@@ -70,6 +77,14 @@ impl NewCa {
             ttl,
             BasicConstraints::Constrained(0),
         )?;
+        // A distinct name per intermediate, so chain building never mixes
+        // two of them up.
+        let tag: [u8; 4] = rand::random();
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("portcullis intermediate CA {td} {tag}"),
+        );
         params.not_after = params.not_after.min(issuer.not_after);
         let cert = params.signed_by(&key, &issuer.handle, &issuer.key)?;
         Ok(NewCa {
@@ -159,6 +174,8 @@ pub struct Issuer {
     pub subject: String,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
+    /// False when its path length is 0: it may sign leaves only.
+    pub may_sign_cas: bool,
     key: KeyPair,
     /// rcgen's view of the issuer, used only to sign.
     handle: rcgen::Certificate,
@@ -235,6 +252,10 @@ impl Issuer {
             ));
         }
         let subject = x509.subject().to_string();
+        let may_sign_cas = !matches!(
+            x509.basic_constraints(),
+            Ok(Some(bc)) if bc.value.path_len_constraint == Some(0)
+        );
         let params = CertificateParams::from_ca_cert_der(&chain[0])
             .map_err(|e| Error::file(&files.cert, format!("cannot sign with this CA ({e})")))?;
         let handle = params.self_signed(&key)?;
@@ -244,6 +265,7 @@ impl Issuer {
             subject,
             not_before,
             not_after,
+            may_sign_cas,
             key,
             handle,
         })

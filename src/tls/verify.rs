@@ -195,3 +195,21 @@ impl ServerCertVerifier for MeshVerifier {
         self.algs.supported_schemes()
     }
 }
+
+/// Checks that a leaf chain from our own issuer verifies the way peers will
+/// verify it (as a server and as a client certificate, against `bundle`),
+/// so an issuer whose leaves every peer would refuse is caught before use.
+pub fn check_own_leaf(
+    chain: &[CertificateDer<'_>],
+    roots: Arc<RootCertStore>,
+    td: &TrustDomain,
+) -> Result<(), String> {
+    let verifier = MeshVerifier::new(roots, td.clone()).map_err(|e| e.to_string())?;
+    let now = UnixTime::now();
+    let name = ServerName::try_from("portcullis.invalid").expect("a valid name");
+    ServerCertVerifier::verify_server_cert(&verifier, &chain[0], &chain[1..], &name, &[], now)
+        .map_err(|e| e.to_string())?;
+    ClientCertVerifier::verify_client_cert(&verifier, &chain[0], &chain[1..], now)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
