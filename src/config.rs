@@ -108,6 +108,38 @@ pub enum InboundMode {
     Permissive,
 }
 
+/// A command-line error as one line. When the bad value came from a
+/// `PORTCULLIS_*` variable rather than the command line (how Kubernetes
+/// passes settings), the variable is named first, since the pod spec has
+/// no flag to search for.
+pub fn one_line_error(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let rendered = err.render().to_string();
+    let text = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text).to_string();
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return text;
+    };
+    let flag = arg.split([' ', '=']).next().unwrap_or_default();
+    let Some(name) = flag.strip_prefix("--") else {
+        return text;
+    };
+    let var = format!("PORTCULLIS_{}", name.to_uppercase().replace('-', "_"));
+    let on_command_line = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if !on_command_line && std::env::var_os(&var).is_some() {
+        format!("{var} (for {flag}): {text}")
+    } else {
+        text
+    }
+}
+
 /// Log flags of every long-running command.
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {

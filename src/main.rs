@@ -6,7 +6,23 @@ use clap::Parser;
 use portcullis::config::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and a bare command: clap's own text.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!(
+                "portcullis: error: {}",
+                portcullis::config::one_line_error(&e)
+            );
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ca(cmd) => portcullis::ca_cli::run(cmd),

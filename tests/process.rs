@@ -372,7 +372,10 @@ fn every_startup_error_names_its_flag_or_file_and_exits_non_zero() {
         (
             "issuer outside the bundle",
             good(crt, key, &other.files.cert),
-            vec!["--ca-cert/--ca-key", "do not verify against the trust bundle"],
+            vec![
+                "--ca-cert/--ca-key",
+                "do not verify against the trust bundle",
+            ],
         ),
     ];
     for (what, args, wants) in cases {
@@ -476,4 +479,31 @@ async fn shutdown_endpoint_can_be_turned_off() {
     assert_eq!(status, 403, "{body}");
     assert!(!b.drain.is_draining());
     assert_eq!(http_get(b.addrs.admin, "/ready").await.unwrap().0, 200);
+}
+
+/// Kubernetes passes settings as `PORTCULLIS_*` variables: a bad one is
+/// reported on one line that names the variable, and the flag it sets.
+#[test]
+fn a_bad_environment_variable_is_named() {
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--trust-bundle",
+            "b",
+            "--ca-cert",
+            "c",
+            "--ca-key",
+            "k",
+        ])
+        .env("PORTCULLIS_INBOUND_MODE", "strct")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("portcullis: error: PORTCULLIS_INBOUND_MODE (for --inbound-mode): invalid value 'strct'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("strict, permissive"), "{stderr}");
 }
