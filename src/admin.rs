@@ -185,7 +185,7 @@ fn certs_json(state: &AdminState) -> serde_json::Value {
     })
 }
 
-/// `GET /authz/explain?from=ID|unauthenticated&port=P[&method=M&path=/p&host=H&header=k:v&source_ip=IP]`:
+/// `GET /authz/explain?from=ID|unauthenticated&port=P[&method=M&path=/p&host=H&header=k=v&source_ip=IP]`:
 /// the live rules' explanation of one connection or request.
 fn explain_query(state: &AdminState, query: &str) -> Result<serde_json::Value, String> {
     use crate::authz::{explain, normalize_path, Connection, HttpRequest, Peer};
@@ -217,7 +217,11 @@ fn explain_query(state: &AdminState, query: &str) -> Result<serde_json::Value, S
                 )
             }
             "header" => {
-                let (name, value) = v.split_once(':').ok_or("header: use name:value")?;
+                // `name=value` as `rules explain --header` takes it; `name:value` too.
+                let (name, value) = v
+                    .split_once('=')
+                    .or_else(|| v.split_once(':'))
+                    .ok_or("header: use name=value")?;
                 let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
                     .map_err(|e| format!("header: {e}"))?;
                 let value =
@@ -231,7 +235,8 @@ fn explain_query(state: &AdminState, query: &str) -> Result<serde_json::Value, S
     let port = port.ok_or("port is required")?;
     let conn = Connection {
         peer: &peer,
-        source: source.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        // The same default as `rules explain --source-ip`.
+        source: source.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
         port,
     };
     let path = path

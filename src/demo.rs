@@ -160,6 +160,10 @@ impl Demo {
     pub fn banner(&self, first_answer: &str, denied_answer: &str) -> String {
         let (l, si, app) = (self.listen, self.server.inbound, self.app);
         let (rules, port) = (self.rules_file.display(), self.app.port());
+        // The binary's own path: after `make demo` it is not on PATH.
+        let bin = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "portcullis".into());
         let (c, s, dir) = (self.client.admin, self.server.admin, self.dir.display());
         format!(
             "\
@@ -182,7 +186,7 @@ change the rules live: edit {rules}
   (add \"/admin\" to paths), save, and curl /admin again; then see why:
   curl -s http://{s}/rules
   curl -s 'http://{s}/authz/explain?from=spiffe://cluster.local/ns/demo/sa/client&port={port}&method=GET&path=/admin'
-  portcullis rules explain --rules {rules} --from spiffe://cluster.local/ns/demo/sa/client --port {port} --method GET --path /admin
+  {bin} rules explain --rules {rules} --from spiffe://cluster.local/ns/demo/sa/client --port {port} --method GET --path /admin
 
 admin endpoints:
   client sidecar  http://{c}/certs  /metrics  /ready
@@ -191,7 +195,7 @@ admin endpoints:
 things to look at:
   curl -s http://{c}/metrics | grep portcullis_tls_handshakes_total
   curl -s http://{s}/certs    (its certificate lives 1m: the serial changes every ~30s)
-  portcullis ca inspect {dir}/ca.crt
+  {bin} ca inspect {dir}/ca.crt
 
 press Ctrl-C to stop"
         )

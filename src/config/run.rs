@@ -164,8 +164,11 @@ pub struct RunArgs {
     pub connect_timeout: Duration,
     #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
-    /// How long to wait for a client's first bytes before treating it as
-    /// opaque (permissive) or closing it (strict).
+    /// How long to wait for a client's first bytes when looking for HTTP
+    /// (after mTLS, or on plaintext in permissive mode) before carrying the
+    /// connection as opaque TCP; also how long a plaintext client may stay
+    /// silent in permissive mode. Strict mode waits --handshake-timeout for
+    /// the ClientHello. Opaque ports never wait.
     #[arg(long, env = "PORTCULLIS_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
     /// A connection with no bytes either way for this long is closed.
