@@ -57,6 +57,13 @@ async fn app() -> SocketAddr {
                             .collect::<Vec<_>>()
                             .join("|");
                         let mut body = format!("{} {} xfcc={xfcc}", req.method(), req.uri().path());
+                        if req
+                            .headers()
+                            .keys()
+                            .any(|k| k.as_str().contains("client_cert"))
+                        {
+                            body.push_str(" spoofed-header-arrived");
+                        }
                         if req.headers().contains_key("x-echo-host") {
                             body.push_str(&format!(
                                 " host={}",
@@ -198,6 +205,25 @@ async fn http1_keepalive_allows_denies_and_sets_xfcc() {
     assert_eq!(status, 400, "an encoded slash is refused");
     let (status, _) = get(&mut c, "/public/ok", &[]).await;
     assert_eq!(status, 200, "the connection is still usable");
+    // The underscore spelling of the identity header never reaches the app.
+    let (status, body) = get(
+        &mut c,
+        "/public/u",
+        &[("x_forwarded_client_cert", "URI=spiffe://evil/x")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("spoofed-header-arrived"), "{body}");
+    // Hosts that servers read differently are refused.
+    for bad in ["server.test:abc", "x@server.test"] {
+        let mut raw = TcpStream::connect(m.pair_a.upstream()).await.unwrap();
+        raw.write_all(format!("GET /public/h HTTP/1.1\r\nHost: {bad}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        raw.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 400", "Host: {bad}");
+    }
     // An absolute-form target: the app sees the host the rules saw.
     let (status, body) = get(
         &mut c,
@@ -305,6 +331,25 @@ async fn websocket_upgrade_passes_when_allowed() {
         .unwrap()
         .unwrap();
     assert_eq!(&back, b"frames both ways");
+
+    // New rules that deny the route close the open tunnel.
+    write_rules(
+        &m.rules,
+        "policy.yaml",
+        &rules_for(m.app_port).replace("\"/public/**\", ", ""),
+    );
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut back))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "the tunnel was closed");
+    let b = &m.b;
+    eventually("termination counted", Duration::from_secs(5), || async {
+        b.metric(
+            "portcullis_authz_connections_terminated_total",
+            &[("rule", "default")],
+        ) >= 1.0
+    })
+    .await;
 
     let mut s = TcpStream::connect(m.pair_a.upstream()).await.unwrap();
     s.write_all(

@@ -27,6 +27,10 @@ pub enum PathError {
     EncodedSlash,
     #[error("the path contains a '\\' or an encoded one (%5C)")]
     Backslash,
+    /// Servers disagree on these: some cut the path at NUL, some decode
+    /// twice, Java servers read `..;` as `..`. Refused rather than guessed.
+    #[error("the path contains an ambiguous form (%00, a double-encoded '%25XX', or a '.'/'..' segment with ';' parameters)")]
+    Ambiguous,
 }
 
 /// Characters RFC 3986 calls unreserved: decoding them never changes meaning.
@@ -41,6 +45,25 @@ fn hex(b: u8) -> Option<u8> {
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
     }
+}
+
+/// `%00`, `%25` followed by two hex digits (a double encoding), or a
+/// segment that is `.` or `..` once its `;` parameters are cut off (after
+/// decoding `%2e`).
+fn is_ambiguous(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    let double_encoded = b.windows(5).any(|w| {
+        w[0] == b'%' && w[1] == b'2' && w[2] == b'5' && hex(w[3]).is_some() && hex(w[4]).is_some()
+    });
+    let nul = b.windows(3).any(|w| w == b"%00");
+    let dot_params = raw.split('/').any(|seg| {
+        let Some((name, _)) = seg.split_once(';') else {
+            return false;
+        };
+        let name = name.replace("%2e", ".").replace("%2E", ".");
+        name == "." || name == ".."
+    });
+    nul || double_encoded || dot_params
 }
 
 /// Normalizes a request path: decodes percent-escapes of unreserved
@@ -58,6 +81,9 @@ pub fn normalize_path(raw: &str, allow_encoded_slash: bool) -> Result<String, Pa
     }
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if is_ambiguous(raw) {
+        return Err(PathError::Ambiguous);
     }
     let decoded = decode_unreserved(raw, allow_encoded_slash)?;
     let mut out: Vec<&str> = Vec::new();

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::policy::RequestFacts;
 use super::Shared;
 use crate::authz::{HttpRequest, Peer};
 
@@ -68,7 +69,7 @@ where
     }
 }
 
-async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = method_label(req.method());
     let port = conn.target.port();
@@ -110,7 +111,13 @@ fn authorize_and_rewrite(
             )));
         }
     };
-    let host = request_host(&req);
+    let host = match request_host(&req) {
+        Ok(h) => h,
+        Err(why) => {
+            info!(peer = %conn.peer, why, "request refused: bad host");
+            return Err(Box::new(text(StatusCode::BAD_REQUEST, "bad host\n")));
+        }
+    };
     let decision = policy.authorize_http(
         conn,
         &HttpRequest {
@@ -134,7 +141,12 @@ fn authorize_and_rewrite(
     }
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    req.headers_mut().remove(XFCC);
+    strip_client_cert_headers(req.headers_mut());
+    if req.version() >= Version::HTTP_2 {
+        // HTTP/2 names the host in `:authority`, which the rules saw; a
+        // `host` header the rules did not see must not reach the app.
+        req.headers_mut().remove(header::HOST);
+    }
     if let Peer::Mesh(id) = conn.peer.as_ref() {
         if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
             req.headers_mut().insert(XFCC, v);
@@ -166,23 +178,71 @@ fn authorize_and_rewrite(
     Ok(req)
 }
 
-/// The host the client asked for: HTTP/2 `:authority`, else `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+/// The host the client asked for: HTTP/2 `:authority` (or an absolute-form
+/// target), else the one `Host` header. Forms servers read differently are
+/// refused: user information, a port that is not a number, two `Host`s.
+fn request_host(req: &Request<Incoming>) -> Result<Option<String>, &'static str> {
+    let value = match req.uri().authority() {
+        Some(a) => a.as_str().to_string(),
+        None => {
+            let mut hosts = req.headers().get_all(header::HOST).iter();
+            let Some(h) = hosts.next() else {
+                return Ok(None);
+            };
+            if hosts.next().is_some() {
+                return Err("more than one Host header");
+            }
+            h.to_str()
+                .map_err(|_| "a Host header that is not text")?
+                .to_string()
+        }
+    };
+    check_authority(&value).map(Some)
+}
+
+/// A host (with an optional numeric port) that every server reads alike.
+fn check_authority(value: &str) -> Result<String, &'static str> {
+    let authority: hyper::http::uri::Authority = value.parse().map_err(|_| "a malformed host")?;
+    if authority.as_str().contains('@') {
+        return Err("a host with user information");
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| h.parse::<hyper::http::uri::Authority>().is_ok())
-        .map(str::to_string)
+    let rest = &authority.as_str()[authority.host().len()..];
+    if !rest.is_empty() && authority.port_u16().is_none() {
+        return Err("a host whose port is not a number");
+    }
+    Ok(authority.as_str().to_string())
+}
+
+/// Removes every header that claims to say who called, including spellings
+/// with `_` that CGI-style gateways fold into the real name.
+fn strip_client_cert_headers(headers: &mut HeaderMap) {
+    let spoofs: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().replace('_', "-") == XFCC)
+        .cloned()
+        .collect();
+    for name in spoofs {
+        headers.remove(name);
+    }
 }
 
 /// Sends the request to the app; on `101 Switching Protocols` joins the two
 /// upgraded connections.
-async fn forward(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming>) -> Response<Body> {
+async fn forward(
+    shared: &Arc<Shared>,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let upgrade = is_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // What the upgrade was allowed as, to judge the tunnel again when the
+    // rules change.
+    let facts = upgrade.then(|| RequestFacts {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        host: req.uri().authority().map(|a| a.to_string()),
+        headers: req.headers().clone(),
+    });
     let client = shared
         .app_clients
         .get(conn.target, req.version() == Version::HTTP_2);
@@ -196,19 +256,28 @@ async fn forward(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming>) -
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = client_side {
             let app_side = hyper::upgrade::on(&mut resp);
-            let idle = shared.idle_timeout;
             let traffic = super::traffic(&shared.metrics, "inbound", conn.target.port());
-            tokio::spawn(async move {
+            let (shared, conn) = (shared.clone(), conn.clone());
+            // Tracked by the drain, and closed if new rules deny it.
+            shared.drain.clone().spawn(async move {
                 let (Ok(client_io), Ok(app_io)) = (client_side.await, app_side.await) else {
                     return debug!("upgrade did not complete");
                 };
-                let _ = super::splice(
+                let tunnel = super::splice(
                     TokioIo::new(client_io),
                     TokioIo::new(app_io),
-                    idle,
+                    shared.idle_timeout,
                     &traffic,
-                )
-                .await;
+                );
+                tokio::select! {
+                    _ = tunnel => {}
+                    rule = shared.policy.denied_later(&conn, facts.as_ref()) => info!(
+                        peer = %conn.peer,
+                        port = conn.target.port(),
+                        rule = %rule,
+                        "upgraded connection closed: the new rules deny it"
+                    ),
+                }
             });
         }
     } else {
@@ -425,6 +494,44 @@ mod tests {
         assert!(!is_upgrade(&h));
         strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn hosts_servers_read_alike_only() {
+        let ok = ["api.example", "api.example:8080", "[::1]:80", "10.0.0.1"];
+        for h in ok {
+            assert_eq!(check_authority(h).as_deref(), Ok(h), "{h}");
+        }
+        for bad in [
+            "admin.internal:abc",
+            "x@admin.internal",
+            "admin.internal:",
+            "a b",
+            "",
+        ] {
+            assert!(check_authority(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_spelling_of_the_client_cert_header_is_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("URI=evil"),
+        );
+        h.insert(
+            "x_forwarded_client_cert",
+            HeaderValue::from_static("URI=evil"),
+        );
+        h.insert(
+            "x-forwarded_client-cert",
+            HeaderValue::from_static("URI=evil"),
+        );
+        h.insert("x-other", HeaderValue::from_static("1"));
+        strip_client_cert_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-other"));
     }
 
     #[test]

@@ -223,7 +223,7 @@ where
                 debug!(peer = %conn.peer, error = %e, "inbound connection ended with an error");
             }
         }
-        rule = shared.policy.denied_later(&conn) => {
+        rule = shared.policy.denied_later(&conn, None) => {
             info!(
                 peer = %conn.peer,
                 source = %conn.source.ip(),

@@ -43,15 +43,24 @@ impl Policy {
     }
 
     /// Resolves, with the deciding rule's name, when a newly loaded rule set
-    /// denies this opaque connection; never while it stays allowed.
-    pub async fn denied_later(&self, conn: &ConnInfo) -> String {
+    /// denies this connection — an opaque one (`http` = `None`) or an
+    /// upgraded one, judged by the request that upgraded it; never while it
+    /// stays allowed.
+    pub async fn denied_later(&self, conn: &ConnInfo, http: Option<&RequestFacts>) -> String {
         let mut updates = self.rules.subscribe();
         loop {
             if updates.changed().await.is_err() {
                 return std::future::pending().await;
             }
             let rules = updates.borrow_and_update().clone();
-            let decision = authorize(&rules, &self.td, self.default, &connection(conn), None);
+            let request = http.map(RequestFacts::as_request);
+            let decision = authorize(
+                &rules,
+                &self.td,
+                self.default,
+                &connection(conn),
+                request.as_ref(),
+            );
             if !decision.allowed {
                 self.rules.metrics().count_terminated(&decision.rule);
                 return decision.rule;
@@ -63,6 +72,26 @@ impl Policy {
         self.rules.metrics().record(decision);
         for audit in &decision.audits {
             info!(peer = %conn.peer, port = conn.target.port(), rule = %audit, decision = decision.verdict(), "audit rule matched");
+        }
+    }
+}
+
+/// An owned copy of the request facts a decision used, kept for as long as
+/// an upgraded (WebSocket) connection lives so it can be judged again.
+pub struct RequestFacts {
+    pub method: String,
+    pub path: String,
+    pub host: Option<String>,
+    pub headers: http::HeaderMap,
+}
+
+impl RequestFacts {
+    pub fn as_request(&self) -> HttpRequest<'_> {
+        HttpRequest {
+            method: &self.method,
+            path: &self.path,
+            host: self.host.as_deref(),
+            headers: &self.headers,
         }
     }
 }

@@ -51,6 +51,15 @@ fn normalization_table() {
         ("api", false, Err(NotAbsolute)),
         ("*", false, Err(NotAbsolute)),
         ("http://x/a", false, Err(NotAbsolute)),
+        // Forms servers disagree on are refused.
+        ("/api/..;/secret", false, Err(PathError::Ambiguous)),
+        ("/api/%2e%2e;/secret", false, Err(PathError::Ambiguous)),
+        ("/api/.;x=1/secret", false, Err(PathError::Ambiguous)),
+        ("/api/%252e%252e/secret", false, Err(PathError::Ambiguous)),
+        ("/api/..%00/secret", false, Err(PathError::Ambiguous)),
+        // Matrix parameters on ordinary segments, and a literal %25, stay.
+        ("/api/items;v=2/x", false, Ok("/api/items;v=2/x")),
+        ("/api/100%25", false, Ok("/api/100%25")),
     ];
     for (input, allow, want) in cases {
         let got = normalize_path(input, *allow);
