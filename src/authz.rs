@@ -29,6 +29,7 @@ pub use eval::authorize;
 pub use explain::{explain, Explanation, MatchedRule, Mismatch, NearMiss};
 pub use lint::{lint, Warning};
 pub use live::{LiveRules, ReloadError, ReloadOutcome, RulesStatus};
+pub(crate) use load::list_dir;
 pub use load::{check_paths, load_dir, load_paths, locate_rule, Location};
 pub use metrics::AuthzMetrics;
 pub use path::{normalize_path, PathError};

@@ -12,17 +12,42 @@ use hyper_util::rt::TokioIo;
 
 /// `portcullis await` flags.
 #[derive(Debug, Args)]
+#[command(after_help = EXIT_CODES)]
 pub struct AwaitArgs {
     /// Give up (exit 1) after this long.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// The sidecar's admin server.
+    /// The sidecar's admin server, http://HOST:PORT.
     #[arg(
         long,
         env = "PORTCULLIS_AWAIT_ADMIN",
-        default_value = "http://127.0.0.1:15020"
+        default_value = "http://127.0.0.1:15020",
+        value_parser = parse_admin
     )]
     pub admin: String,
+}
+
+/// Shown under `--help`: a postStart hook's caller only sees the exit code,
+/// so what each one means is part of the interface.
+const EXIT_CODES: &str = "Exit codes:
+  0  the sidecar answered /ready with 200
+  1  it did not before --timeout (the last failure is printed)
+  2  usage error (a bad flag or value)";
+
+/// Checks `--admin` while the command line is parsed, so a typo is a usage
+/// error (exit 2, like every other command) and not a timeout (exit 1)
+/// two minutes later.
+fn parse_admin(s: &str) -> Result<String, String> {
+    let base = s.trim_end_matches('/');
+    let authority = base.strip_prefix("http://").ok_or("use http://HOST:PORT")?;
+    let port = authority
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .map(|(_, port)| port);
+    match port.map(str::parse::<u16>) {
+        Some(Ok(p)) if p != 0 => Ok(base.to_string()),
+        _ => Err("use http://HOST:PORT".into()),
+    }
 }
 
 /// How often `/ready` is asked.
@@ -31,6 +56,8 @@ const INTERVAL: Duration = Duration::from_millis(200);
 /// Ok once ready; Err with the last failure at the timeout.
 pub async fn wait(args: &AwaitArgs) -> Result<(), String> {
     let base = args.admin.trim_end_matches('/');
+    // Checked by `parse_admin` already; kept for callers that build the
+    // args by hand.
     let authority = base
         .strip_prefix("http://")
         .ok_or_else(|| format!("--admin {base:?}: use http://HOST:PORT"))?
@@ -69,4 +96,35 @@ async fn ready(authority: &str) -> Result<u16, String> {
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     Ok(resp.status().as_u16())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_admin;
+
+    #[test]
+    fn admin_must_be_http_host_port() {
+        for ok in [
+            "http://127.0.0.1:15020",
+            "http://[::1]:15020/",
+            "http://localhost:1",
+        ] {
+            assert!(parse_admin(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "nope",
+            "127.0.0.1:15020",
+            "https://x:1",
+            "http://x",
+            "http://:80",
+            "http://x:0",
+            "http://x:99999",
+        ] {
+            assert_eq!(
+                parse_admin(bad),
+                Err("use http://HOST:PORT".into()),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -32,6 +32,14 @@ pub const INJECT_LABEL: &str = "portcullis.io/inject";
 /// A namespace label that turns the webhook off for the whole namespace.
 pub const WEBHOOKS_LABEL: &str = "portcullis.io/admission-webhooks";
 
+/// The warning for a config without a trust bundle. It says how to fix it,
+/// because the usual cause is `portcullis inject` run without the chart's
+/// config (the built-in defaults cannot know the cluster's CA).
+pub const NO_TRUST_BUNDLE: &str =
+    "the injector has no trust bundle configured, so the sidecar will not start: \
+give the chart's injector config (`portcullis inject --config FILE`, FILE being the `config.yaml` \
+of the chart's injector ConfigMap; see docs/kubernetes.md)";
+
 /// What can go wrong while injecting or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -238,8 +246,7 @@ pub fn inject(req: &Request, cfg: &InjectorConfig) -> Result<Injection, Error> {
     let (s, mut warnings) = settings::resolve(cfg, &annotations);
     warnings.extend(conflicts(pod, cfg));
     if cfg.trust_bundle_missing() {
-        warnings
-            .push("the injector has no trust bundle configured; the sidecar will not start".into());
+        warnings.push(NO_TRUST_BUNDLE.into());
     }
 
     let mut b = patch::Builder::new(pod);

@@ -2,7 +2,7 @@
 //! and ask why a given request would be allowed or denied.
 //!
 //! Exit codes are meant for CI: `check` exits 0 on a valid set (warnings
-//! included) and 1 otherwise; `explain` exits 0 when allowed, 1 when
+//! included, unless `--strict`) and 1 otherwise; `explain` exits 0 when allowed, 1 when
 //! denied, and 2 when the rules or the arguments are wrong.
 
 use std::net::IpAddr;
@@ -36,7 +36,7 @@ pub struct CheckArgs {
     /// The sidecars' trust domain (rules naming only others never match).
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Exit 1 on warnings too.
+    /// Exit 1 on warnings too (a directory with no rule file is one).
     #[arg(long)]
     pub strict: bool,
 }
@@ -111,24 +111,52 @@ fn check(args: &CheckArgs) -> ExitCode {
             ExitCode::from(1)
         }
         Ok(set) => {
-            let warnings = lint(&set, Some(&td));
-            for w in &warnings {
-                eprintln!("{}: warning: rule {}: {}", w.locate(), w.rule, w.message);
+            let mut warnings = empty_dirs(&args.paths);
+            for w in &lint(&set, Some(&td)) {
+                warnings.push(format!(
+                    "{}: warning: rule {}: {}",
+                    w.locate(),
+                    w.rule,
+                    w.message
+                ));
             }
-            println!(
-                "ok: {} rule(s) in {} file(s), hash {}, {} warning(s)",
+            for w in &warnings {
+                eprintln!("{w}");
+            }
+            let summary = format!(
+                "{} rule(s) in {} file(s), hash {}, {} warning(s)",
                 set.len(),
                 set.files().len(),
                 set.hash(),
                 warnings.len()
             );
             if args.strict && !warnings.is_empty() {
+                // Not "ok: …": the exit status would contradict it.
+                eprintln!("failed: {summary}, and --strict makes warnings errors");
                 ExitCode::from(1)
             } else {
+                println!("ok: {summary}");
                 ExitCode::SUCCESS
             }
         }
     }
+}
+
+/// A warning for each directory given that holds no rule file: the set is
+/// valid (no rules), but `run --rules-dir` refuses such a directory, so a
+/// check that says only "ok" would mislead.
+fn empty_dirs(paths: &[PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .filter(|p| p.is_dir())
+        .filter(|p| crate::authz::list_dir(p).is_ok_and(|files| files.is_empty()))
+        .map(|p| {
+            format!(
+                "{}: warning: no *.yaml, *.yml or *.json file: `run --rules-dir` refuses this directory",
+                p.display()
+            )
+        })
+        .collect()
 }
 
 fn explain_cmd(args: &ExplainArgs) -> Result<ExitCode, String> {

@@ -1,5 +1,5 @@
 //! Issue 6, test 5: `portcullis await` exits 0 once `/ready` answers 200,
-//! and non-zero at its timeout (also when nothing listens).
+//! 1 at its timeout (also when nothing listens), and 2 on a usage error.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -73,7 +73,7 @@ fn exits_zero_once_ready() {
 fn fails_at_timeout() {
     let port = admin(Arc::new(AtomicBool::new(false)));
     let (out, took) = await_cmd(port, "1s");
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "a timeout exits 1");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("503"),
         "{}",
@@ -90,5 +90,37 @@ fn fails_at_timeout() {
         .unwrap()
         .port();
     let (out, _) = await_cmd(free, "500ms");
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// A bad `--admin` is a usage error: exit 2 at once, naming the flag, not
+/// a timeout later; `--help` documents the exit codes.
+#[test]
+fn usage_errors_exit_2_and_help_lists_exit_codes() {
+    for admin in ["nope", "https://127.0.0.1:15020", "http://127.0.0.1"] {
+        let started = Instant::now();
+        let out = Command::new(BIN)
+            .args(["await", "--timeout", "30s", "--admin", admin])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{admin}: {stderr}");
+        assert!(stderr.contains("--admin"), "{stderr}");
+        assert!(stderr.contains("use http://HOST:PORT"), "{stderr}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    let out = Command::new(BIN)
+        .args(["await", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for line in [
+        "Exit codes:",
+        "0  the sidecar answered /ready with 200",
+        "1  it did not before --timeout",
+        "2  usage error",
+    ] {
+        assert!(help.contains(line), "{line:?} not in:\n{help}");
+    }
 }

@@ -204,6 +204,9 @@ fn bad_option_is_one_line_and_applies_nothing() {
         &["--exclude-outbound-cidrs", "10.0.0.0/33"][..],
         &["--exclude-inbound-ports", "70000"],
         &["--include-inbound-ports", "*,80"],
+        &["--proxy-uid", "0"],
+        &["--proxy-gid", "0"],
+        &["--exclude-outbound-cidrs", "10.0.0.1/8"],
     ] {
         let out = init(&ns, args);
         let line = assert_one_line_failure(&out, args[0]);
@@ -215,6 +218,11 @@ fn bad_option_is_one_line_and_applies_nothing() {
         );
     }
     assert_eq!(whole_state(&ns), before);
+    let out = init(&ns, &["--exclude-inbound-cidrs", "10.0.0.1/8"]);
+    assert_one_line_failure(
+        &out,
+        "--exclude-inbound-cidrs: \"10.0.0.1/8\": host bits are set (did you mean 10.0.0.0/8?)",
+    );
 }
 
 /// Without CAP_NET_ADMIN (dropped from the bounding set, so even root lacks

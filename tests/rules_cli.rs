@@ -253,3 +253,169 @@ fn explain_with_bad_rules_or_arguments_exits_2() {
         "{stderr}"
     );
 }
+
+/// Runs the binary in `dir` (for files made by the test).
+fn portcullis_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run portcullis")
+}
+
+#[test]
+fn check_warns_about_a_directory_that_run_would_refuse() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    std::fs::write(tmp.path().join("empty/notes.txt"), "not a rule file").unwrap();
+    let warning = "empty: warning: no *.yaml, *.yml or *.json file: `run --rules-dir` refuses this directory\n";
+
+    let out = portcullis_in(tmp.path(), &["rules", "check", "empty"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stderr, warning);
+    assert!(
+        stdout.starts_with("ok: 0 rule(s) in 0 file(s), hash "),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with(", 1 warning(s)\n"), "{stdout}");
+
+    let out = portcullis_in(tmp.path(), &["rules", "check", "--strict", "empty"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(stdout, "", "no `ok:` line when --strict fails");
+    assert!(stderr.starts_with(warning), "{stderr}");
+    assert!(
+        stderr.ends_with(", 1 warning(s), and --strict makes warnings errors\n"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_strict_summary_says_it_failed() {
+    let out = portcullis(&["rules", "check", "--strict", "warn/rules.yaml"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout, "");
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with("failed: 4 rule(s) in 1 file(s), hash "),
+        "{stderr}"
+    );
+    assert!(
+        last.ends_with(", 3 warning(s), and --strict makes warnings errors"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bare_list_of_rules_says_what_the_file_must_be() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("list.yaml"),
+        "# forgot `rules:`\n- name: a\n  action: allow\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("list.json"),
+        "[{\"name\": \"a\", \"action\": \"allow\"}]",
+    )
+    .unwrap();
+    let out = portcullis_in(tmp.path(), &["rules", "check", "list.yaml", "list.json"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "list.yaml:2:1: invalid type: sequence, expected a map with the key \"rules\"",
+            "list.json:1:1: invalid type: sequence, expected a map with the key \"rules\"",
+            "2 error(s); the rules are not valid",
+        ]
+    );
+    assert!(!stderr.contains("FileModel"), "{stderr}");
+}
+
+/// docs/rules.md, checked against the binary so its examples cannot drift.
+const RULES_DOC: &str = include_str!("../docs/rules.md");
+
+/// Saves the doc's first YAML block as `rules/10-web.yaml`, as the doc
+/// tells the reader to, in a fresh directory.
+fn doc_rules() -> tempfile::TempDir {
+    let start = RULES_DOC.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let len = RULES_DOC[start..].find("```\n").expect("the block's end");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("rules")).unwrap();
+    std::fs::write(
+        tmp.path().join("rules/10-web.yaml"),
+        &RULES_DOC[start..start + len],
+    )
+    .unwrap();
+    let out = portcullis_in(tmp.path(), &["rules", "check", "--strict", "rules/"]);
+    assert!(out.status.success(), "the doc's rules: {:?}", text(&out));
+    tmp
+}
+
+/// A table cell's value: `—` is "not given", else the text in backticks.
+fn cell(c: &str) -> Option<&str> {
+    let c = c.trim();
+    (c != "—").then(|| c.trim_matches('`'))
+}
+
+#[test]
+fn rules_doc_example_table_is_what_explain_says() {
+    let tmp = doc_rules();
+    let header = "| `--from` | `--source-ip` | `--port` | request | decision | `rule:` | why |\n";
+    let at = RULES_DOC.find(header).expect("the examples table") + header.len();
+    let rows: Vec<&str> = RULES_DOC[at..]
+        .lines()
+        .skip(1) // | --- | --- | …
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(rows.len() >= 7, "{rows:?}");
+    for row in rows {
+        let cells: Vec<&str> = row.trim_matches('|').split(" | ").collect();
+        assert_eq!(cells.len(), 7, "{row}");
+        let mut args = vec!["rules", "explain", "--rules", "rules/"];
+        args.extend(["--from", cell(cells[0]).expect("--from")]);
+        if let Some(ip) = cell(cells[1]) {
+            args.extend(["--source-ip", ip]);
+        }
+        args.extend(["--port", cell(cells[2]).expect("--port")]);
+        if let Some(request) = cell(cells[3]) {
+            args.extend(request.split_whitespace());
+        }
+        let (decision, rule) = (cells[4].trim(), cell(cells[5]).expect("rule"));
+        let out = portcullis_in(tmp.path(), &args);
+        let (stdout, stderr) = text(&out);
+        let code = if decision == "allow" { 0 } else { 1 };
+        assert_eq!(out.status.code(), Some(code), "{row}\n{stdout}{stderr}");
+        assert!(
+            stdout.starts_with(&format!("decision: {decision}\nrule:     {rule}\n")),
+            "{row}\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn rules_doc_explain_example_is_the_real_output() {
+    let tmp = doc_rules();
+    let start = RULES_DOC
+        .find("$ portcullis rules explain ")
+        .expect("the explain example");
+    let block = &RULES_DOC[start..start + RULES_DOC[start..].find("```").unwrap()];
+    let mut lines = block.lines();
+    let mut command = String::new();
+    for line in lines.by_ref() {
+        command.push_str(line.trim_end_matches('\\'));
+        if !line.ends_with('\\') {
+            break;
+        }
+    }
+    let want: String = lines.map(|l| format!("{l}\n")).collect();
+    let args: Vec<&str> = command.split_whitespace().skip(2).collect(); // `$ portcullis`
+    let out = portcullis_in(tmp.path(), &args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stdout, want, "docs/rules.md's explain example is stale");
+}

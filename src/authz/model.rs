@@ -19,11 +19,42 @@ use super::matchers::{
 use super::Action;
 use crate::identity::TrustDomain;
 
-/// One rule file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One rule file: a map with the key `rules`.
+///
+/// Deserialized by hand so that only a map is accepted, with a message that
+/// says what to write. The derived impl would also take a sequence (serde's
+/// tuple form of a struct), so a JSON file that is a bare list of rules —
+/// the usual mistake — got "invalid type: map, expected a sequence" about
+/// its first rule, and YAML got "expected struct FileModel", an internal name.
+#[derive(Debug)]
 pub(crate) struct FileModel {
     pub rules: Vec<RuleModel>,
+}
+
+/// The file's fields, once we know it is a map.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFields {
+    rules: Vec<RuleModel>,
+}
+
+impl<'de> Deserialize<'de> for FileModel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MapOnly;
+        impl<'de> Visitor<'de> for MapOnly {
+            type Value = FileModel;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map with the key \"rules\"")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FileModel, A::Error> {
+                let fields = FileFields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(FileModel {
+                    rules: fields.rules,
+                })
+            }
+        }
+        d.deserialize_map(MapOnly)
+    }
 }
 
 /// One rule, as written.

@@ -168,7 +168,12 @@ impl InjectorConfig {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
-                Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
+                // `parse`'s errors already say "injector config: "; put the
+                // file name after it instead of a second prefix.
+                Self::parse(&text).map_err(|e| match e {
+                    Error::Config(m) => Error::Config(format!("{}: {m}", p.display())),
+                    other => other,
+                })
             }
         }
     }

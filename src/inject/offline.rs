@@ -1,6 +1,7 @@
-//! `portcullis inject -f FILE|-`: the offline front door. Multi-document
-//! YAML in, the same documents out, with every Pod and every pod template of
-//! a Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob (and
+//! `portcullis inject -f FILE|DIR|-`: the offline front door. Multi-document
+//! YAML in (a directory's files in name order, as `kubectl apply -f DIR`),
+//! the same documents out, with every Pod and every pod template of a
+//! Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob (and
 //! the items of a `List`) injected by the same [`inject`](super::inject) the
 //! webhook uses. Documents that are not injected are copied byte for byte,
 //! comments included; injected ones are re-serialised.
@@ -12,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde_json::Value;
@@ -22,10 +23,13 @@ use super::{inject, patch, Error, InjectorConfig, Request, INJECT_LABEL};
 /// `portcullis inject` flags.
 #[derive(Debug, Args)]
 pub struct InjectArgs {
-    /// The manifest to inject (`-` for standard input).
-    #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+    /// The manifest to inject: a file, a directory (every *.yaml, *.yml and
+    /// *.json file in it, in name order, like `kubectl apply -f DIR`), or
+    /// `-` for standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-")]
     pub file: String,
-    /// The injector's config file (the chart's); built-in defaults without it.
+    /// The injector's config file: the `config.yaml` of the chart's injector
+    /// ConfigMap. Without it, built-in defaults with no trust bundle.
     #[arg(long, env = "PORTCULLIS_INJECTOR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -33,19 +37,63 @@ pub struct InjectArgs {
 /// Runs `portcullis inject`: the result on stdout, warnings on stderr.
 pub fn run(args: &InjectArgs) -> Result<(), Error> {
     let cfg = InjectorConfig::load(args.config.as_deref())?;
-    let mut text = String::new();
-    if args.file == "-" {
-        std::io::stdin().read_to_string(&mut text)?;
-    } else {
-        text = std::fs::read_to_string(&args.file)
-            .map_err(|e| Error::Input(format!("{}: {e}", args.file)))?;
-    }
-    let (out, warnings) = inject_documents(&text, &cfg)?;
+    let inputs = read_inputs(&args.file)?;
+    let (out, warnings) = inject_inputs(&inputs, &cfg)?;
     for w in warnings {
         eprintln!("portcullis: warning: {w}");
     }
     print!("{out}");
     Ok(())
+}
+
+/// One input file: the name errors show (`-` for standard input) and its text.
+type Input = (String, String);
+
+/// Reads `-f`: standard input, one file, or a directory's manifest files.
+fn read_inputs(file: &str) -> Result<Vec<Input>, Error> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map(|text| (p.display().to_string(), text))
+            .map_err(|e| Error::Input(format!("{}: {e}", p.display())))
+    };
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| Error::Input(format!("-: {e}")))?;
+        return Ok(vec![("-".into(), text)]);
+    }
+    let path = Path::new(file);
+    if !path.is_dir() {
+        return Ok(vec![read(path)?]);
+    }
+    let files = manifest_files(path).map_err(|e| Error::Input(format!("{file}: {e}")))?;
+    if files.is_empty() {
+        return Err(Error::Input(format!(
+            "{file}: a directory with no *.yaml, *.yml or *.json file"
+        )));
+    }
+    files.iter().map(|p| read(p)).collect()
+}
+
+/// The manifest files directly in `dir`, in name order (hidden names
+/// skipped, symlinks followed: a mounted ConfigMap works too).
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let manifest = [".yaml", ".yml", ".json"]
+            .iter()
+            .any(|ext| name.ends_with(ext));
+        if manifest && !name.starts_with('.') && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// Splits YAML text into (separator line, document) pieces; a separator is
@@ -72,20 +120,31 @@ fn split(text: &str) -> Vec<(&str, &str)> {
 /// Injects every pod (template) in `text`; returns the new text and the
 /// warnings, each prefixed with the document it concerns.
 pub fn inject_documents(text: &str, cfg: &InjectorConfig) -> Result<(String, Vec<String>), Error> {
-    let pieces = split(text);
-    let mut docs = Vec::with_capacity(pieces.len());
-    for (i, (_, body)) in pieces.iter().enumerate() {
-        let v: Value = if body.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_norway::from_str(body)
-                .map_err(|e| Error::Input(format!("document {}: {e}", i + 1)))?
-        };
-        docs.push(v);
+    inject_inputs(&[("-".into(), text.into())], cfg)
+}
+
+/// Injects every pod (template) of every input; the outputs are joined
+/// with `---` lines, in input order. Namespaces defined in any input count
+/// for all of them, as they would in one `kubectl apply -f DIR`.
+fn inject_inputs(inputs: &[Input], cfg: &InjectorConfig) -> Result<(String, Vec<String>), Error> {
+    let mut files = Vec::with_capacity(inputs.len());
+    for (name, text) in inputs {
+        let pieces = split(text);
+        let mut docs = Vec::with_capacity(pieces.len());
+        for (i, (_, body)) in pieces.iter().enumerate() {
+            let v: Value = if body.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_norway::from_str(body)
+                    .map_err(|e| Error::Input(format!("{name}: document {}: {e}", i + 1)))?
+            };
+            docs.push(v);
+        }
+        files.push((pieces, docs));
     }
     // Namespaces defined alongside: their labels decide like the webhook's selector.
     let mut namespaces: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for d in &docs {
+    for d in files.iter().flat_map(|(_, docs)| docs) {
         if d["kind"] == "Namespace" {
             if let Some(name) = d["metadata"]["name"].as_str() {
                 namespaces.insert(name.into(), super::string_map(&d["metadata"]["labels"]));
@@ -94,17 +153,26 @@ pub fn inject_documents(text: &str, cfg: &InjectorConfig) -> Result<(String, Vec
     }
     let mut out = String::new();
     let mut warnings = Vec::new();
-    for ((sep, body), mut doc) in pieces.into_iter().zip(docs) {
-        out.push_str(sep);
-        let changed = inject_object(&mut doc, cfg, &namespaces, &mut warnings)?;
-        if changed {
-            let yaml = serde_norway::to_string(&doc).map_err(|e| Error::Input(e.to_string()))?;
-            out.push_str(&yaml);
-            if !yaml.ends_with('\n') {
+    for (n, (pieces, docs)) in files.into_iter().enumerate() {
+        if n > 0 {
+            if !out.is_empty() && !out.ends_with('\n') {
                 out.push('\n');
             }
-        } else {
-            out.push_str(body);
+            out.push_str("---\n");
+        }
+        for ((sep, body), mut doc) in pieces.into_iter().zip(docs) {
+            out.push_str(sep);
+            let changed = inject_object(&mut doc, cfg, &namespaces, &mut warnings)?;
+            if changed {
+                let yaml =
+                    serde_norway::to_string(&doc).map_err(|e| Error::Input(e.to_string()))?;
+                out.push_str(&yaml);
+                if !yaml.ends_with('\n') {
+                    out.push('\n');
+                }
+            } else {
+                out.push_str(body);
+            }
         }
     }
     Ok((out, warnings))

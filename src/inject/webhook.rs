@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::{Error, InjectorConfig};
 use crate::config::LogArgs;
-use crate::filewatch::{read_all, Reloader};
+use crate::filewatch::Reloader;
 
 /// The largest AdmissionReview accepted (a pod is at most ~1.5 MiB in etcd).
 const MAX_BODY: usize = 8 << 20;
@@ -168,7 +168,13 @@ impl Webhook {
     pub fn bind(args: &WebhookArgs) -> Result<Self, Error> {
         let cfg = InjectorConfig::load(args.config.as_deref())?;
         let paths = vec![args.tls_cert.clone(), args.tls_key.clone()];
-        let initial = read_all(&paths).map_err(Error::Tls)?;
+        // Read one by one so a missing file names the flag that gave it.
+        let initial = [("--tls-cert", &args.tls_cert), ("--tls-key", &args.tls_key)]
+            .into_iter()
+            .map(|(flag, p)| {
+                std::fs::read(p).map_err(|e| Error::Input(format!("{flag} {}: {e}", p.display())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let tls = Arc::new(ArcSwap::from_pointee(
             server_config(&initial[0], &initial[1]).map_err(Error::Tls)?,
         ));

@@ -84,7 +84,11 @@ impl Cidr {
     }
 
     /// Parses `10.0.0.0/8`, `fd00::/8`, or a bare address (a /32 or /128).
-    /// Host bits are cleared, as iptables does: `10.1.2.3/8` is `10.0.0.0/8`.
+    ///
+    /// Host bits are refused, not cleared as iptables would: `10.0.0.1/8`
+    /// is more likely a typo for `10.0.0.1/32` than a wish for the whole
+    /// `10.0.0.0/8`, and silently widening an exclusion lets traffic past
+    /// the sidecar. The message is the rules checker's, so both agree.
     pub fn parse(s: &str) -> Result<Self, String> {
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
@@ -111,7 +115,11 @@ impl Cidr {
                 n
             }
         };
-        Ok(Cidr::new(addr, prefix))
+        let cidr = Cidr::new(addr, prefix);
+        if cidr.addr != addr {
+            return Err(format!("host bits are set (did you mean {cidr}?)"));
+        }
+        Ok(cidr)
     }
 
     fn new(addr: IpAddr, prefix: u8) -> Self {
@@ -214,6 +222,21 @@ impl InitArgs {
         ] {
             if port == 0 {
                 return Err(bad(flag, "0", "must be a port from 1 to 65535".into()));
+            }
+        }
+        // UID/GID 0 would exempt every root process in the pod from
+        // interception, not only the sidecar: refuse it rather than leave a
+        // hole that looks like a working mesh.
+        for (flag, id) in [
+            ("--proxy-uid", self.proxy_uid),
+            ("--proxy-gid", self.proxy_gid),
+        ] {
+            if id == 0 {
+                return Err(bad(
+                    flag,
+                    "0",
+                    "must not be 0: root's connections would all bypass the sidecar; run the sidecar as its own user".into(),
+                ));
             }
         }
         if self.inbound_port == self.outbound_port {
@@ -330,10 +353,26 @@ mod tests {
     fn cidrs() {
         let cases: &[(&str, Result<&str, &str>)] = &[
             ("10.0.0.0/8", Ok("10.0.0.0/8")),
-            ("10.1.2.3/8", Ok("10.0.0.0/8")),
+            (
+                "10.1.2.3/8",
+                Err("host bits are set (did you mean 10.0.0.0/8?)"),
+            ),
+            (
+                "10.0.0.1/8",
+                Err("host bits are set (did you mean 10.0.0.0/8?)"),
+            ),
+            ("192.0.2.7/32", Ok("192.0.2.7/32")),
             ("192.0.2.7", Ok("192.0.2.7/32")),
             ("0.0.0.0/0", Ok("0.0.0.0/0")),
-            ("fd00::1/8", Ok("fd00::/8")),
+            ("fd00::/8", Ok("fd00::/8")),
+            (
+                "fd00::1/8",
+                Err("host bits are set (did you mean fd00::/8?)"),
+            ),
+            (
+                "0.0.0.1/0",
+                Err("host bits are set (did you mean 0.0.0.0/0?)"),
+            ),
             ("::1", Ok("::1/128")),
             ("10.0.0.0/33", Err("prefix length 33 is more than 32")),
             ("fd00::/129", Err("prefix length 129 is more than 128")),
@@ -441,9 +480,42 @@ mod tests {
                 "--outbound-port: \"15006\": must differ from --inbound-port",
             ),
             (&["--inbound-port", "0"], "--inbound-port: \"0\": must be a port from 1 to 65535"),
+            (
+                &["--proxy-uid", "0"],
+                "--proxy-uid: \"0\": must not be 0: root's connections would all bypass the sidecar; run the sidecar as its own user",
+            ),
+            (
+                &["--proxy-gid", "0"],
+                "--proxy-gid: \"0\": must not be 0: root's connections would all bypass the sidecar; run the sidecar as its own user",
+            ),
         ];
         for (argv, want) in cases {
             assert_eq!(options(argv).unwrap_err(), *want, "{argv:?}");
+        }
+    }
+
+    /// Every CIDR flag refuses host bits, naming itself and the network
+    /// that was probably meant.
+    #[test]
+    fn every_cidr_flag_refuses_host_bits() {
+        for flag in ["--exclude-inbound-cidrs", "--exclude-outbound-cidrs"] {
+            let cases: &[(&str, &str)] = &[
+                (
+                    "10.0.0.1/8",
+                    "10.0.0.1/8\": host bits are set (did you mean 10.0.0.0/8?)",
+                ),
+                (
+                    "192.0.2.0/24,fd00::1/8",
+                    "fd00::1/8\": host bits are set (did you mean fd00::/8?)",
+                ),
+            ];
+            for (value, want) in cases {
+                assert_eq!(
+                    options(&[flag, value]).unwrap_err(),
+                    format!("{flag}: \"{want}"),
+                    "{flag} {value}"
+                );
+            }
         }
     }
 }
