@@ -67,6 +67,18 @@ impl Proc {
         }
     }
 
+    /// Waits until `/ready` answers 200.
+    async fn wait_ready(&self) {
+        let admin = self.admin;
+        eventually("process ready", Duration::from_secs(10), || async move {
+            http_get(admin, "/ready")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+        })
+        .await;
+    }
+
     fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
@@ -111,14 +123,8 @@ async fn sigterm_drains_open_streams_and_refuses_new_ones() {
         "10s",
     ]));
     let mut b = Proc::start(&args);
+    b.wait_ready().await;
     let admin = b.admin;
-    eventually("child ready", Duration::from_secs(10), || async move {
-        http_get(admin, "/ready")
-            .await
-            .map(|(s, _)| s == 200)
-            .unwrap_or(false)
-    })
-    .await;
     let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
     a_args.extend(strings(&[
         "--upstream",
@@ -185,14 +191,7 @@ async fn drain_timeout_ends_streams_that_never_finish() {
         "allow",
     ]));
     let mut b = Proc::start(&args);
-    let admin = b.admin;
-    eventually("child ready", Duration::from_secs(10), || async move {
-        http_get(admin, "/ready")
-            .await
-            .map(|(s, _)| s == 200)
-            .unwrap_or(false)
-    })
-    .await;
+    b.wait_ready().await;
     let mut stream = TcpStream::connect(b.inbound).await.unwrap();
     let mut buf = [0u8; 2];
     stream.write_all(b"hi").await.unwrap();
@@ -217,14 +216,8 @@ async fn shutdown_endpoint_is_loopback_only_and_drains() {
     let mut args = issuer_args(&ca, &ca.files.cert, "server");
     args.extend(strings(&["--inbound-target", &echo.to_string()]));
     let mut b = Proc::start(&args);
+    b.wait_ready().await;
     let admin = b.admin;
-    eventually("child ready", Duration::from_secs(10), || async move {
-        http_get(admin, "/ready")
-            .await
-            .map(|(s, _)| s == 200)
-            .unwrap_or(false)
-    })
-    .await;
     assert_eq!(
         http_request(admin, "GET", "/shutdown").await.unwrap().0,
         405
@@ -444,14 +437,7 @@ async fn ca_serve_exits_zero_on_sigterm() {
         "identity service listening",
         "listen",
     );
-    let admin = p.admin;
-    eventually("ca serve ready", Duration::from_secs(10), || async move {
-        http_get(admin, "/ready")
-            .await
-            .map(|(s, _)| s == 200)
-            .unwrap_or(false)
-    })
-    .await;
+    p.wait_ready().await;
     p.signal(nix::sys::signal::Signal::SIGTERM);
     let (status, took) = p.wait(Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
