@@ -56,6 +56,8 @@ install_pip() {
       echo "make deps: installing the PyPI package $pkg (for $tool)"
       pip=$(command -v pip3 || command -v pip)
       "$pip" install -q "$pkg" 2>/dev/null || "$pip" install -q --break-system-packages "$pkg"
+      # pyenv (as on the CI machines) exposes new scripts only after a rehash.
+      if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
       hash -r
       command -v "$tool" >/dev/null 2>&1 || { echo "make deps: $tool still missing after pip install $pkg" >&2; exit 1; }
     fi
