@@ -7,20 +7,20 @@ mod app_health;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use crate::authz::{DefaultPolicy, LiveRules};
 use crate::drain::Drain;
+use crate::limits::{serve_admin_connection, ConnectionCap, ADMIN_MAX_CONNECTIONS};
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -52,10 +52,23 @@ impl Admin {
     }
 
     /// Serves until the process ends; it keeps answering while draining so
-    /// that `/ready` can say 503.
+    /// that `/ready` can say 503. At most `ADMIN_MAX_CONNECTIONS` at once:
+    /// past that a connection is closed at once, so that the admin port
+    /// cannot use up the descriptors the data path needs.
     pub async fn run(self) {
+        let cap = ConnectionCap::new(ADMIN_MAX_CONNECTIONS);
         loop {
-            let Ok((stream, peer)) = self.listener.accept().await else {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors, most likely: pause instead of spinning.
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(permit) = cap.try_admit() else {
+                debug!(%peer, "admin connection refused: too many open");
                 continue;
             };
             let state = self.state.clone();
@@ -69,12 +82,8 @@ impl Admin {
                         Ok::<_, Infallible>(route(&state, peer, req))
                     }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!(error = %e, "admin connection failed");
-                }
+                serve_admin_connection(stream, service).await;
+                drop(permit);
             });
         }
     }

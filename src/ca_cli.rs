@@ -89,6 +89,7 @@ fn serve(args: crate::identity::serve::ServeArgs) -> Result<()> {
     use crate::identity::serve::CaServer;
     let settings = args.settings().map_err(anyhow::Error::msg)?;
     args.log.init().map_err(anyhow::Error::msg)?;
+    crate::limits::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

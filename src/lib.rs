@@ -13,6 +13,7 @@ pub mod filewatch;
 pub mod identity;
 pub mod inject;
 pub mod intercept;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

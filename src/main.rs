@@ -65,6 +65,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(args: portcullis::config::RunArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
     args.log.init().map_err(anyhow::Error::msg)?;
+    portcullis::limits::raise_nofile_limit();
     runtime()?.block_on(async {
         let app = portcullis::app::App::bind(settings).await?;
         let drain = app.drain();
@@ -78,6 +79,7 @@ fn run(args: portcullis::config::RunArgs) -> anyhow::Result<()> {
 
 fn webhook(args: portcullis::inject::webhook::WebhookArgs) -> anyhow::Result<()> {
     args.log.init().map_err(anyhow::Error::msg)?;
+    portcullis::limits::raise_nofile_limit();
     runtime()?.block_on(portcullis::inject::webhook::run(args))?;
     Ok(())
 }

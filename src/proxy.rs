@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{InboundMode, PortRange};
 use crate::drain::Drain;
+use crate::limits::ConnectionCap;
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -63,6 +64,9 @@ pub struct Shared {
     pub app_clients: AppClients,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Inbound connections in detection or handshake at once
+    /// (`--max-pending-handshakes`): what stalled clients can hold.
+    pub pending_handshakes: ConnectionCap,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
 }

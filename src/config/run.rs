@@ -164,6 +164,18 @@ pub struct RunArgs {
     pub connect_timeout: Duration,
     #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Inbound connections still being detected or in their TLS handshake
+    /// at once; past it a new connection is closed at once and counted as
+    /// portcullis_tls_handshakes_total{result="overload"}. Bounds what
+    /// clients that never finish a ClientHello can hold; established
+    /// connections do not count.
+    #[arg(
+        long,
+        env = "PORTCULLIS_MAX_PENDING_HANDSHAKES",
+        default_value_t = 1024,
+        value_name = "N"
+    )]
+    pub max_pending_handshakes: usize,
     /// How long to wait for a client's first bytes when looking for HTTP
     /// (after mTLS, or on plaintext in permissive mode) before carrying the
     /// connection as opaque TCP; also how long a plaintext client may stay
@@ -264,6 +276,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub max_pending_handshakes: usize,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
     pub file_poll_interval: Duration,
@@ -322,6 +335,9 @@ impl RunArgs {
                 return Err(format!("{}: must be more than zero", timeout.0));
             }
         }
+        if self.max_pending_handshakes == 0 {
+            return Err("--max-pending-handshakes: must be at least 1".into());
+        }
         Ok(Settings {
             trust_bundle_refresh: self.trust_bundle_refresh,
             id,
@@ -352,6 +368,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,
+            max_pending_handshakes: self.max_pending_handshakes,
             detect_timeout: self.detect_timeout,
             idle_timeout: self.idle_timeout,
             file_poll_interval: self.file_poll_interval,
@@ -443,5 +460,8 @@ mod tests {
         assert!(parse(&["--drain-timeout", "0s"])
             .unwrap_err()
             .starts_with("--drain-timeout"));
+        assert!(parse(&["--max-pending-handshakes", "0"])
+            .unwrap_err()
+            .starts_with("--max-pending-handshakes"));
     }
 }

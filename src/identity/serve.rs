@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use clap::Args;
 use hyper::Uri;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -36,6 +36,7 @@ use crate::config::LogArgs;
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
 use crate::identity::TrustDomain;
+use crate::limits::Activity;
 use issuer::{IssuerFiles, LiveIssuer, ServingName};
 use review::{ReviewSettings, Reviewer};
 
@@ -388,8 +389,17 @@ impl CaServer {
     }
 }
 
+/// An HTTP/1 client must send a whole request head within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no request in flight for this long is closed: hyper
+/// has no HTTP/2 idle limit, and waits without one for the first bytes
+/// that tell HTTP/1 from HTTP/2.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection asked to close may take to finish its requests.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 /// One client connection: TLS with the current serving certificate, then
-/// HTTP/1.1 or HTTP/2; closed gracefully when a shutdown begins.
+/// HTTP/1.1 or HTTP/2; closed gracefully when idle or when a shutdown begins.
 async fn serve_connection(tcp: tokio::net::TcpStream, state: Arc<State>, drain: Drain) {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(state.issuer.current().tls.clone());
@@ -398,11 +408,18 @@ async fn serve_connection(tcp: tokio::net::TcpStream, state: Arc<State>, drain: 
         Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
         Err(_) => return debug!("handshake timed out"),
     };
+    let activity = Activity::default();
+    let idle = activity.idle_for(IDLE_TIMEOUT);
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(api::handle(&state, req).await) }
+        let busy = activity.busy();
+        async move {
+            let reply = api::handle(&state, req).await;
+            drop(busy);
+            Ok::<_, Infallible>(reply)
+        }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = crate::limits::server_auto(HEADER_READ_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -411,8 +428,14 @@ async fn serve_connection(tcp: tokio::net::TcpStream, state: Arc<State>, drain: 
             return;
         }
         _ = drain.stopping() => conn.as_mut().graceful_shutdown(),
+        _ = idle => {
+            debug!("closing an idle connection");
+            conn.as_mut().graceful_shutdown();
+        }
     }
-    let _ = conn.await;
+    if tokio::time::timeout(CLOSE_GRACE, conn).await.is_err() {
+        debug!("connection closed: it did not finish in time");
+    }
 }
 
 /// Binds `addr`; `[::]` falls back to `0.0.0.0` where IPv6 is off.

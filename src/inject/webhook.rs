@@ -23,7 +23,7 @@ use clap::Args;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -240,7 +240,7 @@ impl Webhook {
                     let (cfg, metrics) = (cfg.clone(), metrics.clone());
                     async move { Ok::<_, Infallible>(handle(req, &cfg, &metrics).await) }
                 });
-                if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                if let Err(e) = crate::limits::server_auto(Duration::from_secs(30))
                     .serve_connection(TokioIo::new(tls), service)
                     .await
                 {
@@ -337,9 +337,7 @@ async fn serve_admin(
                     })
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            crate::limits::serve_admin_connection(stream, service).await;
         });
     }
 }

@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{recv, MsgFlags};
 use rustls::server::Acceptor;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -24,47 +28,110 @@ pub enum Detected {
     Closed,
 }
 
-/// Largest ClientHello we wait for; past this it is treated as foreign TLS.
-const PEEK_LIMIT: usize = 16 * 1024;
-/// How often to look again while a ClientHello is still arriving.
-const REPEEK: Duration = Duration::from_millis(2);
+/// Largest ClientHello we wait for (all its records, headers included);
+/// past this it is treated as foreign TLS.
+const PEEK_LIMIT: usize = 16 * 1024 + RECORD_HEADER;
+/// A TLS record header: type, version (2 bytes), length (2 bytes).
+const RECORD_HEADER: usize = 5;
+/// The largest plaintext record TLS allows.
+const MAX_RECORD: usize = 16 * 1024;
 
 /// Peeks at the stream for at most `wait` and classifies the first bytes.
+///
+/// A stalled client must cost next to nothing, as thousands may be waiting
+/// at once: the bytes are looked at only when the kernel says new ones
+/// arrived (a peek that finds nothing new clears the stream's readiness),
+/// the hello is parsed only when a whole record is buffered (its header
+/// says how long it is), and no buffer is kept between looks.
 pub async fn detect(stream: &TcpStream, wait: Duration) -> std::io::Result<Detected> {
     let deadline = Instant::now() + wait;
-    let mut buf = vec![0u8; PEEK_LIMIT];
+    let mut want = RECORD_HEADER;
     let mut seen = 0;
+    let mut parsed = 0;
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Err(_) => {
-                return Ok(if seen == 0 {
-                    Detected::Silent
-                } else {
-                    Detected::OtherTls
-                })
-            }
+        let ready = match tokio::time::timeout_at(deadline, stream.ready(Interest::READABLE)).await
+        {
+            Err(_) => return Ok(stalled(seen)),
             Ok(r) => r?,
         };
-        if n == 0 {
+        let looked = stream.try_io(Interest::READABLE, || {
+            let mut buf = vec![0u8; want];
+            let n = recv(
+                stream.as_raw_fd(),
+                &mut buf,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(std::io::Error::from)?;
+            seen = seen.max(n);
+            if n == 0 || n >= want || buf[0] != 0x16 {
+                buf.truncate(n);
+                Ok(buf)
+            } else {
+                // Not enough yet: report WouldBlock so that tokio clears
+                // the readiness and the next wake-up means new bytes.
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        });
+        let buf = match looked {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if ready.is_read_closed() {
+                    // The client finished sending with the hello incomplete.
+                    return Ok(stalled(seen));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
             return Ok(Detected::Closed);
         }
         if buf[0] != 0x16 {
             return Ok(Detected::Plain);
         }
-        if n > seen {
-            seen = n;
-            match classify_hello(&buf[..n]) {
-                Some(d) => return Ok(d),
-                None if n == buf.len() => return Ok(Detected::OtherTls),
-                None => {}
+        let (complete, next) = records(&buf);
+        if complete > parsed {
+            parsed = complete;
+            if let Some(d) = classify_hello(&buf[..complete]) {
+                return Ok(d);
             }
         }
-        // The hello is still arriving: peek returns at once while any byte is
-        // buffered, so pause briefly before looking again.
-        if Instant::now() + REPEEK >= deadline {
-            return Ok(Detected::OtherTls);
+        match next {
+            Some(n) if n <= PEEK_LIMIT => want = n,
+            // A record longer than TLS allows: let rustls say what it is.
+            None => return Ok(classify_hello(&buf).unwrap_or(Detected::Plain)),
+            Some(_) => return Ok(Detected::OtherTls),
         }
-        tokio::time::sleep(REPEEK).await;
+    }
+}
+
+/// What a client that sent part of something and then nothing more was.
+fn stalled(seen: usize) -> Detected {
+    if seen == 0 {
+        Detected::Silent
+    } else {
+        Detected::OtherTls
+    }
+}
+
+/// Walks the TLS records at the start of `buf`: how many bytes the whole
+/// records take, and how many bytes must be buffered to hold the next
+/// header or record in full (`None`: a record longer than TLS allows).
+fn records(buf: &[u8]) -> (usize, Option<usize>) {
+    let mut at = 0;
+    loop {
+        let Some(header) = buf.get(at..at + RECORD_HEADER) else {
+            return (at, Some(at + RECORD_HEADER));
+        };
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if len > MAX_RECORD {
+            return (at, None);
+        }
+        let end = at + RECORD_HEADER + len;
+        if end > buf.len() {
+            return (at, Some(end));
+        }
+        at = end;
     }
 }
 
@@ -225,6 +292,15 @@ mod tests {
                 String::from_utf8_lossy(bytes)
             );
         }
+    }
+
+    #[test]
+    fn walks_records() {
+        assert_eq!(records(&[0x16, 3, 1]), (0, Some(5)));
+        assert_eq!(records(&[0x16, 3, 1, 0, 4, 1]), (0, Some(9)));
+        assert_eq!(records(&[0x16, 3, 1, 0, 1, 9, 0x16, 3]), (6, Some(11)));
+        assert_eq!(records(&[0x16, 3, 1, 0, 1, 9]), (6, Some(11)));
+        assert_eq!(records(&[0x16, 3, 1, 0x40, 1]), (0, None));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, Instrument};
@@ -72,6 +73,13 @@ async fn serve(
     source: SocketAddr,
     target: Option<SocketAddr>,
 ) {
+    let handshakes = &shared.metrics.tls_handshakes;
+    // Held through detection and the handshake; a flood of clients that
+    // never finish a hello meets this cap instead of the descriptor limit.
+    let Some(pending) = shared.pending_handshakes.try_admit() else {
+        handshakes.with_label_values(&["inbound", "overload"]).inc();
+        return debug!("inbound connection refused: too many pending handshakes");
+    };
     let _ = stream.set_nodelay(true);
     let started = Instant::now();
     let target = match target {
@@ -93,12 +101,11 @@ async fn serve(
         Ok(d) => d,
         Err(e) => return debug!(error = %e, "inbound connection failed before its first byte"),
     };
-    let handshakes = &shared.metrics.tls_handshakes;
     match (detected, shared.mode) {
         (Detected::Closed, _) => {}
         (Detected::MeshTls, _) => {
             let remaining = shared.handshake_timeout.saturating_sub(started.elapsed());
-            serve_mesh(shared, stream, source, target, remaining).await;
+            serve_mesh(shared, stream, source, target, remaining, pending).await;
         }
         (Detected::Silent, InboundMode::Strict) => {
             handshakes.with_label_values(&["inbound", "timeout"]).inc();
@@ -120,6 +127,7 @@ async fn serve(
             );
         }
         (_, InboundMode::Permissive) => {
+            drop(pending);
             let conn = ConnInfo {
                 peer: Arc::new(Peer::Unauthenticated),
                 source,
@@ -137,6 +145,7 @@ async fn serve_mesh(
     source: SocketAddr,
     target: SocketAddr,
     timeout: Duration,
+    pending: OwnedSemaphorePermit,
 ) {
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
@@ -159,6 +168,7 @@ async fn serve_mesh(
         }
         Ok(Ok(tls)) => tls,
     };
+    drop(pending);
     let (_, conn) = tls.get_ref();
     let peer = conn
         .peer_certificates()

@@ -3,22 +3,34 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
 use super::State;
 use crate::drain::Drain;
+use crate::limits::{serve_admin_connection, ConnectionCap, ADMIN_MAX_CONNECTIONS};
 
-/// Serves until aborted; keeps answering while draining so `/ready` says 503.
+/// Serves until aborted; keeps answering while draining so `/ready` says
+/// 503. Capped like the sidecar's admin server (see `crate::limits`).
 pub async fn serve(listener: TcpListener, state: Arc<State>, drain: Drain) {
+    let cap = ConnectionCap::new(ADMIN_MAX_CONNECTIONS);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(permit) = cap.try_admit() else {
+            debug!("admin connection refused: too many open");
             continue;
         };
         let (state, drain) = (state.clone(), drain.clone());
@@ -27,12 +39,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, drain: Drain) {
                 let reply = route(&state, &drain, &req);
                 async move { Ok::<_, Infallible>(reply) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "admin connection failed");
-            }
+            serve_admin_connection(stream, service).await;
+            drop(permit);
         });
     }
 }

@@ -28,6 +28,8 @@ pub const MAX_BODY: usize = 16 * 1024;
 pub const MAX_TOKEN: usize = 8 * 1024;
 /// What a client is told to wait while the issuer is unusable.
 const ISSUER_RETRY: Duration = Duration::from_secs(30);
+/// A request body (at most `MAX_BODY`) must arrive within this.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type Reply = Response<Full<Bytes>>;
 
@@ -178,11 +180,20 @@ async fn certify(state: &State, req: Request<Incoming>) -> Result<CertifyRespons
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => return Err(reject(Code::BadRequest, format!("reading the body: {e}"))),
-    };
+    // A client that trickles its body must not hold the connection (and a
+    // descriptor) for ever: the whole body, which is small, within the limit.
+    let body =
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Ok(Err(e)) => return Err(reject(Code::BadRequest, format!("reading the body: {e}"))),
+            Err(_) => {
+                return Err(reject(
+                    Code::BadRequest,
+                    format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+                ))
+            }
+        };
 
     // 2. an issuer we may sign with.
     let served = state.issuer.current();
