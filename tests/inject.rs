@@ -288,3 +288,37 @@ fn offline_inject_matches_webhook() {
         );
     }
 }
+
+/// The webhook's admin port holds at most `ADMIN_MAX_CONNECTIONS`
+/// connections, like the sidecar's: one more is closed at once.
+#[test]
+fn webhook_admin_connections_are_capped() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "one");
+    let hook = WebhookProc::start(&cert, &key, Path::new(CONFIG));
+    let half = b"GET /metrics HTTP/1.1\r\nHost: x\r\n";
+    let mut held = Vec::new();
+    for _ in 0..portcullis::limits::ADMIN_MAX_CONNECTIONS {
+        let mut s = std::net::TcpStream::connect(hook.admin).unwrap();
+        s.write_all(half).unwrap();
+        held.push(s);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut extra = std::net::TcpStream::connect(hook.admin).unwrap();
+        let _ = extra.write_all(half);
+        extra
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        if matches!(extra.read(&mut buf), Ok(0)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a connection over the cap was not closed"
+        );
+    }
+    drop(held);
+}

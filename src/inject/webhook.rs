@@ -320,13 +320,26 @@ async fn serve_admin(
     metrics: Arc<WebhookMetrics>,
     shutdown: CancellationToken,
 ) {
+    // Like the sidecar's admin port: a bounded number of connections, and a
+    // pause instead of a spin when accept fails (out of descriptors).
+    let cap = crate::limits::ConnectionCap::new(crate::limits::ADMIN_MAX_CONNECTIONS);
     loop {
         let stream = tokio::select! {
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
             _ = shutdown.cancelled() => return,
+        };
+        let Some(permit) = cap.try_admit() else {
+            continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 async move {
