@@ -209,6 +209,19 @@ async fn bad_peers_are_refused_and_counted() {
 
     // Nothing above reached the app, and good traffic still flows.
     count("ok", 0.0).await;
+    // Refused connections add no per-port series (a port scan cannot grow them).
+    let opened = || {
+        pair.b.metric(
+            "portcullis_tcp_connections_opened_total",
+            &[("direction", "inbound")],
+        )
+    };
+    assert_eq!(opened(), 0.0);
+    assert!(!pair
+        .b
+        .metrics
+        .encode()
+        .contains("portcullis_tcp_connections_opened_total{direction=\"inbound\""));
     assert!(pair.ping(b"still working").await);
     count("ok", 1.0).await;
     // A good direct client with a mesh certificate works too.

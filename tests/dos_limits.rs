@@ -71,9 +71,11 @@ async fn stalled_hellos_do_not_stop_good_connections_and_overload_is_counted() {
     }
     let started = Instant::now();
     assert!(pair.ping(b"served while others stall").await);
+    // Generous: this asserts "not blocked until the stalled ones time out
+    // (60 s)", not a speed; benches/ measure speed.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "served promptly"
+        started.elapsed() < Duration::from_secs(10),
+        "served while the others stall"
     );
     assert_eq!(overload(), 0.0);
 
@@ -83,7 +85,7 @@ async fn stalled_hellos_do_not_stop_good_connections_and_overload_is_counted() {
     }
     eventually(
         "the cap is full",
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         move || async move {
             let mut extra = stalled(b, &partial_hello()).await;
             closed_within(&mut extra, Duration::from_secs(1)).await
@@ -100,7 +102,7 @@ async fn stalled_hellos_do_not_stop_good_connections_and_overload_is_counted() {
     drop(held);
     eventually(
         "a good peer is served again",
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         || pair.ping(b"after"),
     )
     .await;

@@ -91,7 +91,6 @@ async fn serve(
         },
     };
     let port = target.port();
-    let _guard = ConnGuard::new(&shared.metrics, "inbound", port);
     let wait = match (shared.mode, shared.is_opaque(port)) {
         (InboundMode::Strict, _) => shared.handshake_timeout,
         (InboundMode::Permissive, true) => OPAQUE_GRACE.min(shared.detect_timeout),
@@ -200,6 +199,11 @@ async fn serve_app<S>(shared: Arc<Shared>, mut io: S, conn: ConnInfo)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Counted by port only once accepted (mesh identity, or plaintext in
+    // permissive mode): refused connections are counted by
+    // `portcullis_tls_handshakes_total{result}` alone, so a port scan cannot
+    // grow the number of series.
+    let _guard = ConnGuard::new(&shared.metrics, "inbound", conn.target.port());
     let (protocol, prefix) = if shared.is_opaque(conn.target.port()) {
         (AppProtocol::Opaque, Bytes::new())
     } else {
