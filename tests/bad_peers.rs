@@ -240,11 +240,11 @@ async fn client_side_refuses_a_server_with_the_wrong_identity_or_ca() {
     // A server sidecar of another identity than A expects.
     let mut b_args = issuer_args(&ca, &ca.files.cert, "impostor");
     b_args.extend(["--inbound-target".into(), echo.to_string()]);
-    let b = Sidecar::start(&b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let b = Sidecar::start(&b_args).await;
     // And one under a CA that A does not trust.
     let mut c_args = issuer_args(&foreign, &foreign.files.cert, "server");
     c_args.extend(["--inbound-target".into(), echo.to_string()]);
-    let c = Sidecar::start(&c_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let c = Sidecar::start(&c_args).await;
 
     let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
     a_args.extend([
@@ -253,7 +253,7 @@ async fn client_side_refuses_a_server_with_the_wrong_identity_or_ca() {
         "--upstream".into(),
         format!("127.0.0.1:0={}", c.addrs.inbound),
     ]);
-    let a = Sidecar::start(&a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let a = Sidecar::start(&a_args).await;
     let out = round_trip(
         TcpStream::connect(a.addrs.upstreams[0]).await.unwrap(),
         b"x",
@@ -336,7 +336,7 @@ async fn server_first_protocol_on_opaque_port_in_permissive_mode() {
         "--opaque-ports".into(),
         port,
     ]);
-    let b = Sidecar::start(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let b = Sidecar::start(&args).await;
     let mut s = TcpStream::connect(b.addrs.inbound).await.unwrap();
     let mut buf = [0u8; 11];
     let started = std::time::Instant::now();

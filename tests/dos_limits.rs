@@ -145,7 +145,7 @@ async fn admin_connections_are_capped_and_half_sent_requests_time_out() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
     let args = issuer_args(&ca, &ca.files.cert, "server");
-    let sidecar = Sidecar::start(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let sidecar = Sidecar::start(&args).await;
     let admin = sidecar.addrs.admin;
     let half = b"GET /metrics HTTP/1.1\r\nHost: x\r\n";
     let started = Instant::now();

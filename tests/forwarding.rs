@@ -98,13 +98,13 @@ async fn server_can_answer_after_client_half_closes() {
     });
     let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
     b_args.extend(["--inbound-target".into(), app_addr.to_string()]);
-    let b = Sidecar::start(&b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let b = Sidecar::start(&b_args).await;
     let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
     a_args.extend([
         "--upstream".into(),
         format!("127.0.0.1:0={}", b.addrs.inbound),
     ]);
-    let a = Sidecar::start(&a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let a = Sidecar::start(&a_args).await;
     let s = TcpStream::connect(a.upstream()).await.unwrap();
     let out = tokio::time::timeout(Duration::from_secs(10), round_trip(s, b"twelve bytes"))
         .await

@@ -129,13 +129,13 @@ async fn mesh() -> Mesh {
         "--rules-dir".into(),
         rules.display().to_string(),
     ]);
-    let b = Sidecar::start(&b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let b = Sidecar::start(&b_args).await;
     let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
     a_args.extend([
         "--upstream".into(),
         format!("127.0.0.1:0={}", b.addrs.inbound),
     ]);
-    let a = Sidecar::start(&a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let a = Sidecar::start(&a_args).await;
     Mesh {
         app_port: app.port(),
         pair_a: a,
@@ -441,7 +441,7 @@ async fn a_rule_change_closes_only_the_tcp_connections_it_denies() {
         "--rules-dir".into(),
         rules.display().to_string(),
     ]);
-    let b = Sidecar::start(&b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let b = Sidecar::start(&b_args).await;
     let start_client = |sa: &'static str| {
         let ca = &ca;
         let b = &b;
@@ -451,7 +451,7 @@ async fn a_rule_change_closes_only_the_tcp_connections_it_denies() {
                 "--upstream".into(),
                 format!("127.0.0.1:0={}", b.addrs.inbound),
             ]);
-            Sidecar::start(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await
+            Sidecar::start(&args).await
         }
     };
     let alice = start_client("alice").await;

@@ -130,7 +130,7 @@ async fn sigterm_drains_open_streams_and_refuses_new_ones() {
         "--upstream",
         &format!("127.0.0.1:0={}", b.inbound),
     ]));
-    let a = Sidecar::start(&a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let a = Sidecar::start(&a_args).await;
 
     let mut stream = TcpStream::connect(a.upstream()).await.unwrap();
     let mut buf = [0u8; 5];
@@ -458,7 +458,7 @@ async fn shutdown_endpoint_can_be_turned_off() {
         "--allow-shutdown",
         "false",
     ]));
-    let b = Sidecar::start(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+    let b = Sidecar::start(&args).await;
     let (status, body) = http_request(b.addrs.admin, "POST", "/shutdown")
         .await
         .unwrap();

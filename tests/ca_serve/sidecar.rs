@@ -44,22 +44,14 @@ async fn sidecars_with_ca_url_survive_an_outage() {
     };
     let mut b_args = remote("server");
     b_args.extend(["--inbound-target".into(), echo.to_string()]);
-    let b = Sidecar::spawn_with(
-        &b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        point,
-    )
-    .await;
+    let b = Sidecar::spawn_with(&b_args, point).await;
     b.wait_ready().await;
     let mut a_args = remote("client");
     a_args.extend([
         "--upstream".into(),
         format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
     ]);
-    let a = Sidecar::spawn_with(
-        &a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        point,
-    )
-    .await;
+    let a = Sidecar::spawn_with(&a_args, point).await;
     a.wait_ready().await;
     let pair = Pair { a, b, echo };
     assert!(pair.ping(b"through the pair").await);
@@ -215,7 +207,7 @@ async fn sidecar_refreshes_its_trust_bundle_from_the_service() {
         "--inbound-target".into(),
         "127.0.0.1:9".into(),
     ];
-    let b = Sidecar::spawn_with(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), |s| {
+    let b = Sidecar::spawn_with(&args, |s| {
         if let CertSource::Remote { connect_to, .. } = &mut s.cert_source {
             *connect_to = Some(ca_addr);
         }

@@ -154,7 +154,7 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts `portcullis run` with `args` (listeners default to port 0 on
     /// loopback) and waits until it is ready.
-    pub async fn start(args: &[&str]) -> Sidecar {
+    pub async fn start<S: AsRef<str>>(args: &[S]) -> Sidecar {
         let sidecar = Sidecar::spawn_with(args, |_| {}).await;
         sidecar.wait_ready().await;
         sidecar
@@ -162,8 +162,8 @@ impl Sidecar {
 
     /// Starts `portcullis run` with `args`, letting `tweak` adjust the
     /// parsed settings (e.g. where `--ca-url` connects), without waiting.
-    pub async fn spawn_with(
-        args: &[&str],
+    pub async fn spawn_with<S: AsRef<str>>(
+        args: &[S],
         tweak: impl FnOnce(&mut portcullis::config::Settings),
     ) -> Sidecar {
         let mut argv = vec![
@@ -176,7 +176,7 @@ impl Sidecar {
             "--outbound-listen",
             "127.0.0.1:0",
         ];
-        argv.extend_from_slice(args);
+        argv.extend(args.iter().map(|a| a.as_ref()));
         let Command::Run(run) = Cli::try_parse_from(&argv).unwrap().command else {
             unreachable!()
         };
@@ -320,14 +320,14 @@ impl Pair {
         let mut b_args = issuer_args(ca, bundle, "server");
         b_args.extend(["--inbound-target".to_string(), target]);
         b_args.extend(b_extra.iter().map(|s| s.to_string()));
-        let b = Sidecar::start(&b_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+        let b = Sidecar::start(&b_args).await;
         let mut a_args = issuer_args(ca, bundle, "client");
         a_args.extend([
             "--upstream".to_string(),
             format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
         ]);
         a_args.extend(a_extra.iter().map(|s| s.to_string()));
-        let a = Sidecar::start(&a_args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).await;
+        let a = Sidecar::start(&a_args).await;
         Pair { a, b, echo }
     }
 
