@@ -189,7 +189,11 @@ impl App {
                     move |c| {
                         let issuer = Issuer::from_pem(&files, &c[0], &c[1], &parse_td)
                             .map_err(|e| e.to_string())?;
-                        check_issuer(&issuer, &parse_td, &check_tls.snapshot().bundle)?;
+                        crate::tls::check_issuer(
+                            &issuer,
+                            &parse_td,
+                            check_tls.snapshot().bundle.roots.clone(),
+                        )?;
                         Ok(issuer)
                     },
                     move |issuer| {
@@ -296,29 +300,6 @@ impl App {
     }
 }
 
-/// Signs a throw-away leaf and verifies it as peers will: an issuer whose
-/// leaves every peer using `bundle` would refuse is not put in service.
-fn check_issuer(
-    issuer: &Issuer,
-    td: &crate::identity::TrustDomain,
-    bundle: &TrustBundle,
-) -> std::result::Result<(), String> {
-    let probe_id = crate::identity::SpiffeId::workload(td, "portcullis", "issuer-check")
-        .map_err(|e| e.to_string())?;
-    let probe = issuer
-        .issue(&LeafRequest {
-            id: probe_id,
-            ttl: std::time::Duration::from_secs(60),
-        })
-        .map_err(|e| e.to_string())?;
-    crate::tls::check_own_leaf(&probe.chain, bundle.roots.clone(), td).map_err(|e| {
-        format!(
-            "leaves signed by {} do not verify against the trust bundle ({e})",
-            issuer.subject
-        )
-    })
-}
-
 /// Loads the mounted issuer (`--ca-cert/--ca-key`), naming the flags in errors.
 fn load_issuer(
     cert: &std::path::Path,
@@ -334,7 +315,8 @@ fn load_issuer(
         .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
     let issuer = Issuer::from_pem(&files, &pem[0], &pem[1], td)
         .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
-    check_issuer(&issuer, td, bundle).map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
+    crate::tls::check_issuer(&issuer, td, bundle.roots.clone())
+        .map_err(|e| anyhow!("--ca-cert/--ca-key: {e}"))?;
     Ok((pem, issuer))
 }
 

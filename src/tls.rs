@@ -9,7 +9,7 @@ mod verify;
 pub use bundle::{RootInfo, TrustBundle};
 pub use outcome::handshake_result;
 pub use state::{MeshTls, Snapshot};
-pub use verify::{check_own_leaf, peer_identity, IdentityError, MeshVerifier};
+pub use verify::{check_issuer, peer_identity, IdentityError, MeshVerifier};
 
 use std::sync::Arc;
 

@@ -3,7 +3,6 @@
 //! and keeps it, so a rotation never touches an open connection.
 
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls::client::Resumption;
@@ -22,14 +21,7 @@ pub struct Snapshot {
     pub client: Option<Arc<ClientConfig>>,
 }
 
-impl Snapshot {
-    /// Whether a leaf is held and still in date.
-    pub fn has_valid_leaf(&self) -> bool {
-        self.leaf
-            .as_ref()
-            .is_some_and(|l| l.not_after > SystemTime::now())
-    }
-}
+impl Snapshot {}
 
 /// The mesh TLS state shared by all listeners.
 pub struct MeshTls {

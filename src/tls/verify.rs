@@ -196,10 +196,32 @@ impl ServerCertVerifier for MeshVerifier {
     }
 }
 
-/// Checks that a leaf chain from our own issuer verifies the way peers will
-/// verify it (as a server and as a client certificate, against `bundle`),
-/// so an issuer whose leaves every peer would refuse is caught before use.
-pub fn check_own_leaf(
+/// Signs a throw-away leaf with `issuer` and verifies it the way peers will
+/// (as a server and as a client certificate, against `roots`): an issuer
+/// whose leaves every peer would refuse — not chaining to the bundle, or
+/// past a path length — is never put in service. Used by the sidecar's
+/// mounted issuer and by the identity service alike.
+pub fn check_issuer(
+    issuer: &crate::identity::Issuer,
+    td: &TrustDomain,
+    roots: Arc<RootCertStore>,
+) -> Result<(), String> {
+    let probe = issuer
+        .issue(&crate::identity::LeafRequest {
+            id: SpiffeId::workload(td, "portcullis", "issuer-check").map_err(|e| e.to_string())?,
+            ttl: std::time::Duration::from_secs(60),
+        })
+        .map_err(|e| e.to_string())?;
+    check_own_leaf(&probe.chain, roots, td).map_err(|e| {
+        format!(
+            "leaves signed by {} do not verify against the trust bundle ({e})",
+            issuer.subject
+        )
+    })
+}
+
+/// Checks that a leaf chain verifies as a server and as a client certificate.
+fn check_own_leaf(
     chain: &[CertificateDer<'_>],
     roots: Arc<RootCertStore>,
     td: &TrustDomain,

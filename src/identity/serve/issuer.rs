@@ -12,7 +12,7 @@ use rustls::ServerConfig;
 use tracing::{info, warn};
 
 use super::metrics::CaMetrics;
-use crate::identity::{chains_to, CaFiles, Issuer, Leaf, SpiffeId, TrustDomain};
+use crate::identity::{CaFiles, Issuer, Leaf, SpiffeId, TrustDomain};
 use crate::tls::TrustBundle;
 
 /// How long the serving certificate lives (capped at the issuer's expiry);
@@ -65,7 +65,7 @@ impl ServingName {
 
 /// Checks a new issuer (`contents` = cert, key, bundle files) and mints the
 /// serving certificate from it. The issuer must be a CA, match its key, be
-/// in date, be of our trust domain, and chain to the bundle.
+/// in date, be of our trust domain, and sign leaves that verify against the bundle.
 pub fn load(
     files: &IssuerFiles,
     contents: &[Vec<u8>],
@@ -79,14 +79,8 @@ pub fn load(
     let issuer =
         Issuer::from_pem(&ca, &contents[0], &contents[1], td).map_err(|e| e.to_string())?;
     let bundle = TrustBundle::from_pem(&files.bundle, &contents[2])?;
-    if !chains_to(&issuer.chain, &bundle.certs) {
-        return Err(format!(
-            "{}: issuer {} does not chain to the trust bundle {}",
-            files.cert.display(),
-            issuer.subject,
-            files.bundle.display()
-        ));
-    }
+    crate::tls::check_issuer(&issuer, td, bundle.roots.clone())
+        .map_err(|e| format!("{}: {e} ({})", files.cert.display(), files.bundle.display()))?;
     mint(Arc::new(issuer), Bytes::from(contents[2].clone()), name)
 }
 
