@@ -185,6 +185,11 @@ fn certs_json(state: &AdminState) -> serde_json::Value {
             "not_before": rfc3339(l.not_before),
             "not_after": rfc3339(l.not_after),
             "next_renewal": l.renew_at.map(rfc3339),
+            "issuer": l.chain.first().and_then(|c| {
+                use x509_parser::prelude::FromDer;
+                let (_, x) = x509_parser::certificate::X509Certificate::from_der(c.as_ref()).ok()?;
+                Some(x.issuer().to_string())
+            }),
         })
     });
     json!({

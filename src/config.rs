@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod docs;
 mod run;
+
+pub use docs::{completion, man_page};
 
 pub use run::{CertSource, RunArgs, Settings, Upstream, DEFAULT_CA_TOKEN_FILE};
 
@@ -42,6 +45,18 @@ pub enum Command {
     Webhook(Box<crate::inject::webhook::WebhookArgs>),
     /// Wait until the local sidecar is ready (a postStart hook).
     Await(crate::await_ready::AwaitArgs),
+    /// Say whether the sidecar next to you works (readiness, certificate,
+    /// trust bundle, rules, identity service, interception, clock) and how
+    /// to fix what does not.
+    Check(Box<crate::check::CheckArgs>),
+    /// Print a shell completion script: `portcullis completion bash > /etc/bash_completion.d/portcullis`.
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `portcullis man > portcullis.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
