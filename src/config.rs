@@ -63,10 +63,13 @@ pub enum Command {
 pub enum CaCommand {
     /// Make a root CA: DIR/ca.crt and DIR/ca.key (mode 0600).
     Init {
+        /// Directory to write ca.crt and ca.key into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// The trust domain the CA signs for (its name constraint).
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// How long the root is valid.
         #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
         ttl: Duration,
         /// Replace existing files.
@@ -82,12 +85,17 @@ pub enum CaCommand {
         /// SPIFFE id of the leaf; for an intermediate, only its trust domain is used.
         #[arg(long)]
         id: String,
+        /// How long the certificate is valid (capped at the signing CA's own expiry).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Issue an intermediate CA (for a mounted issuer or the identity
+        /// service) instead of a leaf.
         #[arg(long)]
         intermediate: bool,
+        /// Directory to write the certificate and key into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace existing files.
         #[arg(long)]
         force: bool,
     },
@@ -97,8 +105,10 @@ pub enum CaCommand {
     /// Describe certificates: subject, SPIFFE ids, serial, validity, issuer,
     /// and whether each chains to a bundle.
     Inspect {
+        /// PEM certificate files (a file may hold a chain).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// PEM roots to check each certificate against.
         #[arg(long, value_name = "FILE")]
         bundle: Option<PathBuf>,
         /// Print JSON instead of text.
