@@ -101,6 +101,7 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
     const TEXT: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => reply(StatusCode::OK, TEXT, INDEX),
         (&Method::GET, "/live") => reply(StatusCode::OK, TEXT, "live\n"),
         (&Method::GET, "/ready") => match not_ready_reason(state) {
             None => reply(StatusCode::OK, TEXT, "ready\n"),
@@ -156,6 +157,18 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
     }
 }
+
+/// What `GET /` answers: the endpoints, so that a person with `curl` finds them.
+const INDEX: &str = "portcullis admin endpoints:
+GET  /ready           200 when ready, else 503 and why
+GET  /live            200 while the process runs
+GET  /metrics         Prometheus metrics
+GET  /certs           this sidecar's certificate and trust bundle (JSON)
+GET  /rules           the rules in force, their hash and the last refused reload (JSON)
+GET  /authz/explain   ?from=ID&port=P[&method=M&path=/p]: why a request is allowed or denied (loopback only)
+POST /shutdown        drain and exit, for Jobs (loopback only)
+GET  /app-health/...  the app's probes, rewritten by the injector
+";
 
 /// `None` when ready; otherwise why not.
 fn not_ready_reason(state: &AdminState) -> Option<&'static str> {

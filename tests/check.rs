@@ -356,3 +356,20 @@ fn interception_in_a_pod_namespace() {
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(report["ok"], false);
 }
+
+/// `GET /` on the admin port lists the endpoints (it used to answer 404).
+#[tokio::test]
+async fn admin_index_lists_the_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let sidecar = Sidecar::start(&issuer_args(&ca, &ca.files.cert, "web")).await;
+    let (status, body) = http_get(sidecar.addrs.admin, "/").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    for path in ["/ready", "/live", "/metrics", "/certs", "/rules", "/authz/explain", "/shutdown"] {
+        assert!(body.contains(path), "{path} missing from:\n{body}");
+        let (status, _) = http_get(sidecar.addrs.admin, path).await.unwrap();
+        assert_ne!(status, 404, "{path} is listed but not served");
+    }
+    let (status, _) = http_get(sidecar.addrs.admin, "/nothing-here").await.unwrap();
+    assert_eq!(status, 404);
+}
