@@ -365,11 +365,21 @@ async fn admin_index_lists_the_endpoints() {
     let sidecar = Sidecar::start(&issuer_args(&ca, &ca.files.cert, "web")).await;
     let (status, body) = http_get(sidecar.addrs.admin, "/").await.unwrap();
     assert_eq!(status, 200, "{body}");
-    for path in ["/ready", "/live", "/metrics", "/certs", "/rules", "/authz/explain", "/shutdown"] {
+    for path in [
+        "/ready",
+        "/live",
+        "/metrics",
+        "/certs",
+        "/rules",
+        "/authz/explain",
+        "/shutdown",
+    ] {
         assert!(body.contains(path), "{path} missing from:\n{body}");
         let (status, _) = http_get(sidecar.addrs.admin, path).await.unwrap();
         assert_ne!(status, 404, "{path} is listed but not served");
     }
-    let (status, _) = http_get(sidecar.addrs.admin, "/nothing-here").await.unwrap();
+    let (status, _) = http_get(sidecar.addrs.admin, "/nothing-here")
+        .await
+        .unwrap();
     assert_eq!(status, 404);
 }
