@@ -293,7 +293,7 @@ fn read_rules(dir: &std::path::Path) -> OnDisk {
 pub fn rules_finding(view: &RulesView, on_disk: Option<(PathBuf, OnDisk)>) -> Finding {
     let short = |h: &str| h.chars().take(12).collect::<String>();
     let in_force = format!(
-        "{} rules in force (hash {})",
+        "{} rule(s) in force (hash {})",
         view.rule_count,
         short(&view.hash)
     );

@@ -195,7 +195,7 @@ async fn an_invalid_rule_file_fails_and_names_the_file() {
     let (code, report) = check_json(&admin_args(&sidecar)).await;
     assert_eq!(code, 0, "{report:#}");
     assert!(
-        finding(&report, "rules").1.contains("1 rules in force"),
+        finding(&report, "rules").1.contains("1 rule(s) in force"),
         "{report:#}"
     );
 

@@ -35,8 +35,14 @@ fn is_word_char(c: char) -> bool {
 /// Byte offsets where `word` occurs as whole words in `text` (lowercase).
 fn whole_words<'a>(text: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
     text.match_indices(word).map(|(i, _)| i).filter(move |&i| {
-        let before = text[..i].chars().next_back().map_or(true, |c| !is_word_char(c));
-        let after = text[i + word.len()..].chars().next().map_or(true, |c| !is_word_char(c));
+        let before = text[..i]
+            .chars()
+            .next_back()
+            .map_or(true, |c| !is_word_char(c));
+        let after = text[i + word.len()..]
+            .chars()
+            .next()
+            .map_or(true, |c| !is_word_char(c));
         before && after
     })
 }
@@ -45,7 +51,15 @@ fn whole_words<'a>(text: &'a str, word: &'a str) -> impl Iterator<Item = usize> 
 fn references(line: &str) -> Vec<String> {
     let l = line.to_lowercase();
     let mut found = Vec::new();
-    for phrase in ["the issue", "the issues", "in the issue", "development machine", "development machines", "helper", "helpers"] {
+    for phrase in [
+        "the issue",
+        "the issues",
+        "in the issue",
+        "development machine",
+        "development machines",
+        "helper",
+        "helpers",
+    ] {
         if whole_words(&l, phrase).next().is_some() {
             found.push(phrase.to_string());
         }
@@ -57,13 +71,17 @@ fn references(line: &str) -> Vec<String> {
     for i in whole_words(&l, "issue").chain(whole_words(&l, "issues")) {
         let rest = l[i..].split_once(' ').map(|(_, r)| r).unwrap_or("");
         if rest.starts_with(|c: char| c.is_ascii_digit() || c == '#') {
-            found.push(format!("issue {}", rest.chars().take(3).collect::<String>()));
+            found.push(format!(
+                "issue {}",
+                rest.chars().take(3).collect::<String>()
+            ));
         }
     }
     // A working session, not a TLS one.
     for i in whole_words(&l, "session").chain(whole_words(&l, "sessions")) {
         let tls = l[..i].trim_end().ends_with("tls");
-        let resumption = l[i..].contains("session resumption") || l[i..].starts_with("session ticket");
+        let resumption =
+            l[i..].contains("session resumption") || l[i..].starts_with("session ticket");
         if !tls && !resumption {
             found.push("session".into());
         }
@@ -93,7 +111,11 @@ fn the_checker_finds_what_it_should() {
         "issue a certificate with 3 SANs",
     ];
     for line in good {
-        assert!(references(line).is_empty(), "false alarm: {line}: {:?}", references(line));
+        assert!(
+            references(line).is_empty(),
+            "false alarm: {line}: {:?}",
+            references(line)
+        );
     }
 }
 
@@ -106,9 +128,18 @@ fn user_docs_have_no_planning_references() {
         let text = std::fs::read_to_string(&file).unwrap();
         for (n, line) in text.lines().enumerate() {
             for r in references(line) {
-                hits.push(format!("{}:{}: {r:?}: {}", file.display(), n + 1, line.trim()));
+                hits.push(format!(
+                    "{}:{}: {r:?}: {}",
+                    file.display(),
+                    n + 1,
+                    line.trim()
+                ));
             }
         }
     }
-    assert!(hits.is_empty(), "user docs mention how the work is organised:\n{}", hits.join("\n"));
+    assert!(
+        hits.is_empty(),
+        "user docs mention how the work is organised:\n{}",
+        hits.join("\n")
+    );
 }

@@ -49,9 +49,14 @@ fn parse_time(s: &str) -> Option<SystemTime> {
         .map(SystemTime::from)
 }
 
-/// `3m 20s`, whole seconds.
+/// `3m 20s`; whole minutes past an hour, whole days past two.
 fn human(d: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    let secs = d.as_secs();
+    match secs {
+        s if s >= 2 * 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3_600 => humantime::format_duration(Duration::from_secs(s / 60 * 60)).to_string(),
+        s => humantime::format_duration(Duration::from_secs(s)).to_string(),
+    }
 }
 
 /// `in 3m` or `5s ago`.

@@ -41,11 +41,15 @@ fn status(findings: &[Finding], check: &str) -> (Status, String) {
     (f.status, f.detail.clone())
 }
 
+/// Leaf validity (seconds from now), then the certificate and clock
+/// verdicts and a snippet of either detail.
+type Case = (Option<(i64, i64)>, Status, Status, &'static str);
+
 #[test]
 fn certificate_expiry_and_clock_table() {
     let day = 86_400;
     // (leaf validity relative to now, certificate, clock, detail snippet)
-    let cases: [(Option<(i64, i64)>, Status, Status, &str); 7] = [
+    let cases: [Case; 7] = [
         (Some((-60, 3600)), Status::Ok, Status::Ok, "expires in 1h"),
         // 11% of 1h left: fine; 9% left: renewal has failed for long.
         (Some((-3204, 396)), Status::Ok, Status::Ok, "expires in"),
