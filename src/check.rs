@@ -333,3 +333,6 @@ pub fn rules_finding(view: &RulesView, on_disk: Option<(PathBuf, OnDisk)>) -> Fi
         ),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -355,6 +355,29 @@ fn interception_in_a_pod_namespace() {
     let (code, report) = check(&nobody, &["--strict"]);
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(report["ok"], false);
+
+    // The same through the iptables front ends: what iptables-save shows.
+    ns.ok(&[BIN, "init", "--cleanup", "--backend", "nft"]);
+    for (backend, save) in [
+        ("iptables-nft", "iptables-nft-save"),
+        ("iptables-legacy", "iptables-legacy-save"),
+    ] {
+        if netns::find(save).is_none() {
+            eprintln!("no {save}: the {backend} case is not run");
+            continue;
+        }
+        let other_uid = ["init", "--backend", backend, "--proxy-uid", "1501"];
+        ns.ok(&[&[BIN][..], &other_uid[..]].concat());
+        let (code, report) = check(&[], &[]);
+        assert_eq!(code, 1, "{backend}: {report:#}");
+        assert_fails(&report, "interception", "UID 1500 is not exempt");
+        ns.ok(&[BIN, "init", "--backend", backend]);
+        let (code, report) = check(&[], &[]);
+        assert_eq!(code, 0, "{backend}: {report:#}");
+        let detail = finding(&report, "interception").1;
+        assert!(detail.starts_with("iptables"), "{backend}: {detail}");
+        ns.ok(&[BIN, "init", "--cleanup", "--backend", backend]);
+    }
 }
 
 /// `GET /` on the admin port lists the endpoints (it used to answer 404).
