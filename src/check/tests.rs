@@ -14,10 +14,13 @@ fn view(hash: &str, last_error: Option<&str>) -> RulesView {
     }
 }
 
+/// What `/rules` says, what the files say, the verdict, a detail snippet.
+type Case = (RulesView, Option<(PathBuf, OnDisk)>, Status, &'static str);
+
 #[test]
 fn rules_table() {
     let dir = || PathBuf::from("/etc/portcullis/rules");
-    let cases: [(RulesView, Option<(PathBuf, OnDisk)>, Status, &str); 6] = [
+    let cases: [Case; 6] = [
         (
             view("abc", None),
             Some((dir(), Ok("abc".into()))),
