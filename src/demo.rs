@@ -198,6 +198,10 @@ things to look at:
   curl -s http://{c}/metrics | grep portcullis_tls_handshakes_total
   curl -s http://{s}/certs    (its certificate lives 1m: the serial changes every ~30s)
   {bin} ca inspect {dir}/ca.crt
+  {bin} check --admin {s} --no-interception
+
+the sidecars' own log lines (certificates, rule reloads, denials) show on
+stderr, prefixed [client] or [server].
 
 press Ctrl-C to stop"
         )
