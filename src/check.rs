@@ -54,9 +54,10 @@ pub struct CheckArgs {
     /// The port outbound connections must be redirected to (the sidecar's outbound listener).
     #[arg(long, default_value_t = 15001, value_name = "PORT")]
     pub outbound_port: u16,
-    /// The UID the sidecar runs as, whose connections must not be redirected.
-    #[arg(long, default_value_t = 1500, value_name = "UID")]
-    pub proxy_uid: u32,
+    /// The UID the sidecar runs as, whose connections must not be redirected
+    /// [default: the owner of the socket listening on --outbound-port, else 1500].
+    #[arg(long, value_name = "UID")]
+    pub proxy_uid: Option<u32>,
     /// Do not look at interception (explicit mode, or a sidecar beside an
     /// app on a VM, where no netfilter rules are expected).
     #[arg(long)]
@@ -72,6 +73,9 @@ pub struct CheckArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// `portcullis init`'s default `--proxy-uid`.
+const DEFAULT_PROXY_UID: u32 = 1500;
 
 const EXIT_CODES: &str = "Exit codes:
   0  every check holds (skipped ones are listed, and fail only with --strict)
@@ -225,12 +229,18 @@ fn collect(args: &CheckArgs) -> Vec<Finding> {
             None,
         ));
     } else {
-        out.push(netfilter::check(&Expected {
+        let listeners = netfilter::read_listeners();
+        let sidecar_uid = listeners
+            .iter()
+            .find(|l| l.port == args.outbound_port)
+            .map(|l| l.uid);
+        let expected = Expected {
             inbound_port: args.inbound_port,
             outbound_port: args.outbound_port,
             admin_port: admin.port(),
-            proxy_uid: args.proxy_uid,
-        }));
+            proxy_uid: args.proxy_uid.or(sidecar_uid).unwrap_or(DEFAULT_PROXY_UID),
+        };
+        out.push(netfilter::check(&expected, &listeners));
     }
     out
 }

@@ -60,8 +60,8 @@ pub enum ReadError {
     Other(String),
 }
 
-/// Reads, compares, and says.
-pub fn check(exp: &Expected) -> Finding {
+/// Reads the rules, compares them and `listeners` with `exp`, and says.
+pub fn check(exp: &Expected, listeners: &[Listener]) -> Finding {
     match read_installed() {
         Err(ReadError::NoPermission) => Finding::skip(
             NAME,
@@ -74,7 +74,7 @@ pub fn check(exp: &Expected) -> Finding {
             Some("run `check` where nft or iptables is installed (the portcullis image has both)".into()),
         ),
         Err(e) => Finding::fail(NAME, e.to_string(), "see the message; `portcullis init --dry-run` prints the rules that should be there"),
-        Ok(installed) => compare(installed.as_ref(), &read_listeners(), exp),
+        Ok(installed) => compare(installed.as_ref(), listeners, exp),
     }
 }
 
