@@ -1,7 +1,7 @@
 # portcullis: common tasks. CARGO_TARGET_DIR is honoured if set.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo bench clean manifests
+.PHONY: deps build test lint demo bench clean manifests man
 
 # deps: install the system tools the tests use (promtool, ip, iptables, nft,
 # tcpdump, curl, setpriv, and kubernetes-validate from PyPI), only those
@@ -39,6 +39,13 @@ manifests:
 	bash .ci/helm.sh
 	bash .ci/manifests.sh > deploy/portcullis.yaml.tmp
 	mv deploy/portcullis.yaml.tmp deploy/portcullis.yaml
+
+# man: the man page, generated from the command-line definitions, at
+# $(CARGO_TARGET_DIR or target)/man/portcullis.1 (`man -l` reads it).
+MAN_DIR ?= $(or $(CARGO_TARGET_DIR),target)/man
+man:
+	mkdir -p $(MAN_DIR)
+	$(CARGO) run --quiet --locked -- man > $(MAN_DIR)/portcullis.1
 
 # clean: remove build output.
 clean:

@@ -101,6 +101,7 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
     const TEXT: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => reply(StatusCode::OK, TEXT, INDEX),
         (&Method::GET, "/live") => reply(StatusCode::OK, TEXT, "live\n"),
         (&Method::GET, "/ready") => match not_ready_reason(state) {
             None => reply(StatusCode::OK, TEXT, "ready\n"),
@@ -157,6 +158,18 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
     }
 }
 
+/// What `GET /` answers: the endpoints, so that a person with `curl` finds them.
+const INDEX: &str = "portcullis admin endpoints:
+GET  /ready           200 when ready, else 503 and why
+GET  /live            200 while the process runs
+GET  /metrics         Prometheus metrics
+GET  /certs           this sidecar's certificate and trust bundle (JSON)
+GET  /rules           the rules in force, their hash and the last refused reload (JSON)
+GET  /authz/explain   ?from=ID&port=P[&method=M&path=/p]: why a request is allowed or denied (loopback only)
+POST /shutdown        drain and exit, for Jobs (loopback only)
+GET  /app-health/...  the app's probes, rewritten by the injector
+";
+
 /// `None` when ready; otherwise why not.
 fn not_ready_reason(state: &AdminState) -> Option<&'static str> {
     if state.drain.is_draining() {
@@ -185,6 +198,11 @@ fn certs_json(state: &AdminState) -> serde_json::Value {
             "not_before": rfc3339(l.not_before),
             "not_after": rfc3339(l.not_after),
             "next_renewal": l.renew_at.map(rfc3339),
+            "issuer": l.chain.first().and_then(|c| {
+                use x509_parser::prelude::FromDer;
+                let (_, x) = x509_parser::certificate::X509Certificate::from_der(c.as_ref()).ok()?;
+                Some(x.issuer().to_string())
+            }),
         })
     });
     json!({

@@ -6,6 +6,7 @@ pub mod app;
 pub mod authz;
 pub mod await_ready;
 pub mod ca_cli;
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod drain;

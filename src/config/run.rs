@@ -15,10 +15,15 @@ use crate::proxy::OutboundPolicy;
 /// `portcullis run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The mesh's trust domain: the host part of every SPIFFE id.
     #[arg(long, env = "PORTCULLIS_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The pod's namespace, part of this sidecar's SPIFFE id (the injector
+    /// sets it from the Downward API).
     #[arg(long, env = "PORTCULLIS_NAMESPACE", default_value = "default")]
     pub namespace: String,
+    /// The pod's service account, part of this sidecar's SPIFFE id; empty
+    /// means `default`.
     #[arg(long, env = "PORTCULLIS_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
 
@@ -67,8 +72,12 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
 
+    /// Where redirected (and explicit-mode) inbound connections arrive; `[::]`
+    /// serves IPv4 too, and falls back to 0.0.0.0 where IPv6 is off.
     #[arg(long, env = "PORTCULLIS_INBOUND_LISTEN", default_value = "[::]:15006")]
     pub inbound_listen: SocketAddr,
+    /// Where the app's redirected outgoing connections arrive (comma-separated;
+    /// IPv6 traffic is redirected to [::1]).
     #[arg(
         long,
         env = "PORTCULLIS_OUTBOUND_LISTEN",
@@ -76,6 +85,8 @@ pub struct RunArgs {
         default_value = "127.0.0.1:15001,[::1]:15001"
     )]
     pub outbound_listen: Vec<SocketAddr>,
+    /// Plain-HTTP `/ready`, `/live`, `/metrics`, `/certs`, `/rules`,
+    /// `/authz/explain` and `/shutdown`; excluded from interception.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
     /// Whether `POST /shutdown` (loopback only) may stop the sidecar; the
@@ -96,6 +107,8 @@ pub struct RunArgs {
     )]
     pub upstream: Vec<String>,
 
+    /// `strict`: inbound connections must be mesh mTLS; `permissive`:
+    /// plaintext is accepted too, as the peer "unauthenticated".
     #[arg(
         long,
         env = "PORTCULLIS_INBOUND_MODE",
@@ -158,10 +171,14 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_ALLOW_ENCODED_SLASH")]
     pub allow_encoded_slash: bool,
 
+    /// On SIGTERM: how long open connections may finish before they are closed.
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// How long a TCP connect to the app or to a destination may take.
     #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// How long a TLS handshake (inbound or outbound) may take; also how
+    /// long strict mode waits for a ClientHello.
     #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
     /// Inbound connections still being detected or in their TLS handshake

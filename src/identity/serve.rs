@@ -66,10 +66,13 @@ pub struct ServeArgs {
     /// PEM roots the issuer must chain to (served at /v1/trust-bundle); watched.
     #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE", value_name = "FILE")]
     pub trust_bundle: PathBuf,
+    /// The trust domain whose SPIFFE ids this service signs.
     #[arg(long, env = "PORTCULLIS_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Where sidecars send their CSRs (HTTPS).
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "[::]:15012")]
     pub listen: SocketAddr,
+    /// Plain-HTTP `/metrics`, `/live`, `/ready`.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
     /// The namespace the service runs in [default: the pod's own, from the

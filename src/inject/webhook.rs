@@ -42,6 +42,7 @@ const MAX_BODY: usize = 8 << 20;
 /// `portcullis webhook` flags.
 #[derive(Debug, Args)]
 pub struct WebhookArgs {
+    /// Where the API server sends admission reviews (HTTPS).
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "[::]:8443")]
     pub listen: SocketAddr,
     /// The serving certificate (then its chain), PEM; watched and reloaded.
@@ -56,6 +57,7 @@ pub struct WebhookArgs {
     /// Plain-HTTP `/metrics`, `/live`, `/ready`.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
+    /// How often the certificate files are re-read even without a change event.
     #[arg(long, env = "PORTCULLIS_FILE_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
     #[command(flatten)]
@@ -188,9 +190,16 @@ impl Webhook {
             move |c| target.store(Arc::new(c)),
             metrics.tls_reloads.clone(),
         );
+        // One line naming the flag and the address (an `Io` error would
+        // print its message twice through anyhow's chain).
+        let bind_flag = |flag: &str, addr: SocketAddr| {
+            bind(addr)
+                .and_then(TcpListener::from_std)
+                .map_err(|e| Error::Input(format!("{flag} {addr}: cannot listen: {e}")))
+        };
         Ok(Webhook {
-            listener: TcpListener::from_std(bind(args.listen)?)?,
-            admin: TcpListener::from_std(bind(args.admin_listen)?)?,
+            listener: bind_flag("--listen", args.listen)?,
+            admin: bind_flag("--admin-listen", args.admin_listen)?,
             tls,
             cfg: Arc::new(cfg),
             metrics,
