@@ -9,6 +9,7 @@ pub mod ca_cli;
 pub mod config;
 pub mod demo;
 pub mod drain;
+pub mod file_limits;
 pub mod filewatch;
 pub mod identity;
 pub mod inject;
