@@ -64,6 +64,20 @@ pub enum Error {
     TooLarge { path: PathBuf, limit: u64 },
 }
 
+impl Error {
+    /// The error as an I/O error without the path (for callers whose own
+    /// error already names the file).
+    pub fn into_io(self) -> std::io::Error {
+        match self {
+            Error::Io { source, .. } => source,
+            Error::TooLarge { limit, .. } => std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the file is larger than the limit of {limit} bytes; refused"),
+            ),
+        }
+    }
+}
+
 /// Reads a whole file, refusing one larger than `limit` bytes before
 /// reading it (and, should it grow meanwhile, after `limit + 1` bytes).
 pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
@@ -99,8 +113,8 @@ pub fn read_capped_string(path: &Path, limit: u64) -> Result<String, Error> {
 
 /// A parser's message with what it quotes from the file cut short: every
 /// `"…"` or `` `…` `` span longer than [`MAX_QUOTE_CHARS`] is shortened,
-/// control characters are escaped, and anything that looks like PEM or a
-/// key is replaced. Parsers (serde's "invalid type: string \"…\"") quote
+/// control characters are escaped, a quoted span that looks like PEM or a
+/// key is replaced, and the message is cut at any other PEM armour. Parsers (serde's "invalid type: string \"…\"") quote
 /// whole values, which may be a secret read from the wrong file.
 pub fn scrub(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len().min(512));
@@ -135,8 +149,10 @@ pub fn scrub(msg: &str) -> String {
             out.push(c);
         }
     }
-    if looks_secret(&out) {
-        return "the content is not shown (it looks like a certificate or key)".into();
+    if let Some(i) = out.find("-----") {
+        // PEM armour outside any quotes: cut the message there.
+        out.truncate(i);
+        out.push_str("… (the rest is not shown)");
     }
     out
 }
@@ -144,6 +160,9 @@ pub fn scrub(msg: &str) -> String {
 /// A quoted span with control characters escaped, at most
 /// [`MAX_QUOTE_CHARS`] characters long.
 fn shorten(quoted: &str) -> String {
+    if looks_secret(quoted) {
+        return "… (not shown)".into();
+    }
     let mut out = String::new();
     for (i, c) in quoted.chars().enumerate() {
         if i == MAX_QUOTE_CHARS {

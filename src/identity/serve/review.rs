@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info};
 
 use super::connector::HttpsConnector;
+use crate::file_limits::{read_capped_string, TOKEN_FILE_MAX_BYTES};
 use super::judge::ReviewStatus;
 
 /// How long our own service-account token is trusted before it is read again
@@ -213,10 +214,10 @@ impl Reviewer {
             }
         }
         let path = &self.settings.token_file;
-        let token = std::fs::read_to_string(path)
+        let token = read_capped_string(path, TOKEN_FILE_MAX_BYTES)
             .map_err(|e| {
                 unavailable(
-                    format!("reading our token {}: {e}", path.display()),
+                    format!("reading our token {}: {}", path.display(), e.into_io()),
                     Duration::from_secs(5),
                 )
             })?
