@@ -34,3 +34,22 @@ pub fn parse_cert_chain(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<
 pub fn read_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     parse_cert_chain(path, &read_pem_file(path)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_errors_never_quote_the_file() {
+        for bad in [
+            "-----BEGIN CERTIFICATE SECRETSTUFF\nMIIBsecret\n",
+            "-----BEGIN CERTIFICATE-----\nMIIBSECRETSTUFF\n",
+            "-----BEGIN CERTIFICATE-----\n!!SECRETSTUFF!!\n-----END CERTIFICATE-----\n",
+        ] {
+            let e = parse_cert_chain(Path::new("x.pem"), bad.as_bytes()).unwrap_err();
+            let e = e.to_string();
+            assert!(e.starts_with("x.pem: "), "{e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+    }
+}

@@ -209,3 +209,49 @@ async fn emptying_a_required_directory_keeps_the_rules() {
     assert!(matches!(rules.reload(false), ReloadOutcome::Refused(_)));
     assert_eq!(rules.current().len(), 1);
 }
+
+#[test]
+fn settle_waits_for_a_fresh_file_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.yaml");
+    std::fs::write(&file, ALLOW_80).unwrap();
+    let written = std::time::SystemTime::now();
+    settle(dir.path());
+    let waited = written.elapsed().unwrap();
+    assert!(waited >= SETTLE_TIME - Duration::from_millis(5), "{waited:?}");
+    assert!(waited < SETTLE_MAX + Duration::from_secs(1), "{waited:?}");
+
+    // A file last modified long ago is read at once.
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let started = Instant::now();
+    settle(dir.path());
+    assert!(started.elapsed() < SETTLE_TIME, "{:?}", started.elapsed());
+}
+
+#[test]
+fn the_summary_hides_file_names_and_error_text() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), ALLOW_80).unwrap();
+    let (_r, m) = metrics();
+    let rules = LiveRules::load(dir.path(), true, DefaultPolicy::Deny, m).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), "rules:\n  - name: secret-value\n    action: maybe\n").unwrap();
+    assert!(matches!(rules.reload(false), ReloadOutcome::Refused(_)));
+    let full = serde_json::to_value(rules.status()).unwrap();
+    assert_eq!(full["valid"], false);
+    assert_eq!(full["last_error"]["position"], "b.yaml:3:13");
+    let summary = serde_json::to_value(rules.status().summary()).unwrap();
+    let text = summary.to_string();
+    assert_eq!(summary["last_error"]["position"], "b.yaml:3:13");
+    assert_eq!(summary["rule_count"], 1);
+    assert_eq!(summary["file_count"], 1);
+    assert_eq!(summary["valid"], false);
+    for hidden in ["maybe", "secret-value", "a.yaml", "message", "dir"] {
+        assert!(!text.contains(hidden), "{hidden} in {text}");
+    }
+}
