@@ -82,7 +82,9 @@ impl Error {
                 .unwrap_or_else(|| p.display().to_string())
         };
         match self {
-            Error::Invalid { at, .. } => Some(format!("{}:{}:{}", name(&at.file), at.line, at.column)),
+            Error::Invalid { at, .. } => {
+                Some(format!("{}:{}:{}", name(&at.file), at.line, at.column))
+            }
             Error::Io { path, .. } | Error::TooLarge { path, .. } | Error::Outside { path } => {
                 Some(name(path))
             }

@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::file_limits::{read_capped, scrub, ParseSlot, SlotError, PARSE_DEADLINE, PEM_FILE_MAX_BYTES};
+use crate::file_limits::{
+    read_capped, scrub, ParseSlot, SlotError, PARSE_DEADLINE, PEM_FILE_MAX_BYTES,
+};
 
 /// Wait this long after an event so a burst of writes is read once, whole.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -132,7 +134,11 @@ impl<T: Send + 'static> Reloader<T> {
 
     /// Reads the files again and applies them if they changed and are good.
     pub async fn reload(&mut self) {
-        let (paths, parse, last) = (self.paths.clone(), self.parse.clone(), self.last_hash.clone());
+        let (paths, parse, last) = (
+            self.paths.clone(),
+            self.parse.clone(),
+            self.last_hash.clone(),
+        );
         let work = move || {
             let contents = match read_all(&paths) {
                 Ok(c) => c,

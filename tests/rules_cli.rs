@@ -124,7 +124,11 @@ fn check_applies_the_sidecars_file_limits() {
     std::fs::remove_file(&big).unwrap();
     std::fs::remove_file(&deep).unwrap();
     let key = dir.path().join("ca.key");
-    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----\n").unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     std::os::unix::fs::symlink(&key, rules.join("key.yaml")).unwrap();
     let out = portcullis(&["rules", "check", rules.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);

@@ -64,7 +64,10 @@ impl Proc {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(Vec::new()));
         let listening = loop {
-            let line = lines.next().expect("the sidecar logged \"listening\"").unwrap();
+            let line = lines
+                .next()
+                .expect("the sidecar logged \"listening\"")
+                .unwrap();
             log.lock().unwrap().push(line.clone());
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if v["message"] == "listening" {
@@ -92,11 +95,8 @@ impl Proc {
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
-        let answer = tokio::time::timeout(
-            Duration::from_secs(1),
-            http_get(self.admin_local(), path),
-        )
-        .await;
+        let answer =
+            tokio::time::timeout(Duration::from_secs(1), http_get(self.admin_local(), path)).await;
         match answer {
             Ok(Ok(a)) => a,
             _ => (0, String::new()),
@@ -209,9 +209,11 @@ async fn a_deeply_nested_or_oversized_rule_file_never_stalls_the_sidecar() {
     assert!(rounds >= 5, "only {rounds} rounds in 3 s");
 
     let b = &s.b;
-    eventually("the refusal in /rules", Duration::from_secs(5), || async move {
-        b.rules().await["last_error"]["position"] == "deep.yaml:1:70"
-    })
+    eventually(
+        "the refusal in /rules",
+        Duration::from_secs(5),
+        || async move { b.rules().await["last_error"]["position"] == "deep.yaml:1:70" },
+    )
     .await;
     let status = s.b.rules().await;
     assert_eq!(status["hash"], good_hash, "the good rules stay active");
@@ -269,9 +271,11 @@ async fn a_symlink_to_a_private_key_is_refused_and_never_echoed() {
     std::os::unix::fs::symlink(&key, s.rules.join("secrets.yaml")).unwrap();
 
     let b = &s.b;
-    eventually("the refusal in /rules", Duration::from_secs(5), || async move {
-        b.rules().await["last_error"]["position"] == "secrets.yaml"
-    })
+    eventually(
+        "the refusal in /rules",
+        Duration::from_secs(5),
+        || async move { b.rules().await["last_error"]["position"] == "secrets.yaml" },
+    )
     .await;
     let status = s.b.rules().await;
     let message = status["last_error"]["message"].as_str().unwrap();

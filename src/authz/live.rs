@@ -303,7 +303,12 @@ impl LiveRules {
     }
 
     /// Records a refused version, logging and counting it once per content.
-    fn refuse_with(&self, hash: String, message: String, position: Option<String>) -> ReloadOutcome {
+    fn refuse_with(
+        &self,
+        hash: String,
+        message: String,
+        position: Option<String>,
+    ) -> ReloadOutcome {
         let mut state = self.state();
         state.parsing = None;
         if state.refused_hash.as_deref() == Some(hash.as_str()) {
@@ -331,9 +336,15 @@ impl LiveRules {
         let me = self.clone();
         match slot.run(PARSE_DEADLINE, move || me.reload(force)).await {
             Ok(_) => {}
-            Err(SlotError::Busy) => debug!("a previous rules parse is still running; retrying later"),
+            Err(SlotError::Busy) => {
+                debug!("a previous rules parse is still running; retrying later")
+            }
             Err(e) => {
-                let hash = self.state().parsing.clone().unwrap_or_else(|| "parse".into());
+                let hash = self
+                    .state()
+                    .parsing
+                    .clone()
+                    .unwrap_or_else(|| "parse".into());
                 let msg = format!("{}: {e}; keeping the active rules", self.dir_name());
                 self.refuse_with(hash, msg, None);
             }

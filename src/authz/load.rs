@@ -16,11 +16,11 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::Deserialize as _;
 
 use super::model::FileModel;
+use super::ruleset::Rule;
+use super::{Error, RuleSet};
 use crate::file_limits::{
     self, check_nesting, read_capped, scrub, MAX_NESTING, RULE_FILE_MAX_BYTES, RULE_SET_MAX_BYTES,
 };
-use super::ruleset::Rule;
-use super::{Error, RuleSet};
 
 #[cfg(test)]
 mod tests;

@@ -127,7 +127,7 @@ impl Yaml {
             pos = indent;
             while pos < chars.len()
                 && matches!(chars[pos], '-' | '?' | ':')
-                && chars.get(pos + 1).is_none_or(|c| *c == ' ' || *c == '\t')
+                && chars.get(pos + 1).map_or(true, |c| *c == ' ' || *c == '\t')
             {
                 entries += 1;
                 pos += 1;
@@ -170,7 +170,7 @@ impl Yaml {
                 }
                 continue;
             }
-            let space_or_end = next.is_none_or(|n| n == ' ' || n == '\t');
+            let space_or_end = next.map_or(true, |n| n == ' ' || n == '\t');
             match c {
                 ' ' | '\t' => {
                     after_space = true;
@@ -195,7 +195,9 @@ impl Yaml {
                     self.plain = false;
                     token_start = true;
                 }
-                ':' if space_or_end || (self.flow > 0 && next.is_some_and(|n| "[]{},".contains(n))) => {
+                ':' if space_or_end
+                    || (self.flow > 0 && next.is_some_and(|n| "[]{},".contains(n))) =>
+                {
                     self.plain = false;
                     token_start = true;
                 }

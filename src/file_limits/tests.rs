@@ -14,7 +14,10 @@ fn deep_flow_nesting_is_refused_where_it_crosses_the_limit() {
     assert_eq!((e.line, e.column), (1, 6 + 64));
     let json = format!("{{\"rules\": {}{}}}", "[".repeat(100), "]".repeat(100));
     assert_eq!(check_nesting(&json, true, 64).unwrap_err().line, 1);
-    assert!(depth_ok(&format!("a: {}{}", "[".repeat(60), "]".repeat(60)), false));
+    assert!(depth_ok(
+        &format!("a: {}{}", "[".repeat(60), "]".repeat(60)),
+        false
+    ));
 }
 
 #[test]
@@ -56,7 +59,10 @@ fn quotes_that_yaml_reads_as_text_do_not_hide_nesting() {
     // An apostrophe inside a flow plain scalar is not a quote.
     assert!(!depth_ok(&format!("a: [don't, {open}"), false));
     // A block scalar ends where the indentation does.
-    assert!(!depth_ok(&format!("- k: |\n    'x\n  other: {open}\n"), false));
+    assert!(!depth_ok(
+        &format!("- k: |\n    'x\n  other: {open}\n"),
+        false
+    ));
     // A quote inside a block plain scalar is text.
     assert!(!depth_ok(&format!("a: b 'c\nd: {open}\n"), false));
 }
@@ -65,7 +71,10 @@ fn quotes_that_yaml_reads_as_text_do_not_hide_nesting() {
 fn ordinary_rule_files_pass() {
     let text = "rules:\n  - name: web\n    action: allow\n    ports: [80, \"9000-9100\"]\n    from:\n      identities: [\"spiffe://cluster.local/ns/a/sa/*\"]\n    http:\n      - methods: [GET]\n        paths: [\"/api/**\"]\n        headers: {x-env: [prod]}\n";
     assert!(depth_ok(text, false));
-    assert!(depth_ok(r#"{"rules": [{"name": "a", "action": "allow", "ports": [80]}]}"#, true));
+    assert!(depth_ok(
+        r#"{"rules": [{"name": "a", "action": "allow", "ports": [80]}]}"#,
+        true
+    ));
 }
 
 #[test]
@@ -74,10 +83,17 @@ fn scrub_shortens_quotes_and_hides_pem() {
     let msg = scrub(&format!("invalid type: string \"{long}\", expected a map"));
     assert_eq!(
         msg,
-        format!("invalid type: string \"{}…\", expected a map", "x".repeat(32))
+        format!(
+            "invalid type: string \"{}…\", expected a map",
+            "x".repeat(32)
+        )
     );
-    let pem = scrub("invalid type: string \"-----BEGIN PRIVATE KEY----- MIGHAgEAMBMG\", expected a map");
-    assert!(!pem.contains("PRIVATE KEY") && !pem.contains("MIGH"), "{pem}");
+    let pem =
+        scrub("invalid type: string \"-----BEGIN PRIVATE KEY----- MIGHAgEAMBMG\", expected a map");
+    assert!(
+        !pem.contains("PRIVATE KEY") && !pem.contains("MIGH"),
+        "{pem}"
+    );
     assert_eq!(scrub("unknown field `nmae`"), "unknown field `nmae`");
     assert_eq!(scrub("bad \"a\u{1b}b\""), "bad \"a\\u{1b}b\"");
     assert!(!scrub("oops -----BEGIN CERTIFICATE----- MIIB").contains("MIIB"));
@@ -91,7 +107,10 @@ fn read_capped_refuses_large_files_naming_them() {
     let e = read_capped(&f, 100).unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("{}: the file is larger than the limit of 100 bytes; refused", f.display())
+        format!(
+            "{}: the file is larger than the limit of 100 bytes; refused",
+            f.display()
+        )
     );
     assert_eq!(read_capped(&f, 101).unwrap().len(), 101);
 }
@@ -104,13 +123,22 @@ async fn slot_runs_one_parse_at_a_time_with_a_deadline() {
     let slow = slot.run(Duration::from_millis(50), move || {
         let _ = wait.recv();
     });
-    assert_eq!(slow.await, Err(SlotError::TimedOut(Duration::from_millis(50))));
+    assert_eq!(
+        slow.await,
+        Err(SlotError::TimedOut(Duration::from_millis(50)))
+    );
     assert!(slot.is_busy());
-    assert_eq!(slot.run(Duration::from_secs(5), || 1).await, Err(SlotError::Busy));
+    assert_eq!(
+        slot.run(Duration::from_secs(5), || 1).await,
+        Err(SlotError::Busy)
+    );
     release.send(()).unwrap();
     let start = std::time::Instant::now();
     while slot.is_busy() {
-        assert!(start.elapsed() < Duration::from_secs(5), "the slot was never freed");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the slot was never freed"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(slot.run(Duration::from_secs(5), || 2).await, Ok(2));

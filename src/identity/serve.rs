@@ -158,8 +158,8 @@ impl ServeArgs {
                 Path::new(&format!("{SA_DIR}/namespace")),
                 crate::file_limits::TOKEN_FILE_MAX_BYTES,
             )
-                .map(|s| s.trim().to_string())
-                .map_err(|_| "--namespace: required outside a Kubernetes pod".to_string())?,
+            .map(|s| s.trim().to_string())
+            .map_err(|_| "--namespace: required outside a Kubernetes pod".to_string())?,
         };
         ServingName::new(&td, &namespace, &self.service_name)
             .map_err(|e| format!("--namespace/--service-name: {e}"))?;

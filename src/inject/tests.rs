@@ -142,7 +142,10 @@ fn config_files_over_the_limits_are_refused_without_parsing() {
     let deep = format!("proxy: {}{}\n", "[".repeat(80_000), "]".repeat(80_000));
     let started = std::time::Instant::now();
     let e = InjectorConfig::parse(&deep).unwrap_err().to_string();
-    assert!(e.contains("line 1 column 71: nested deeper than 64 levels"), "{e}");
+    assert!(
+        e.contains("line 1 column 71: nested deeper than 64 levels"),
+        "{e}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
 
     let dir = tempfile::tempdir().unwrap();
@@ -153,6 +156,8 @@ fn config_files_over_the_limits_are_refused_without_parsing() {
 
     // Values are not echoed in full.
     let secret = "s3cr3t".repeat(40);
-    let e = InjectorConfig::parse(&format!("image: [{secret}]\n")).unwrap_err().to_string();
+    let e = InjectorConfig::parse(&format!("image: [{secret}]\n"))
+        .unwrap_err()
+        .to_string();
     assert!(!e.contains(&secret[..40]), "{e}");
 }

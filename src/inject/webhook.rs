@@ -173,8 +173,7 @@ impl Webhook {
         let initial = [("--tls-cert", &args.tls_cert), ("--tls-key", &args.tls_key)]
             .into_iter()
             .map(|(flag, p)| {
-                read_capped(p, PEM_FILE_MAX_BYTES)
-                    .map_err(|e| Error::Input(format!("{flag} {e}")))
+                read_capped(p, PEM_FILE_MAX_BYTES).map_err(|e| Error::Input(format!("{flag} {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let tls = Arc::new(ArcSwap::from_pointee(

@@ -218,7 +218,10 @@ fn settle_waits_for_a_fresh_file_only() {
     let written = std::time::SystemTime::now();
     settle(dir.path());
     let waited = written.elapsed().unwrap();
-    assert!(waited >= SETTLE_TIME - Duration::from_millis(5), "{waited:?}");
+    assert!(
+        waited >= SETTLE_TIME - Duration::from_millis(5),
+        "{waited:?}"
+    );
     assert!(waited < SETTLE_MAX + Duration::from_secs(1), "{waited:?}");
 
     // A file last modified long ago is read at once.
@@ -240,7 +243,11 @@ fn the_summary_hides_file_names_and_error_text() {
     std::fs::write(dir.path().join("a.yaml"), ALLOW_80).unwrap();
     let (_r, m) = metrics();
     let rules = LiveRules::load(dir.path(), true, DefaultPolicy::Deny, m).unwrap();
-    std::fs::write(dir.path().join("b.yaml"), "rules:\n  - name: secret-value\n    action: maybe\n").unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        "rules:\n  - name: secret-value\n    action: maybe\n",
+    )
+    .unwrap();
     assert!(matches!(rules.reload(false), ReloadOutcome::Refused(_)));
     let full = serde_json::to_value(rules.status()).unwrap();
     assert_eq!(full["valid"], false);

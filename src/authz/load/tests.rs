@@ -193,7 +193,10 @@ fn a_symlink_out_of_the_directory_is_refused_naming_it() {
     let e = load_dir(dir.path()).unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("{}: resolves outside the rules directory; refused", link.display())
+        format!(
+            "{}: resolves outside the rules directory; refused",
+            link.display()
+        )
     );
     no_key_material(&e.to_string());
     assert_eq!(e.position().as_deref(), Some("b.yaml"));
@@ -249,7 +252,10 @@ fn deep_nesting_is_refused_before_parsing() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
     let json = format!("{{\"rules\": {}{}}}", "[".repeat(70), "]".repeat(70));
-    assert!(err("deep.json", &json).starts_with("deep.json:1:"), "{json}");
+    assert!(
+        err("deep.json", &json).starts_with("deep.json:1:"),
+        "{json}"
+    );
 }
 
 #[test]
@@ -267,7 +273,7 @@ fn files_and_sets_over_their_limits_are_refused() {
             big.display()
         )
     );
-    let errors = check_paths(&[big.clone()]).unwrap_err();
+    let errors = check_paths(std::slice::from_ref(&big)).unwrap_err();
     assert_eq!(errors[0].to_string(), e.to_string());
     // Nine files under the file limit are over the set limit together.
     std::fs::remove_file(&big).unwrap();

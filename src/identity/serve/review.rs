@@ -21,8 +21,8 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info};
 
 use super::connector::HttpsConnector;
-use crate::file_limits::{read_capped_string, TOKEN_FILE_MAX_BYTES};
 use super::judge::ReviewStatus;
+use crate::file_limits::{read_capped_string, TOKEN_FILE_MAX_BYTES};
 
 /// How long our own service-account token is trusted before it is read again
 /// (the kubelet rotates it well before it expires).
