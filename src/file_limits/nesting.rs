@@ -56,13 +56,35 @@ fn scan_json(text: &str, limit: usize) -> Result<(), TooDeep> {
     Ok(())
 }
 
+/// One open flow collection.
+struct Frame {
+    /// For a `[`: whether its current entry is a single-pair mapping
+    /// (`[a: b]`), one level more. `None` for a `{`.
+    pair: Option<bool>,
+    /// The deepest flow nesting reached inside the current entry: a key
+    /// that is itself a collection (`[{a: b}: c]`) turns out to sit one
+    /// level under the pair it opens.
+    peak: usize,
+}
+
 /// The YAML scan's state, carried from line to line.
 struct Yaml {
     limit: usize,
     /// Open flow collections (`[`, `{`).
     flow: usize,
-    /// Indentations of the enclosing block lines (only while `flow == 0`).
-    indents: Vec<usize>,
+    /// The open flow collections, innermost last.
+    frames: Vec<Frame>,
+    /// How many frames have a pair open.
+    pairs: usize,
+    /// The enclosing block collections (only while `flow == 0`): the
+    /// column each starts at, and whether it is a mapping.
+    indents: Vec<(usize, bool)>,
+    /// Whether the current line has opened its mapping already.
+    key_seen: bool,
+    /// The deepest flow nesting since the current block line began: a
+    /// flow collection can turn out to be a block key (`{a: b}: c`), one
+    /// level under the mapping it opens.
+    peak: usize,
     /// Block nesting in force when the current flow collection opened.
     block: usize,
     /// Inside a quoted scalar that continues on the next line.
@@ -78,7 +100,11 @@ impl Yaml {
         Yaml {
             limit,
             flow: 0,
+            frames: Vec::new(),
+            pairs: 0,
             indents: Vec::new(),
+            key_seen: false,
+            peak: 0,
             block: 0,
             quote: None,
             plain: false,
@@ -118,29 +144,67 @@ impl Yaml {
             if blank || chars[indent] == '#' {
                 return Ok(());
             }
-            while self.indents.last().is_some_and(|i| *i >= indent) {
-                self.indents.pop();
+            let is_entry = |p: usize| {
+                matches!(chars.get(p), Some('-' | '?' | ':'))
+                    && chars.get(p + 1).map_or(true, |c| *c == ' ' || *c == '\t')
+            };
+            // Collections that this line's indentation closes. A `- ` line at a
+            // mapping's own indentation is that mapping's value (`a:` then `- x`).
+            while let Some(&(col, map)) = self.indents.last() {
+                if col > indent || (col == indent && !(map && is_entry(indent))) {
+                    self.indents.pop();
+                } else {
+                    break;
+                }
             }
-            self.indents.push(indent);
             // `- - - x` nests one level per indicator on a single line.
-            let mut entries = 0;
             pos = indent;
-            while pos < chars.len()
-                && matches!(chars[pos], '-' | '?' | ':')
-                && chars.get(pos + 1).map_or(true, |c| *c == ' ' || *c == '\t')
-            {
-                entries += 1;
+            while is_entry(pos) {
+                // `? ` and `: ` (explicit key and value) belong to a mapping.
+                self.indents.push((pos, chars[pos] != '-'));
                 pos += 1;
                 while pos < chars.len() && (chars[pos] == ' ' || chars[pos] == '\t') {
                     pos += 1;
                 }
             }
             content_col = pos;
-            self.block = self.indents.len() + entries;
+            self.key_seen = false;
+            self.peak = 0;
+            self.block = self.indents.len();
             self.check(self.block, lineno, pos.max(1))?;
             self.plain = false;
         }
         self.tokens(chars, pos, content_col, lineno)
+    }
+
+    /// A `key: value` (or `? key`) entry of a flow sequence is a mapping of
+    /// its own: one level more (over its key too) until the entry ends.
+    fn open_pair(&mut self, line: usize, column: usize) -> Result<(), TooDeep> {
+        let mut depth = self.flow + self.pairs;
+        if let Some(frame) = self.frames.last_mut() {
+            if frame.pair == Some(false) {
+                frame.pair = Some(true);
+                self.pairs += 1;
+                frame.peak += 1;
+                depth = depth.max(frame.peak);
+            }
+        }
+        self.peak = self.peak.max(depth);
+        self.check(self.block + depth, line, column)
+    }
+
+    /// Ends the current entry of the innermost flow collection.
+    fn end_entry(&mut self) {
+        if let Some(frame) = self.frames.last_mut() {
+            if frame.pair == Some(true) {
+                frame.pair = Some(false);
+                self.pairs -= 1;
+            }
+        }
+        let depth = self.flow + self.pairs;
+        if let Some(frame) = self.frames.last_mut() {
+            frame.peak = depth;
+        }
     }
 
     /// Scans the rest of a line from `pos`, a token start unless inside a
@@ -154,6 +218,8 @@ impl Yaml {
     ) -> Result<(), TooDeep> {
         let mut token_start = !self.plain;
         let mut after_space = true;
+        let mut after_quote = false;
+        let mut after_close = false;
         while pos < chars.len() {
             let c = chars[pos];
             let next = chars.get(pos + 1).copied();
@@ -165,48 +231,86 @@ impl Yaml {
                     _ if c == q => {
                         self.quote = None;
                         token_start = false;
+                        after_quote = true;
                     }
                     _ => {}
                 }
                 continue;
             }
+            if c == ' ' || c == '\t' {
+                after_space = true;
+                continue;
+            }
             let space_or_end = next.map_or(true, |n| n == ' ' || n == '\t');
+            let quoted_before = std::mem::take(&mut after_quote);
+            let closed_before = std::mem::take(&mut after_close);
             match c {
-                ' ' | '\t' => {
-                    after_space = true;
-                    continue;
-                }
                 '#' if after_space => return Ok(()),
                 '[' | '{' if token_start || self.flow > 0 => {
                     if self.flow == 0 {
                         self.plain = false;
                     }
                     self.flow += 1;
+                    let depth = self.flow + self.pairs;
+                    self.frames.push(Frame {
+                        pair: (c == '[').then_some(false),
+                        peak: depth,
+                    });
                     self.plain = false;
                     token_start = true;
-                    self.check(self.block + self.flow, lineno, pos)?;
+                    self.check(self.block + depth, lineno, pos)?;
+                    self.peak = self.peak.max(depth);
                 }
                 ']' | '}' if self.flow > 0 => {
+                    if let Some(frame) = self.frames.pop() {
+                        if frame.pair == Some(true) {
+                            self.pairs -= 1;
+                        }
+                        if let Some(parent) = self.frames.last_mut() {
+                            parent.peak = parent.peak.max(frame.peak);
+                        }
+                    }
                     self.flow -= 1;
                     self.plain = false;
                     token_start = false;
+                    after_close = true;
                 }
                 ',' if self.flow > 0 => {
+                    self.end_entry();
                     self.plain = false;
                     token_start = true;
                 }
+                '?' if token_start && (space_or_end || self.flow > 0) => {
+                    self.open_pair(lineno, pos)?
+                }
                 ':' if space_or_end
-                    || (self.flow > 0 && next.is_some_and(|n| "[]{},".contains(n))) =>
+                    || (self.flow > 0
+                        && (token_start
+                            || quoted_before
+                            || closed_before
+                            || next.is_some_and(|n| "[]{},".contains(n)))) =>
                 {
                     self.plain = false;
                     token_start = true;
+                    self.open_pair(lineno, pos)?;
+                    if self.flow == 0 && !self.key_seen {
+                        // A block key: this line's content opens a mapping.
+                        self.key_seen = true;
+                        if self.indents.last().map(|e| e.0) != Some(content_col) {
+                            self.indents.push((content_col, true));
+                        } else if let Some(last) = self.indents.last_mut() {
+                            last.1 = true;
+                        }
+                        self.block = self.indents.len();
+                        self.check(self.block + self.peak, lineno, pos)?;
+                    }
                 }
                 '\'' | '"' if token_start => self.quote = Some(c),
                 '|' | '>' if token_start && self.flow == 0 => {
                     self.block_scalar = Some(content_col);
                     return Ok(());
                 }
-                '-' | '?' if token_start && space_or_end => {}
+                '-' if token_start && space_or_end => {}
                 '&' | '!' if token_start => {
                     // An anchor or a tag: the node follows after a space.
                     while pos < chars.len() && chars[pos] != ' ' {

@@ -143,3 +143,55 @@ async fn slot_runs_one_parse_at_a_time_with_a_deadline() {
     }
     assert_eq!(slot.run(Duration::from_secs(5), || 2).await, Ok(2));
 }
+
+/// The nesting of a parsed YAML value (a scalar is 0).
+fn value_depth(v: &serde_norway::Value) -> usize {
+    match v {
+        serde_norway::Value::Sequence(s) => 1 + s.iter().map(value_depth).max().unwrap_or(0),
+        serde_norway::Value::Mapping(m) => {
+            1 + m
+                .iter()
+                .map(|(k, v)| value_depth(k).max(value_depth(v)))
+                .max()
+                .unwrap_or(0)
+        }
+        serde_norway::Value::Tagged(t) => value_depth(&t.value),
+        _ => 0,
+    }
+}
+
+/// Random texts of YAML's significant pieces: whenever the parser accepts
+/// one, the scan must count at least the depth the parser built.
+#[test]
+fn the_scan_never_counts_less_than_the_parser_builds() {
+    use rand::{Rng, SeedableRng};
+    const PIECES: &[&str] = &[
+        "[", "]", "{", "}", ", ", "'", "\"", " #", "\n", "a", "b", ": ", "- ", "|", ">", "  ",
+        "\n  ", "\n    ", "?", "&x ", "*x", "!t ", "\\", "''", ":",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        std::env::var("SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(7),
+    );
+    let mut parsed = 0;
+    for _ in 0..30_000 {
+        let n = rng.gen_range(1..40);
+        let text: String = (0..n)
+            .map(|_| PIECES[rng.gen_range(0..PIECES.len())])
+            .collect();
+        let Ok(value) = serde_norway::from_str::<serde_norway::Value>(&text) else {
+            continue;
+        };
+        parsed += 1;
+        let depth = value_depth(&value);
+        if depth > 0 {
+            assert!(
+                check_nesting(&text, false, depth - 1).is_err(),
+                "the scan counted less than {depth} in {text:?}"
+            );
+        }
+    }
+    assert!(parsed > 1000, "only {parsed} texts parsed");
+}
