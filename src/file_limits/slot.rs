@@ -65,9 +65,12 @@ impl ParseSlot {
         let spawned = std::thread::Builder::new()
             .name("portcullis-parse".into())
             .spawn(move || {
-                let _release = release;
-                let _entered = span.enter();
-                let _ = tx.send(work());
+                let value = span.in_scope(work);
+                // Free the slot before answering, so the caller may start the
+                // next parse as soon as it has this one's result. (On a panic
+                // the guard is dropped while unwinding.)
+                drop(release);
+                let _ = tx.send(value);
             });
         if spawned.is_err() {
             // The closure (and with it the release guard) was dropped.
