@@ -332,12 +332,18 @@ impl LiveRules {
     /// Runs [`reload`](Self::reload) on the parse slot's thread, so that no
     /// file can stall the runtime; a reload that overruns the deadline is
     /// refused (the active rules stay) and holds the slot until it ends.
-    pub async fn reload_off_runtime(&self, slot: &ParseSlot, force: bool) {
+    /// Returns false when the slot was busy and nothing was read.
+    pub async fn reload_off_runtime(&self, slot: &ParseSlot, force: bool) -> bool {
+        self.reload_within(slot, force, PARSE_DEADLINE).await
+    }
+
+    async fn reload_within(&self, slot: &ParseSlot, force: bool, deadline: Duration) -> bool {
         let me = self.clone();
-        match slot.run(PARSE_DEADLINE, move || me.reload(force)).await {
+        match slot.run(deadline, move || me.reload(force)).await {
             Ok(_) => {}
             Err(SlotError::Busy) => {
-                debug!("a previous rules parse is still running; retrying later")
+                debug!("a previous rules parse is still running; retrying later");
+                return false;
             }
             Err(e) => {
                 let hash = self
@@ -347,8 +353,10 @@ impl LiveRules {
                     .unwrap_or_else(|| "parse".into());
                 let msg = format!("{}: {e}; keeping the active rules", self.dir_name());
                 self.refuse_with(hash, msg, None);
+                return false;
             }
         }
+        true
     }
 
     fn dir_name(&self) -> String {
@@ -378,10 +386,10 @@ impl LiveRules {
         let span = tracing::info_span!("rules", dir = %dir.display());
         tokio::spawn(
             async move {
-                tokio::select! {
+                let mut retry = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = me.reload_off_runtime(&slot, false) => {}
-                }
+                    done = me.reload_off_runtime(&slot, false) => !done,
+                };
                 loop {
                     let force = tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -390,10 +398,12 @@ impl LiveRules {
                             true
                         }
                         _ = changed(&mut watch, poll) => false,
+                        // A change seen while a slow parse held the slot is read soon after.
+                        _ = tokio::time::sleep(SETTLE_MAX), if retry => false,
                     };
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = me.reload_off_runtime(&slot, force) => {}
+                        done = me.reload_off_runtime(&slot, force) => retry = !done,
                     }
                     // The directory appeared (or was replaced): watch it itself.
                     if !on_dir && dir.is_dir() {

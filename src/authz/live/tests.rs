@@ -262,3 +262,49 @@ fn the_summary_hides_file_names_and_error_text() {
         assert!(!text.contains(hidden), "{hidden} in {text}");
     }
 }
+
+#[tokio::test]
+async fn a_reload_over_its_deadline_is_refused_once_and_holds_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), ALLOW_80).unwrap();
+    let (registry, m) = metrics();
+    let rules = LiveRules::load(dir.path(), true, DefaultPolicy::Deny, m).unwrap();
+    let good = rules.current().hash().to_string();
+    std::fs::write(dir.path().join("a.yaml"), DENY_80).unwrap();
+    let slot = ParseSlot::new();
+    // A parse that cannot finish: another reload holds the lock.
+    let stuck = rules.inner.reloading.lock().unwrap();
+    let ran = rules
+        .reload_within(&slot, false, Duration::from_millis(50))
+        .await;
+    assert!(!ran);
+    let status = rules.status();
+    let error = status.last_error.expect("the overrun is an error");
+    assert!(
+        error
+            .message
+            .ends_with("parsing took longer than 50ms; refused; keeping the active rules"),
+        "{}",
+        error.message
+    );
+    assert_eq!(rules.current().hash(), good);
+    // While it runs, no other parse starts.
+    assert!(
+        !rules
+            .reload_within(&slot, false, Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        encoded(&registry).contains("portcullis_rules_reloads_total{result=\"error\"} 1"),
+        "{}",
+        encoded(&registry)
+    );
+    drop(stuck);
+    eventually("the slot is free", || !slot.is_busy()).await;
+    eventually("the new rules", || !allowed_on_80(&rules)).await;
+    assert!(
+        rules
+            .reload_within(&slot, false, Duration::from_secs(5))
+            .await
+    );
+}
