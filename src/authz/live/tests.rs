@@ -272,8 +272,16 @@ async fn a_reload_over_its_deadline_is_refused_once_and_holds_the_slot() {
     let good = rules.current().hash().to_string();
     std::fs::write(dir.path().join("a.yaml"), DENY_80).unwrap();
     let slot = ParseSlot::new();
-    // A parse that cannot finish: another reload holds the lock.
-    let stuck = rules.inner.reloading.lock().unwrap();
+    // A parse that cannot finish: another thread holds the reload lock.
+    let (locked, wait_locked) = std::sync::mpsc::channel();
+    let (release, wait_release) = std::sync::mpsc::channel::<()>();
+    let holder = rules.clone();
+    let stuck = std::thread::spawn(move || {
+        let _guard = holder.inner.reloading.lock().unwrap();
+        locked.send(()).unwrap();
+        let _ = wait_release.recv();
+    });
+    wait_locked.recv().unwrap();
     let ran = rules
         .reload_within(&slot, false, Duration::from_millis(50))
         .await;
@@ -299,7 +307,8 @@ async fn a_reload_over_its_deadline_is_refused_once_and_holds_the_slot() {
         "{}",
         encoded(&registry)
     );
-    drop(stuck);
+    release.send(()).unwrap();
+    stuck.join().unwrap();
     eventually("the slot is free", || !slot.is_busy()).await;
     eventually("the new rules", || !allowed_on_80(&rules)).await;
     assert!(
