@@ -117,10 +117,17 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
             state.metrics.encode(),
         ),
         (&Method::GET, "/certs") => reply(StatusCode::OK, JSON, certs_json(state).to_string()),
-        (&Method::GET, "/rules") => reply(
+        // File names and error text (which may quote a file) are for
+        // loopback clients only, like explanations; others get the summary.
+        (&Method::GET, "/rules") if peer.ip().to_canonical().is_loopback() => reply(
             StatusCode::OK,
             JSON,
             json!(state.rules.status()).to_string(),
+        ),
+        (&Method::GET, "/rules") => reply(
+            StatusCode::OK,
+            JSON,
+            json!(state.rules.status().summary()).to_string(),
         ),
         (&Method::GET, "/authz/explain") if !peer.ip().to_canonical().is_loopback() => reply(
             StatusCode::FORBIDDEN,

@@ -50,8 +50,11 @@ impl App {
     pub async fn bind(settings: Settings) -> Result<App> {
         let metrics = Arc::new(Metrics::new());
         let td = settings.id.trust_domain().clone();
-        let bundle_pem = std::fs::read(&settings.trust_bundle)
-            .with_context(|| format!("--trust-bundle {}", settings.trust_bundle.display()))?;
+        let bundle_pem = crate::file_limits::read_capped(
+            &settings.trust_bundle,
+            crate::file_limits::PEM_FILE_MAX_BYTES,
+        )
+        .map_err(|e| anyhow!("--trust-bundle {e}"))?;
         let bundle = TrustBundle::from_pem(&settings.trust_bundle, &bundle_pem)
             .map_err(|e| anyhow!("--trust-bundle: {e}"))?;
         let issuer = match &settings.cert_source {

@@ -10,6 +10,7 @@ pub mod check;
 pub mod config;
 pub mod demo;
 pub mod drain;
+pub mod file_limits;
 pub mod filewatch;
 pub mod identity;
 pub mod inject;

@@ -21,7 +21,7 @@ pub use metrics::CaMetrics;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,9 +157,12 @@ impl ServeArgs {
             TrustDomain::new(&self.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
         let namespace = match &self.namespace {
             Some(ns) => ns.clone(),
-            None => std::fs::read_to_string(format!("{SA_DIR}/namespace"))
-                .map(|s| s.trim().to_string())
-                .map_err(|_| "--namespace: required outside a Kubernetes pod".to_string())?,
+            None => crate::file_limits::read_capped_string(
+                Path::new(&format!("{SA_DIR}/namespace")),
+                crate::file_limits::TOKEN_FILE_MAX_BYTES,
+            )
+            .map(|s| s.trim().to_string())
+            .map_err(|_| "--namespace: required outside a Kubernetes pod".to_string())?,
         };
         ServingName::new(&td, &namespace, &self.service_name)
             .map_err(|e| format!("--namespace/--service-name: {e}"))?;

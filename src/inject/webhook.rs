@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::{Error, InjectorConfig};
 use crate::config::LogArgs;
+use crate::file_limits::{read_capped, PEM_FILE_MAX_BYTES};
 use crate::filewatch::Reloader;
 
 /// The largest AdmissionReview accepted (a pod is at most ~1.5 MiB in etcd).
@@ -174,7 +175,7 @@ impl Webhook {
         let initial = [("--tls-cert", &args.tls_cert), ("--tls-key", &args.tls_key)]
             .into_iter()
             .map(|(flag, p)| {
-                std::fs::read(p).map_err(|e| Error::Input(format!("{flag} {}: {e}", p.display())))
+                read_capped(p, PEM_FILE_MAX_BYTES).map_err(|e| Error::Input(format!("{flag} {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let tls = Arc::new(ArcSwap::from_pointee(

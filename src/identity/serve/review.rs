@@ -22,6 +22,7 @@ use tracing::{debug, info};
 
 use super::connector::HttpsConnector;
 use super::judge::ReviewStatus;
+use crate::file_limits::{read_capped_string, TOKEN_FILE_MAX_BYTES};
 
 /// How long our own service-account token is trusted before it is read again
 /// (the kubelet rotates it well before it expires).
@@ -213,10 +214,10 @@ impl Reviewer {
             }
         }
         let path = &self.settings.token_file;
-        let token = std::fs::read_to_string(path)
+        let token = read_capped_string(path, TOKEN_FILE_MAX_BYTES)
             .map_err(|e| {
                 unavailable(
-                    format!("reading our token {}: {e}", path.display()),
+                    format!("reading our token {}: {}", path.display(), e.into_io()),
                     Duration::from_secs(5),
                 )
             })?
