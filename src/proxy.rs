@@ -13,7 +13,7 @@ mod splice;
 
 pub use detect::{detect, sniff_http, AppProtocol, Detected};
 pub use http::AppClients;
-pub use inbound::Inbound;
+pub use inbound::{Inbound, PendingHandshakes};
 pub use orig_dst::original_destination;
 pub use outbound::{Outbound, UpstreamListener};
 pub use plan::{plan, OutboundPolicy, Route};
@@ -30,7 +30,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{InboundMode, PortRange};
 use crate::drain::Drain;
-use crate::limits::ConnectionCap;
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -64,9 +63,12 @@ pub struct Shared {
     pub app_clients: AppClients,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    /// Inbound connections in detection or handshake at once
+    /// Inbound connections in detection or handshake
     /// (`--max-pending-handshakes`): what stalled clients can hold.
-    pub pending_handshakes: ConnectionCap,
+    pub pending_handshakes: PendingHandshakes,
+    /// A client's first byte and whole ClientHello must arrive within this
+    /// (`--hello-timeout`).
+    pub hello_timeout: Duration,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
 }

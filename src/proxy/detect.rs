@@ -24,6 +24,8 @@ pub enum Detected {
     Plain,
     /// Nothing within the wait.
     Silent,
+    /// The start of a TLS record, and not all of it within the wait.
+    Partial,
     /// The client closed without sending anything.
     Closed,
 }
@@ -110,7 +112,7 @@ fn stalled(seen: usize) -> Detected {
     if seen == 0 {
         Detected::Silent
     } else {
-        Detected::OtherTls
+        Detected::Partial
     }
 }
 
