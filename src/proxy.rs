@@ -92,6 +92,9 @@ impl Shared {
     }
 }
 
+/// Connections the kernel queues for each listener before accept.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// Binds a TCP listener with SO_REUSEADDR; an IPv6 wildcard also accepts IPv4.
 pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
     let err = |source| Error::Bind { flag, addr, source };
@@ -104,7 +107,10 @@ pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> 
     }
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
-    socket.listen(1024).map_err(err)?;
+    // Deeper than --max-pending-handshakes: connections a flood churns
+    // through wait here, and a full queue drops everyone's SYNs alike.
+    // The kernel caps it at net.core.somaxconn.
+    socket.listen(LISTEN_BACKLOG).map_err(err)?;
     TcpListener::from_std(socket.into()).map_err(err)
 }
 

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, Instrument};
 
+use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
 use super::{
     detect, original_destination, sniff_http, splice, traffic, AppProtocol, ConnGuard, Detected,
@@ -30,11 +31,13 @@ const OPAQUE_GRACE: Duration = Duration::from_millis(10);
 /// during their handshake (a flood must not become a flood of log lines).
 const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Eviction classes of pending connections: those still waiting for their
-/// ClientHello go first, so a peer that sent a whole hello keeps its slot
-/// however fast a flood of silent connections churns.
-const AWAITING_HELLO: u8 = 0;
-const HANDSHAKING: u8 = 1;
+/// Eviction classes of pending connections: those that have sent nothing
+/// go first, then those with part of a hello, so a peer that sent a whole
+/// hello keeps its slot however fast a flood of silent or slow connections
+/// churns.
+const SILENT: u8 = 0;
+const STARTED: u8 = 1;
+const HANDSHAKING: u8 = 2;
 
 /// Inbound connections in detection or in their TLS handshake
 /// (`--max-pending-handshakes`, `--max-pending-handshakes-per-source`):
@@ -102,13 +105,15 @@ impl Inbound {
             errors.accepted();
             // Held through detection and the handshake; admitting always
             // succeeds (no pending connection is protected), evicting the
-            // oldest one waiting for its hello when full.
-            let Some(slot) = self
-                .shared
-                .pending_handshakes
-                .set
-                .admit(source.ip(), AWAITING_HELLO)
-            else {
+            // oldest silent one when full. A connection whose hello is
+            // already here starts in a class that a flood does not reach.
+            let class = match progress_now(&stream) {
+                Progress::Nothing => SILENT,
+                Progress::Started => STARTED,
+                Progress::Decided => HANDSHAKING,
+            };
+            let pending = &self.shared.pending_handshakes.set;
+            let Some(slot) = pending.admit(source.ip(), class) else {
                 continue;
             };
             let shared = self.shared.clone();
