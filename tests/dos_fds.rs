@@ -35,7 +35,7 @@ impl Proc {
             .unwrap()
             .iter()
             .filter(|v| v["message"] == message)
-            .filter(|v| listener.is_none_or(|l| v["listener"] == l))
+            .filter(|v| listener.map_or(true, |l| v["listener"] == l))
             .cloned()
             .collect()
     }
@@ -162,11 +162,9 @@ async fn out_of_descriptors_refuses_cleanly_logs_once_and_recovers() {
 
     // Free the descriptors: it serves again by itself.
     drop(held);
-    eventually(
-        "admin answers again",
-        Duration::from_secs(10),
-        || async { matches!(http_get(admin, "/ready").await, Ok((200, _))) },
-    )
+    eventually("admin answers again", Duration::from_secs(10), || async {
+        matches!(http_get(admin, "/ready").await, Ok((200, _)))
+    })
     .await;
     let mut again = TcpStream::connect(inbound).await.unwrap();
     assert!(

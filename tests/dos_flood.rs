@@ -118,7 +118,10 @@ async fn idle_admin_flood_does_not_block_probes() {
                 Ok(Ok((status, _))) => status,
                 _ => 0,
             };
-            assert_eq!(status, 200, "{path} answered under the flood (round {round})");
+            assert_eq!(
+                status, 200,
+                "{path} answered under the flood (round {round})"
+            );
             slowest = slowest.max(t.elapsed());
             total += t.elapsed();
             probes += 1;

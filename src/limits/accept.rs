@@ -112,7 +112,8 @@ impl AcceptErrors {
         match self.spare.take() {
             Some(spare) => {
                 drop(spare);
-                if let Ok(Ok((stream, _))) = tokio::time::timeout(REFUSE_WAIT, listener.accept()).await
+                if let Ok(Ok((stream, _))) =
+                    tokio::time::timeout(REFUSE_WAIT, listener.accept()).await
                 {
                     drop(stream);
                 }

@@ -150,7 +150,12 @@ fn refused(shared: &Shared, port: u16, result: &'static str, why: &'static str) 
         .with_label_values(&["inbound", result])
         .inc();
     if let Some(count) = shared.pending_handshakes.refused_log.tick() {
-        info!(port, result, refused = count, "inbound connection refused: {why}");
+        info!(
+            port,
+            result,
+            refused = count,
+            "inbound connection refused: {why}"
+        );
     }
 }
 
@@ -195,24 +200,16 @@ async fn serve(
             let remaining = shared.handshake_timeout.saturating_sub(started.elapsed());
             serve_mesh(shared, stream, source, target, remaining, slot).await;
         }
-        (Detected::Silent | Detected::Partial, InboundMode::Strict) => refused(
-            &shared,
-            port,
-            "timeout",
-            "no whole TLS ClientHello in time",
-        ),
+        (Detected::Silent | Detected::Partial, InboundMode::Strict) => {
+            refused(&shared, port, "timeout", "no whole TLS ClientHello in time")
+        }
         (other, InboundMode::Strict) => {
             let result = if other == Detected::OtherTls {
                 "no_alpn"
             } else {
                 "plaintext_refused"
             };
-            refused(
-                &shared,
-                port,
-                result,
-                "strict mode accepts only mesh mTLS",
-            );
+            refused(&shared, port, result, "strict mode accepts only mesh mTLS");
         }
         (_, InboundMode::Permissive) => {
             drop(slot);
