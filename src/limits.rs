@@ -160,3 +160,20 @@ impl LogEvery {
         Some(self.events.swap(0, Ordering::SeqCst))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_every_lets_one_line_through_per_interval_with_the_count() {
+        let quiet = LogEvery::new(Duration::from_secs(3600));
+        assert_eq!(quiet.tick(), Some(1), "the first event is logged");
+        for _ in 0..99 {
+            assert_eq!(quiet.tick(), None);
+        }
+        let chatty = LogEvery::new(Duration::ZERO);
+        assert_eq!(chatty.tick(), Some(1));
+        assert_eq!(chatty.tick(), Some(1), "each line counts its own events");
+    }
+}

@@ -248,8 +248,12 @@ async fn serve_mesh(
     };
     let tls = match handshake {
         Err(_) => {
-            handshakes.with_label_values(&["inbound", "timeout"]).inc();
-            return info!("inbound handshake timed out");
+            return refused(
+                &shared,
+                target.port(),
+                "timeout",
+                "the TLS handshake did not finish in time",
+            )
         }
         Ok(Err(e)) => {
             let result = handshake_result(&e);
