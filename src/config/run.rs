@@ -488,5 +488,11 @@ mod tests {
         assert!(parse(&["--max-pending-handshakes", "0"])
             .unwrap_err()
             .starts_with("--max-pending-handshakes"));
+        assert!(parse(&["--max-pending-handshakes-per-source", "0"])
+            .unwrap_err()
+            .starts_with("--max-pending-handshakes-per-source"));
+        assert!(parse(&["--hello-timeout", "0s"])
+            .unwrap_err()
+            .starts_with("--hello-timeout"));
     }
 }
