@@ -85,24 +85,20 @@ async fn silent_flood_from_many_addresses_does_not_block_mesh_traffic() {
     assert!(ok * 100 >= REQUESTS * 99, "{ok}/{REQUESTS} succeeded");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_admin_flood_does_not_block_probes() {
-    const IDLE: usize = 400;
+/// Floods `admin` with `IDLE_HOLDERS` idle connections (reopened as they
+/// close) while polling /live, /ready and /metrics like a kubelet and a
+/// scraper, for longer than the first-request timeout so that idle
+/// connections are both timed out and evicted meanwhile. Every probe must
+/// answer 200; returns a summary of how long they took.
+async fn probes_under_idle_flood(admin: std::net::SocketAddr) -> String {
     raise_nofile(16_384);
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::root(dir.path(), "ca", TD);
-    let sidecar = Sidecar::start(&issuer_args(&ca, &ca.files.cert, "server")).await;
-    let admin = sidecar.addrs.admin;
-    let flood = Flood::start(admin, &[loopback(1)], IDLE, b"");
+    let flood = Flood::start(admin, &[loopback(1)], IDLE_HOLDERS, b"");
     eventually(
         "every idle connection opened once",
         Duration::from_secs(30),
-        || async { flood.opened() >= IDLE as u64 },
+        || async { flood.opened() >= IDLE_HOLDERS as u64 },
     )
     .await;
-    // Poll like a kubelet and a scraper would, for longer than the
-    // first-request timeout, so that idle connections are both timed out
-    // and evicted meanwhile.
     let mut slowest = Duration::ZERO;
     let mut total = Duration::ZERO;
     let mut probes = 0u32;
@@ -127,6 +123,25 @@ async fn idle_admin_flood_does_not_block_probes() {
             probes += 1;
         }
     }
+    let summary = format!(
+        "{probes} probes answered under a flood of {IDLE_HOLDERS} idle connections \
+         ({} opened in all): slowest {slowest:?}, mean {:?}",
+        flood.opened(),
+        total / probes,
+    );
+    flood.stop().await;
+    summary
+}
+
+/// Idle connections held against an admin port: more than its cap (256).
+const IDLE_HOLDERS: usize = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_flood_does_not_block_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let sidecar = Sidecar::start(&issuer_args(&ca, &ca.files.cert, "server")).await;
+    let summary = probes_under_idle_flood(sidecar.addrs.admin).await;
     let dropped = |reason| {
         sidecar.metric(
             "portcullis_admin_connections_dropped_total",
@@ -134,14 +149,62 @@ async fn idle_admin_flood_does_not_block_probes() {
         )
     };
     println!(
-        "{probes} probes answered under a flood of {IDLE} idle connections ({} opened in all): \
-         slowest {slowest:?}, mean {:?}; dropped: evicted={} no_request={} full={}",
-        flood.opened(),
-        total / probes,
+        "sidecar: {summary}; dropped: evicted={} no_request={} full={}",
         dropped("evicted"),
         dropped("no_request"),
         dropped("full"),
     );
     assert!(dropped("evicted") > 0.0, "idle connections were evicted");
-    flood.stop().await;
+}
+
+/// The webhook's admin port shares the admin connection handling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flood_on_the_webhook_admin_port_does_not_block_probes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    /// Kills the webhook however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = loop {
+        let line = lines
+            .next()
+            .expect("the webhook logged 'listening'")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "listening" {
+            break v;
+        }
+    };
+    let _webhook = Killed(child);
+    std::thread::spawn(move || for _ in lines {});
+    let admin = listening["admin"].as_str().unwrap().parse().unwrap();
+    let summary = probes_under_idle_flood(admin).await;
+    println!("webhook: {summary}");
 }
