@@ -57,16 +57,6 @@ impl PendingHandshakes {
             refused_log: LogEvery::new(REFUSED_LOG_INTERVAL),
         }
     }
-
-    /// Pending connections now.
-    pub fn len(&self) -> usize {
-        self.set.len()
-    }
-
-    /// Whether no connection is pending.
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
-    }
 }
 
 /// The bound inbound listener.
