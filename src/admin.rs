@@ -7,7 +7,7 @@ mod app_health;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,7 +20,7 @@ use tracing::{debug, info};
 
 use crate::authz::{DefaultPolicy, LiveRules};
 use crate::drain::Drain;
-use crate::limits::{serve_admin_connection, ConnectionCap, ADMIN_MAX_CONNECTIONS};
+use crate::limits::{serve_admin_connection, AcceptErrors, AdminConnections};
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -52,23 +52,25 @@ impl Admin {
     }
 
     /// Serves until the process ends; it keeps answering while draining so
-    /// that `/ready` can say 503. At most `ADMIN_MAX_CONNECTIONS` at once:
-    /// past that a connection is closed at once, so that the admin port
-    /// cannot use up the descriptors the data path needs.
+    /// that `/ready` can say 503. At most `ADMIN_MAX_CONNECTIONS` at once,
+    /// so that the admin port cannot use up the descriptors the data path
+    /// needs; when full, an idle connection makes room for a new one (see
+    /// `crate::limits::AdminConnections`), so probes keep answering.
     pub async fn run(self) {
-        let cap = ConnectionCap::new(ADMIN_MAX_CONNECTIONS);
+        let metrics = &self.state.metrics;
+        let conns = AdminConnections::new(Some(metrics.admin_connections_dropped.clone()));
+        let mut errors = AcceptErrors::new("admin", Some(metrics.accept_errors.clone()));
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Out of descriptors, most likely: pause instead of spinning.
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    errors.failed(&self.listener, e).await;
                     continue;
                 }
             };
-            let Some(permit) = cap.try_admit() else {
-                debug!(%peer, "admin connection refused: too many open");
+            errors.accepted();
+            let Some(slot) = conns.admit(peer.ip()) else {
+                debug!(%peer, "admin connection refused: every connection is busy");
                 continue;
             };
             let state = self.state.clone();
@@ -82,8 +84,7 @@ impl Admin {
                         Ok::<_, Infallible>(route(&state, peer, req))
                     }
                 });
-                serve_admin_connection(stream, service).await;
-                drop(permit);
+                serve_admin_connection(stream, slot, service).await;
             });
         }
     }

@@ -182,9 +182,10 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
     /// Inbound connections still being detected or in their TLS handshake
-    /// at once; past it a new connection is closed at once and counted as
-    /// portcullis_tls_handshakes_total{result="overload"}. Bounds what
-    /// clients that never finish a ClientHello can hold; established
+    /// at once. When full, a new connection closes the oldest pending one
+    /// still waiting for its ClientHello (else the oldest pending one),
+    /// counted as portcullis_tls_handshakes_total{result="overload"}: a
+    /// flood of silent clients cannot lock new ones out. Established
     /// connections do not count.
     #[arg(
         long,
@@ -193,11 +194,27 @@ pub struct RunArgs {
         value_name = "N"
     )]
     pub max_pending_handshakes: usize,
+    /// Pending inbound connections from one source address at once; past
+    /// it the source's own oldest pending connection is closed, counted as
+    /// portcullis_tls_handshakes_total{result="source_overload"}.
+    #[arg(
+        long,
+        env = "PORTCULLIS_MAX_PENDING_HANDSHAKES_PER_SOURCE",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_pending_handshakes_per_source: usize,
+    /// An inbound client's first byte and its whole TLS ClientHello must
+    /// arrive within this (at most --handshake-timeout). Sidecars send
+    /// their hello at once; a client that stays silent is closed in strict
+    /// mode, and carried as plaintext in permissive mode.
+    #[arg(long, env = "PORTCULLIS_HELLO_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub hello_timeout: Duration,
     /// How long to wait for a client's first bytes when looking for HTTP
     /// (after mTLS, or on plaintext in permissive mode) before carrying the
-    /// connection as opaque TCP; also how long a plaintext client may stay
-    /// silent in permissive mode. Strict mode waits --handshake-timeout for
-    /// the ClientHello. Opaque ports never wait.
+    /// connection as opaque TCP. A silent client in permissive mode is
+    /// carried as plaintext after at most --hello-timeout. Opaque ports
+    /// never wait.
     #[arg(long, env = "PORTCULLIS_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
     /// A connection with no bytes either way for this long is closed.
@@ -294,6 +311,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_pending_handshakes: usize,
+    pub max_pending_handshakes_per_source: usize,
+    pub hello_timeout: Duration,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
     pub file_poll_interval: Duration,
@@ -345,6 +364,7 @@ impl RunArgs {
             ("--drain-timeout", self.drain_timeout),
             ("--connect-timeout", self.connect_timeout),
             ("--handshake-timeout", self.handshake_timeout),
+            ("--hello-timeout", self.hello_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--file-poll-interval", self.file_poll_interval),
         ] {
@@ -354,6 +374,9 @@ impl RunArgs {
         }
         if self.max_pending_handshakes == 0 {
             return Err("--max-pending-handshakes: must be at least 1".into());
+        }
+        if self.max_pending_handshakes_per_source == 0 {
+            return Err("--max-pending-handshakes-per-source: must be at least 1".into());
         }
         Ok(Settings {
             trust_bundle_refresh: self.trust_bundle_refresh,
@@ -386,6 +409,8 @@ impl RunArgs {
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,
             max_pending_handshakes: self.max_pending_handshakes,
+            max_pending_handshakes_per_source: self.max_pending_handshakes_per_source,
+            hello_timeout: self.hello_timeout,
             detect_timeout: self.detect_timeout,
             idle_timeout: self.idle_timeout,
             file_poll_interval: self.file_poll_interval,
@@ -480,5 +505,11 @@ mod tests {
         assert!(parse(&["--max-pending-handshakes", "0"])
             .unwrap_err()
             .starts_with("--max-pending-handshakes"));
+        assert!(parse(&["--max-pending-handshakes-per-source", "0"])
+            .unwrap_err()
+            .starts_with("--max-pending-handshakes-per-source"));
+        assert!(parse(&["--hello-timeout", "0s"])
+            .unwrap_err()
+            .starts_with("--hello-timeout"));
     }
 }

@@ -365,6 +365,7 @@ impl CaServer {
             audience = %s.review.audience,
             "identity service listening"
         );
+        let mut errors = crate::limits::AcceptErrors::new("identity", None);
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -373,11 +374,11 @@ impl CaServer {
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    errors.failed(&self.listener, e).await;
                     continue;
                 }
             };
+            errors.accepted();
             let state = self.state.clone();
             let drain = self.drain.clone();
             let span = tracing::debug_span!("certify_conn", %peer);

@@ -227,14 +227,19 @@ impl Webhook {
             self.metrics.clone(),
             shutdown.clone(),
         ));
+        let mut errors = crate::limits::AcceptErrors::new("webhook", None);
         loop {
             let (stream, peer) = tokio::select! {
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
-                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
+                    Err(e) => {
+                        errors.failed(&self.listener, e).await;
+                        continue;
+                    }
                 },
                 _ = shutdown.cancelled() => return Ok(()),
             };
+            errors.accepted();
             let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.load_full());
             let (cfg, metrics) = (self.cfg.clone(), self.metrics.clone());
             tokio::spawn(async move {
@@ -330,26 +335,28 @@ async fn serve_admin(
     metrics: Arc<WebhookMetrics>,
     shutdown: CancellationToken,
 ) {
-    // Like the sidecar's admin port: a bounded number of connections, and a
-    // pause instead of a spin when accept fails (out of descriptors).
-    let cap = crate::limits::ConnectionCap::new(crate::limits::ADMIN_MAX_CONNECTIONS);
+    // Like the sidecar's admin port: a bounded number of connections, idle
+    // ones make room for new ones, and a pause instead of a spin when
+    // accept fails (out of descriptors).
+    let conns = crate::limits::AdminConnections::new(None);
+    let mut errors = crate::limits::AcceptErrors::new("admin", None);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Ok(pair) => pair,
+                Err(e) => {
+                    errors.failed(&listener, e).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => return,
         };
-        let Some(permit) = cap.try_admit() else {
+        errors.accepted();
+        let Some(slot) = conns.admit(peer.ip()) else {
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 async move {
@@ -360,7 +367,7 @@ async fn serve_admin(
                     })
                 }
             });
-            crate::limits::serve_admin_connection(stream, service).await;
+            crate::limits::serve_admin_connection(stream, slot, service).await;
         });
     }
 }

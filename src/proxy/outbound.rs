@@ -3,7 +3,6 @@
 //! listener forwards redirected connections to their original destination.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
@@ -16,6 +15,7 @@ use tracing::{debug, info, Instrument};
 use super::{original_destination, plan, splice, traffic, ConnGuard, Route, Shared};
 use crate::config::Upstream;
 use crate::identity::SpiffeId;
+use crate::limits::AcceptErrors;
 use crate::tls::{handshake_result, peer_identity};
 
 /// An explicit upstream's listener.
@@ -51,18 +51,20 @@ impl Outbound {
 
 async fn accept_loop(listener: TcpListener, upstream: Option<Upstream>, shared: Arc<Shared>) {
     let drain = shared.drain.clone();
+    let accept_errors = shared.metrics.accept_errors.clone();
+    let mut errors = AcceptErrors::new("outbound", Some(accept_errors));
     loop {
         let (stream, source) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
-                    debug!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    errors.failed(&listener, e).await;
                     continue;
                 }
             },
             _ = drain.stopping() => return,
         };
+        errors.accepted();
         let shared = shared.clone();
         let span = tracing::info_span!("outbound", %source);
         match &upstream {
