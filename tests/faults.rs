@@ -1,0 +1,19 @@
+//! Fault tests: rules rewritten in a storm under traffic, a server sidecar
+//! killed with SIGKILL and restarted, and an identity service down for
+//! longer than a leaf lives. (The long load runs are in `tests/soak.rs`.)
+
+#[path = "faults/app.rs"]
+mod app;
+mod common;
+#[path = "faults/reload.rs"]
+mod reload;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_storm_with_renamed_file_never_mixes_sets() {
+    reload::storm(reload::Layout::RenameOneFile).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_storm_with_configmap_swaps_never_mixes_sets() {
+    reload::storm(reload::Layout::ConfigMap).await;
+}
