@@ -5,8 +5,13 @@
 #[path = "faults/app.rs"]
 mod app;
 mod common;
+#[path = "faults/proc.rs"]
+#[allow(dead_code)]
+mod proc;
 #[path = "faults/reload.rs"]
 mod reload;
+#[path = "faults/restart.rs"]
+mod restart;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_storm_with_renamed_file_never_mixes_sets() {
@@ -16,4 +21,9 @@ async fn reload_storm_with_renamed_file_never_mixes_sets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_storm_with_configmap_swaps_never_mixes_sets() {
     reload::storm(reload::Layout::ConfigMap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_server_fails_closed_and_traffic_resumes_after_restart() {
+    restart::sigkill_and_restart().await;
 }
