@@ -2,9 +2,17 @@
 //! killed with SIGKILL and restarted, and an identity service down for
 //! longer than a leaf lives. (The long load runs are in `tests/soak.rs`.)
 
+#[path = "ca_serve/apiserver.rs"]
+#[allow(dead_code)]
+mod apiserver;
 #[path = "faults/app.rs"]
 mod app;
 mod common;
+#[path = "ca_serve/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+#[path = "faults/identity.rs"]
+mod identity;
 #[path = "faults/proc.rs"]
 #[allow(dead_code)]
 mod proc;
@@ -26,4 +34,9 @@ async fn reload_storm_with_configmap_swaps_never_mixes_sets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_server_fails_closed_and_traffic_resumes_after_restart() {
     restart::sigkill_and_restart().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_service_down_longer_than_a_leaf_lives() {
+    identity::identity_service_outage_longer_than_a_leaf().await;
 }
