@@ -13,6 +13,8 @@ mod common;
 mod harness;
 #[path = "faults/identity.rs"]
 mod identity;
+#[path = "faults/load.rs"]
+mod load;
 #[path = "faults/proc.rs"]
 #[allow(dead_code)]
 mod proc;
@@ -39,4 +41,13 @@ async fn sigkilled_server_fails_closed_and_traffic_resumes_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_service_down_longer_than_a_leaf_lives() {
     identity::identity_service_outage_longer_than_a_leaf().await;
+}
+
+/// The short version; `make soak` holds 10,000 (tests/soak.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_held_connections_through_a_pair() {
+    let n = load::connections_allowed(500);
+    assert_eq!(n, 500);
+    let held = load::hold(n, common::echo_server().await).await;
+    load::assert_bounded(&held, 64);
 }

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+/// The binary under test: this build's, or `PORTCULLIS_SOAK_BIN` (the
+/// release build, for `make soak`'s figures).
+pub fn bin() -> String {
+    std::env::var("PORTCULLIS_SOAK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_portcullis").into())
+}
 
 /// A running sidecar process, its addresses, and every log line so far.
 pub struct Proc {
@@ -26,7 +30,7 @@ impl Proc {
     /// `portcullis run --log-format json` with `args` (which must name the
     /// listen addresses); returns once it logged that it is listening.
     pub fn run(args: &[String]) -> Proc {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["run", "--log-format", "json"])
             .args(args)
             .stdout(Stdio::null())
