@@ -14,16 +14,15 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::common::*;
 use crate::proc::Proc;
 
-/// Pings through the client sidecar every 20 ms until `stop`, recording
-/// when each one started and whether it came back whole.
+/// When each ping started and whether it came back whole.
+type Pings = Arc<Mutex<Vec<(Instant, bool)>>>;
+
+/// Pings through the client sidecar every 20 ms until `stop`.
 fn pinger(
     upstream: std::net::SocketAddr,
     stop: Arc<AtomicBool>,
-) -> (
-    Arc<Mutex<Vec<(Instant, bool)>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let log: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
+) -> (Pings, tokio::task::JoinHandle<()>) {
+    let log = Pings::default();
     let task = {
         let log = log.clone();
         tokio::spawn(async move {
