@@ -22,7 +22,8 @@ const OPENING: usize = 128;
 pub struct Held {
     pub connections: usize,
     pub open_time: Duration,
-    /// kB, before opening and while all are held; peak over the run.
+    /// kB, before opening and while all are held; the peak (VmHWM, which
+    /// the kernel updates lazily) over the run.
     pub client_rss: (u64, u64, u64),
     pub server_rss: (u64, u64, u64),
     pub client_fds: usize,
@@ -174,7 +175,7 @@ pub async fn hold(n: usize, echo: SocketAddr) -> Held {
 /// Asserts memory stays within `per_conn_kb` per held connection on top of
 /// the idle figure, for both sidecars.
 pub fn assert_bounded(h: &Held, per_conn_kb: u64) {
-    for (who, (idle, during, peak)) in [("client", h.client_rss), ("server", h.server_rss)] {
+    for (who, (idle, during, _)) in [("client", h.client_rss), ("server", h.server_rss)] {
         let grew = during.saturating_sub(idle);
         assert!(
             grew <= per_conn_kb * h.connections as u64,
