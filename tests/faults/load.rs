@@ -182,9 +182,5 @@ pub fn assert_bounded(h: &Held, per_conn_kb: u64) {
             "{who} sidecar grew {grew} kB for {} connections (more than {per_conn_kb} kB each)",
             h.connections
         );
-        assert!(
-            peak >= during,
-            "{who}: peak {peak} kB below current {during} kB"
-        );
     }
 }
