@@ -1,7 +1,7 @@
 # portcullis: common tasks. CARGO_TARGET_DIR is honoured if set.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo bench clean manifests man
+.PHONY: deps build test lint demo bench soak clean manifests man
 
 # deps: install the system tools the tests use (promtool, ip, iptables, nft,
 # tcpdump, curl, setpriv, and kubernetes-validate from PyPI), only those
@@ -32,6 +32,13 @@ demo:
 bench: build
 	$(CARGO) bench --locked --bench pair
 	$(CARGO) bench --locked --bench authz
+
+# soak: fault and load runs that take minutes (10,000 connections held
+# through a sidecar pair), against the release binary; prints the figures
+# recorded in benches/README.md ("Soak"). Not part of `make test`.
+soak: build
+	PORTCULLIS_SOAK_BIN=$${CARGO_TARGET_DIR:-target}/release/portcullis \
+		$(CARGO) test --locked --test soak -- --ignored --nocapture --test-threads 1
 
 # manifests: deploy/portcullis.yaml, the chart rendered with its defaults
 # (tests/helm.rs checks it is up to date); needs Helm from `make deps`.

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::load::{compile, hash_sources, read_sources};
+use super::load::{compile, hash_sources, read_sources, Source};
 use super::{AuthzMetrics, DefaultPolicy, Error, RuleSet};
 use crate::file_limits::{ParseSlot, SlotError, PARSE_DEADLINE, SETTLE_MAX, SETTLE_TIME};
 use crate::filewatch::FileWatch;
@@ -245,7 +245,13 @@ impl LiveRules {
         }
         let loaded = if dir.is_dir() {
             settle(dir);
-            read_sources(std::slice::from_ref(dir)).map(|s| (hash_sources(&s), s))
+            match read_consistent(dir) {
+                Some(loaded) => loaded,
+                None => {
+                    debug!("rule files changed while being read; reading again on the next change");
+                    return ReloadOutcome::Unchanged;
+                }
+            }
         } else {
             Err(Error::NoRules {
                 path: dir.clone(),
@@ -415,6 +421,32 @@ impl LiveRules {
         );
         Ok(())
     }
+}
+
+/// How many times a reload reads the files looking for two equal reads.
+const CONSISTENT_READS: usize = 5;
+
+/// Reads the directory until two reads in a row agree, and returns that
+/// content with its hash; `None` if the files kept changing. One read opens
+/// the files one after the other, so a ConfigMap update (all files swapped
+/// at once through `..data`) landing in between would yield half of each
+/// version, which can allow what neither version allows.
+fn read_consistent(dir: &Path) -> Option<Result<(String, Vec<Source>), Error>> {
+    let read = || read_sources(std::slice::from_ref(&dir.to_path_buf()));
+    let mut last = read().map(|s| (hash_sources(&s), s));
+    for _ in 1..CONSISTENT_READS {
+        let next = read().map(|s| (hash_sources(&s), s));
+        let same = match (&last, &next) {
+            (Ok((a, _)), Ok((b, _))) => a == b,
+            (Err(a), Err(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        };
+        if same {
+            return Some(next);
+        }
+        last = next;
+    }
+    None
 }
 
 /// A watch on the directory, or on its parent while it does not exist; a

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -224,11 +224,14 @@ async fn serve_mesh(
 ) {
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
-    let Some(config) = snapshot.server.clone() else {
-        handshakes
-            .with_label_values(&["inbound", "no_certificate"])
-            .inc();
-        return info!("inbound connection refused: no certificate yet");
+    let config = match snapshot.server_at(SystemTime::now()) {
+        Ok(config) => config,
+        Err(why) => {
+            handshakes
+                .with_label_values(&["inbound", why.label()])
+                .inc();
+            return info!(result = why.label(), "inbound connection refused: {why}");
+        }
     };
     let started = Instant::now();
     let accept = tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream));

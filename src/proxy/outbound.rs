@@ -3,6 +3,7 @@
 //! listener forwards redirected connections to their original destination.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
@@ -89,11 +90,14 @@ async fn to_sidecar(
     let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
     let handshakes = &shared.metrics.tls_handshakes;
     let snapshot = shared.tls.snapshot();
-    let Some(config) = snapshot.client.clone() else {
-        handshakes
-            .with_label_values(&["outbound", "no_certificate"])
-            .inc();
-        return info!(%dest, "outbound connection refused: no certificate yet");
+    let config = match snapshot.client_at(SystemTime::now()) {
+        Ok(config) => config,
+        Err(why) => {
+            handshakes
+                .with_label_values(&["outbound", why.label()])
+                .inc();
+            return info!(%dest, result = why.label(), "outbound connection refused: {why}");
+        }
     };
     let tcp = match shared.connect(dest).await {
         Ok(s) => s,
