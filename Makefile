@@ -1,7 +1,7 @@
 # portcullis: common tasks. CARGO_TARGET_DIR is honoured if set.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo bench clean manifests
+.PHONY: deps build test lint demo bench clean manifests image
 
 # deps: install the system tools the tests use (promtool, ip, iptables, nft,
 # tcpdump, curl, setpriv, and kubernetes-validate from PyPI), only those
@@ -39,6 +39,15 @@ manifests:
 	bash .ci/helm.sh
 	bash .ci/manifests.sh > deploy/portcullis.yaml.tmp
 	mv deploy/portcullis.yaml.tmp deploy/portcullis.yaml
+
+# image: the container image, target/image/portcullis-<version>.oci.tar
+# (ghcr.io/portcullis/portcullis:<version>, the chart's default image), from
+# the release binary on `scratch` with buildah; no registry and no Docker
+# engine needed. Installs buildah from Debian when missing (as root).
+# Load it with `podman load -i`, `docker load -i`, `kind load image-archive`
+# or `ctr images import`.
+image: build
+	bash .ci/image.sh
 
 # clean: remove build output.
 clean:

@@ -12,6 +12,7 @@ pub mod drain;
 pub mod filewatch;
 pub mod identity;
 pub mod inject;
+pub mod install;
 pub mod intercept;
 pub mod limits;
 pub mod logging;
