@@ -13,8 +13,9 @@ deps:
 build:
 	$(CARGO) build --release --locked
 
-# test: unit, binary and integration tests (not benches).
-test: deps
+# test: unit, binary and integration tests (not benches). The release
+# binary comes first: tests/image.rs packages it into the image.
+test: deps build
 	@echo "+ $(CARGO) test --locked"
 	@$(CARGO) test --locked
 
