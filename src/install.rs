@@ -133,7 +133,12 @@ pub fn install(args: &InstallArgs) -> Result<(), Error> {
 pub fn bootstrap(args: &BootstrapArgs) -> Result<(), Error> {
     let material = CaMaterial::new(&trust_domain(&args.trust_domain)?, &args.anchor)?;
     let values = material.helm_values()?;
-    crate::identity::write_file(&args.values_out, values.as_bytes(), 0o600, args.anchor.force)?;
+    crate::identity::write_file(
+        &args.values_out,
+        values.as_bytes(),
+        0o600,
+        args.anchor.force,
+    )?;
     write_anchor_outputs(&material, &args.anchor)?;
     println!(
         "wrote {} (trust domain {}): helm install portcullis charts/portcullis -n portcullis --create-namespace -f {}",

@@ -27,8 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// containerd (kind) and docker loaders too.
 #[test]
 fn image_runs_the_release_binary_as_uid_1500_under_the_charts_name() {
-    let Some(img) = image("image_runs_the_release_binary_as_uid_1500_under_the_charts_name")
-    else {
+    let Some(img) = image("image_runs_the_release_binary_as_uid_1500_under_the_charts_name") else {
         return;
     };
     let host = std::process::Command::new(&img.binary)
@@ -64,9 +63,13 @@ fn image_runs_the_release_binary_as_uid_1500_under_the_charts_name() {
     );
     assert_eq!(img.name, want, "make image and the chart disagree");
     let version = text(&out.stdout).trim().replace("portcullis ", "");
-    assert!(want.ends_with(&format!(":{version}")), "{want} vs {version}");
     assert!(
-        img.archive.ends_with(format!("image/portcullis-{version}.oci.tar")),
+        want.ends_with(&format!(":{version}")),
+        "{want} vs {version}"
+    );
+    assert!(
+        img.archive
+            .ends_with(format!("image/portcullis-{version}.oci.tar")),
         "{}",
         img.archive.display()
     );
@@ -148,7 +151,12 @@ fn init_from_the_image_installs_the_same_rules_as_the_host_binary() {
         let out = img.run(&options, &["init", "--cleanup"]);
         assert!(out.status.success(), "cleanup: {}", text(&out.stderr));
         let after = b.snapshot(&pod);
-        assert_eq!(after, b.snapshot(&host), "{}: cleanup from the image", b.flag());
+        assert_eq!(
+            after,
+            b.snapshot(&host),
+            "{}: cleanup from the image",
+            b.flag()
+        );
         assert!(!after.contains("portcullis"), "{}: {after}", b.flag());
     }
 }
@@ -271,7 +279,12 @@ async fn sidecar_pair_from_the_image_serves_mtls_and_refuses_plaintext() {
     // Through the pair: mTLS between the sidecars, the rule allows /hello.
     let upstream_addr: SocketAddr = ([127, 0, 0, 1], upstream).into();
     let (status, body) = common::http_get(upstream_addr, "/hello").await.unwrap();
-    assert_eq!((status, body.as_str()), (200, "hello from the app"), "{}", b.logs());
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from the app"),
+        "{}",
+        b.logs()
+    );
     let (status, _) = common::http_get(upstream_addr, "/other").await.unwrap();
     assert_eq!(status, 403, "no rule allows /other");
     let metrics = common::http_get(([127, 0, 0, 1], admin_b).into(), "/metrics")
@@ -305,7 +318,10 @@ async fn sidecar_pair_from_the_image_serves_mtls_and_refuses_plaintext() {
     // name only /etc/hosts knows, and fails on a name nothing knows.
     let host = format!("--add-host=portcullis-test-host-{tag}:127.0.0.1");
     let url = format!("--admin=http://portcullis-test-host-{tag}:{admin_a}");
-    let out = img.run(&["--network=host", &host], &["await", &url, "--timeout=20s"]);
+    let out = img.run(
+        &["--network=host", &host],
+        &["await", &url, "--timeout=20s"],
+    );
     assert!(
         out.status.success(),
         "await by name: {}{}",
@@ -314,7 +330,11 @@ async fn sidecar_pair_from_the_image_serves_mtls_and_refuses_plaintext() {
     );
     let out = img.run(
         &["--network=host"],
-        &["await", "--admin=http://no-such-name.invalid:1", "--timeout=1s"],
+        &[
+            "await",
+            "--admin=http://no-such-name.invalid:1",
+            "--timeout=1s",
+        ],
     );
     assert!(!out.status.success());
     let err = text(&out.stderr);

@@ -60,7 +60,10 @@ fn ca_objects(docs: &[Value]) -> (String, String, String) {
     (
         b64(s["data"]["tls.crt"].as_str().unwrap()),
         b64(s["data"]["tls.key"].as_str().unwrap()),
-        bundles[0]["data"]["bundle.pem"].as_str().unwrap().to_string(),
+        bundles[0]["data"]["bundle.pem"]
+            .as_str()
+            .unwrap()
+            .to_string(),
     )
 }
 
@@ -74,7 +77,8 @@ fn check_chain(crt: &str, bundle: &str, td: &str) {
     assert_eq!(chain[1], roots[0], "the chain ends in the bundle's root");
     let (_, inter) = parse_x509_certificate(&chain[0]).unwrap();
     let (_, root) = parse_x509_certificate(&roots[0]).unwrap();
-    root.verify_signature(None).expect("the root is self-signed");
+    root.verify_signature(None)
+        .expect("the root is self-signed");
     inter
         .verify_signature(Some(root.public_key()))
         .expect("the intermediate is signed by the root");
@@ -139,7 +143,10 @@ fn install_validates_and_carries_a_chaining_issuer_and_bundle() {
         .lines()
         .filter(|l| !l.starts_with("-----"))
         .collect();
-    assert!(!yaml.contains(&body[..40]), "the anchor key is in the output");
+    assert!(
+        !yaml.contains(&body[..40]),
+        "the anchor key is in the output"
+    );
     assert!(!yaml.contains(&base64_of(&anchor_key)));
     // The anchor key matches the anchor certificate.
     let roots = pem_certs(&bundle);
@@ -209,7 +216,8 @@ fn install_equals_a_helm_render_with_the_same_ca() {
                     let parsed: Value = serde_norway::from_str(text).unwrap();
                     d["data"]["config.yaml"] = parsed;
                 }
-                if let Some(sum) = d.pointer_mut("/spec/template/metadata/annotations/checksum~1config")
+                if let Some(sum) =
+                    d.pointer_mut("/spec/template/metadata/annotations/checksum~1config")
                 {
                     assert_eq!(sum.as_str().unwrap().len(), 64);
                     *sum = Value::String("<checked>".into());
@@ -249,7 +257,14 @@ fn install_equals_a_helm_render_with_the_same_ca() {
 fn install_uses_a_given_anchor_or_bootstrap_values() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let out = portcullis(&["ca", "init", "--out", &p("root"), "--trust-domain", "corp.test"]);
+    let out = portcullis(&[
+        "ca",
+        "init",
+        "--out",
+        &p("root"),
+        "--trust-domain",
+        "corp.test",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let (docs, _) = install(&[
         "--trust-domain",
@@ -302,9 +317,18 @@ fn install_uses_a_given_anchor_or_bootstrap_values() {
         serde_norway::from_str(&std::fs::read_to_string(p("values.yaml")).unwrap()).unwrap();
     let (docs, _) = install(&["--values", &p("values.yaml")]);
     let (crt, key, bundle) = ca_objects(&docs);
-    assert_eq!(crt, values["identity"]["issuer"]["crtPEM"].as_str().unwrap());
-    assert_eq!(key, values["identity"]["issuer"]["keyPEM"].as_str().unwrap());
-    assert_eq!(bundle, values["identity"]["trustBundlePEM"].as_str().unwrap());
+    assert_eq!(
+        crt,
+        values["identity"]["issuer"]["crtPEM"].as_str().unwrap()
+    );
+    assert_eq!(
+        key,
+        values["identity"]["issuer"]["keyPEM"].as_str().unwrap()
+    );
+    assert_eq!(
+        bundle,
+        values["identity"]["trustBundlePEM"].as_str().unwrap()
+    );
     assert_eq!(injector_config(&docs).0["trustDomain"], "corp.test");
 
     let mut extra = std::fs::read_to_string(p("values.yaml")).unwrap();
@@ -342,7 +366,10 @@ async fn identity_service_from_install_objects_signs_a_csr() {
         .collect();
     assert!(flags.contains(&format!("--trust-domain={td}")), "{flags:?}");
     let api = apiserver::FakeApi::start(harness::CA_TOKEN).await;
-    api.add_token("client-token", apiserver::TokenInfo::bound("default", "client"));
+    api.add_token(
+        "client-token",
+        apiserver::TokenInfo::bound("default", "client"),
+    );
     let kube_ca = dir.path().join("kube-ca.crt");
     std::fs::write(&kube_ca, &api.ca_pem).unwrap();
     let kube_token = dir.path().join("kube-token");
@@ -370,8 +397,8 @@ async fn identity_service_from_install_objects_signs_a_csr() {
     let answer = client.certify(Some("client-token"), &body).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let chain = answer.chain();
-    let roots = portcullis::identity::parse_cert_chain(Path::new("bundle"), bundle.as_bytes())
-        .unwrap();
+    let roots =
+        portcullis::identity::parse_cert_chain(Path::new("bundle"), bundle.as_bytes()).unwrap();
     assert!(portcullis::identity::chains_to(&chain, &roots));
     let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
     assert_eq!(leaf.public_key().raw, leaf_key.public_key_der().as_slice());
@@ -395,7 +422,8 @@ fn bootstrap_values_render_and_lint_with_helm() {
     assert!(!again.status.success());
 
     let r = Render::bare().file(&values);
-    r.lint().unwrap_or_else(|e| panic!("helm lint --strict: {e}"));
+    r.lint()
+        .unwrap_or_else(|e| panic!("helm lint --strict: {e}"));
     let docs = r.docs();
     let (crt, _, bundle) = ca_objects(&docs);
     check_chain(&crt, &bundle, "cluster.local");

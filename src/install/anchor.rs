@@ -99,8 +99,7 @@ impl CaMaterial {
         let bundle =
             crate::tls::TrustBundle::from_pem(Path::new("bundle.pem"), self.bundle_pem.as_bytes())
                 .map_err(Error::Material)?;
-        crate::tls::check_issuer(&issuer, &self.trust_domain, bundle.roots)
-            .map_err(Error::Material)
+        crate::tls::check_issuer(&issuer, &self.trust_domain, bundle.roots).map_err(Error::Material)
     }
 
     /// Helm values carrying this material (`ca bootstrap --values-out`).
@@ -161,8 +160,16 @@ impl FromValues {
             Ok(())
         };
         only(&value, "", &["trustDomain", "identity"])?;
-        only(&value["identity"], "identity.", &["issuer", "trustBundlePEM"])?;
-        only(&value["identity"]["issuer"], "identity.issuer.", &["crtPEM", "keyPEM"])?;
+        only(
+            &value["identity"],
+            "identity.",
+            &["issuer", "trustBundlePEM"],
+        )?;
+        only(
+            &value["identity"]["issuer"],
+            "identity.issuer.",
+            &["crtPEM", "keyPEM"],
+        )?;
         let text_at = |v: &Value, name: &str| -> Result<String, Error> {
             v.as_str()
                 .filter(|s| !s.trim().is_empty())
@@ -171,9 +178,18 @@ impl FromValues {
         };
         Ok(FromValues {
             trust_domain: value["trustDomain"].as_str().map(str::to_string),
-            crt: text_at(&value["identity"]["issuer"]["crtPEM"], "identity.issuer.crtPEM")?,
-            key: text_at(&value["identity"]["issuer"]["keyPEM"], "identity.issuer.keyPEM")?,
-            bundle: text_at(&value["identity"]["trustBundlePEM"], "identity.trustBundlePEM")?,
+            crt: text_at(
+                &value["identity"]["issuer"]["crtPEM"],
+                "identity.issuer.crtPEM",
+            )?,
+            key: text_at(
+                &value["identity"]["issuer"]["keyPEM"],
+                "identity.issuer.keyPEM",
+            )?,
+            bundle: text_at(
+                &value["identity"]["trustBundlePEM"],
+                "identity.trustBundlePEM",
+            )?,
         })
     }
 

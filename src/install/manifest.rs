@@ -105,7 +105,7 @@ fn get_mut<'a>(v: &'a mut Value, path: &[&str]) -> Option<&'a mut Value> {
     path.iter().try_fold(v, |v, k| v.get_mut(*k))
 }
 
-fn each_mut<'a>(v: Option<&'a mut Value>) -> impl Iterator<Item = &'a mut Value> {
+fn each_mut(v: Option<&mut Value>) -> impl Iterator<Item = &mut Value> {
     v.and_then(Value::as_sequence_mut)
         .into_iter()
         .flat_map(|s| s.iter_mut())
@@ -313,4 +313,62 @@ fn sha256_hex(s: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::TrustDomain;
+
+    fn material(td: &str) -> CaMaterial {
+        let args = super::super::AnchorArgs {
+            trust_anchor_cert: None,
+            trust_anchor_key: None,
+            trust_anchor_key_out: None,
+            trust_anchor_cert_out: None,
+            anchor_ttl: std::time::Duration::from_secs(86400),
+            issuer_ttl: std::time::Duration::from_secs(3600),
+            force: false,
+        };
+        CaMaterial::new(&TrustDomain::new(td).unwrap(), &args).unwrap()
+    }
+
+    #[test]
+    fn namespaces_must_be_dns_labels() {
+        for bad in ["", "Mesh", "-mesh", "mesh-", "me_sh", &"a".repeat(64)] {
+            assert!(check_namespace(bad).is_err(), "{bad:?}");
+        }
+        for good in ["mesh", "m", "mesh-system-2", &"a".repeat(63)] {
+            assert!(check_namespace(good).is_ok(), "{good:?}");
+        }
+    }
+
+    /// Every object lands in the new namespace, nothing names the old one
+    /// or the old trust domain, and the private key of the anchor is not
+    /// anywhere (it was never given to `render`).
+    #[test]
+    fn render_moves_everything_to_the_namespace_and_trust_domain() {
+        let ca = material("example.org");
+        let text = render("mesh", &ca).unwrap();
+        let docs = parse(&text).unwrap();
+        assert_eq!(kind(&docs[0]), "Namespace");
+        assert_eq!(docs[0]["metadata"]["name"].as_str(), Some("mesh"));
+        for d in &docs {
+            if let Some(ns) = d["metadata"]["namespace"].as_str() {
+                assert_eq!(ns, "mesh", "{d:?}");
+            }
+        }
+        for stale in [
+            ".portcullis.svc",
+            "--namespace=portcullis",
+            "inject-ca-from: portcullis/",
+            "\"portcullis\"]",
+        ] {
+            assert!(!text.contains(stale), "{stale} left in the output");
+        }
+        assert!(!text.contains("cluster.local\"") && !text.contains("=cluster.local"));
+        assert!(text.contains("--trust-domain=example.org"));
+        assert!(!text.contains(ca.anchor_key_pem().unwrap().lines().nth(1).unwrap()));
+        assert!(render("Not A Namespace", &ca).is_err());
+    }
 }
