@@ -1,7 +1,7 @@
 # portcullis: common tasks. CARGO_TARGET_DIR is honoured if set.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo bench soak clean manifests man
+.PHONY: deps build test lint demo bench soak clean manifests man image
 
 # deps: install the system tools the tests use (promtool, ip, iptables, nft,
 # tcpdump, curl, setpriv, and kubernetes-validate from PyPI), only those
@@ -13,8 +13,9 @@ deps:
 build:
 	$(CARGO) build --release --locked
 
-# test: unit, binary and integration tests (not benches).
-test: deps
+# test: unit, binary and integration tests (not benches). The release
+# binary comes first: tests/image.rs packages it into the image.
+test: deps build
 	@echo "+ $(CARGO) test --locked"
 	@$(CARGO) test --locked
 
@@ -53,6 +54,15 @@ MAN_DIR ?= $(or $(CARGO_TARGET_DIR),target)/man
 man:
 	mkdir -p $(MAN_DIR)
 	$(CARGO) run --quiet --locked -- man > $(MAN_DIR)/portcullis.1
+
+# image: the container image, target/image/portcullis-<version>.oci.tar
+# (ghcr.io/portcullis/portcullis:<version>, the chart's default image), from
+# the release binary on `scratch` with buildah; no registry and no Docker
+# engine needed. Installs buildah from Debian when missing (as root).
+# Load it with `podman load -i`, `docker load -i`, `kind load image-archive`
+# or `ctr images import`.
+image: build
+	bash .ci/image.sh
 
 # clean: remove build output.
 clean:

@@ -57,6 +57,9 @@ pub enum Command {
     },
     /// Print the man page (roff): `portcullis man > portcullis.1`.
     Man,
+    /// Print every manifest of a cluster install, with a trust anchor, the
+    /// identity service's issuer and the trust bundle (`| kubectl apply -f -`).
+    Install(Box<crate::install::InstallArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +105,9 @@ pub enum CaCommand {
     /// Run the identity service: sign sidecars' CSRs after a Kubernetes
     /// TokenReview of their projected service-account token.
     Serve(Box<crate::identity::serve::ServeArgs>),
+    /// Make a trust anchor and an issuer for the Helm chart: writes values
+    /// (issuer and trust bundle) for `helm install -f FILE`.
+    Bootstrap(Box<crate::install::BootstrapArgs>),
     /// Describe certificates: subject, SPIFFE ids, serial, validity, issuer,
     /// and whether each chains to a bundle.
     Inspect {

@@ -14,6 +14,7 @@ pub mod file_limits;
 pub mod filewatch;
 pub mod identity;
 pub mod inject;
+pub mod install;
 pub mod intercept;
 pub mod limits;
 pub mod logging;
