@@ -91,6 +91,12 @@ impl FakeApi {
         FakeApi::start_on_serving(listener, ca_token, cert).await
     }
 
+    /// Serves on 127.0.0.1 with a good certificate for that IP.
+    #[allow(dead_code)] // used by tests/install.rs, not by every includer
+    pub async fn start(ca_token: &str) -> FakeApi {
+        FakeApi::start_serving(ca_token, ServingCert::Good).await
+    }
+
     /// Serves on `listener` (bound anywhere, e.g. in another network
     /// namespace) with a certificate for its IP address.
     #[allow(dead_code)] // used by tests/podstart.rs, not by every includer
