@@ -1,0 +1,280 @@
+//! Admission of one request head: the pure part of the inbound HTTP path.
+//!
+//! Everything the proxy decides about a request before it reaches the app
+//! happens here, over the head alone and without I/O: the method, the host
+//! (one parser, whose result both the rules and the app see), the path
+//! (normalized once, and that normalized path is what the app receives),
+//! malformed header values, the rule decision, and the rewrite of what the
+//! app receives (hop-by-hop headers and any caller-supplied identity header
+//! removed, our `x-forwarded-client-cert` added). Keeping it pure lets tests
+//! and fuzzers drive it without a server.
+
+use http::request::Parts;
+use http::uri::Uri;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+
+use super::ConnInfo;
+use crate::authz::{
+    authorize, normalize_path, Connection, Decision, DefaultPolicy, HttpRequest, PathError, Peer,
+    RuleSet,
+};
+use crate::identity::TrustDomain;
+
+#[cfg(test)]
+mod tests;
+
+/// The header that tells the app who called; callers cannot set it.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// What admission needs besides the rules and the connection (the
+/// sidecar's `--trust-domain`, `--default-policy` and
+/// `--allow-encoded-slash`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitSettings<'a> {
+    pub td: &'a TrustDomain,
+    pub default: DefaultPolicy,
+    pub allow_encoded_slash: bool,
+}
+
+/// A request the rules allow, already rewritten for the app.
+#[derive(Debug)]
+pub struct Admitted {
+    pub decision: Decision,
+    /// The request asks to switch protocols (WebSocket); `Connection` and
+    /// `Upgrade` were kept for the app.
+    pub upgrade: bool,
+}
+
+/// Why a request head was refused; [`Refusal::status`] is the answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("bad method: {0}")]
+    Method(&'static str),
+    /// `CONNECT` asks for a tunnel, which an application port does not serve.
+    #[error("CONNECT is not served on an application port")]
+    Connect,
+    #[error("bad request target: {0}")]
+    Target(&'static str),
+    #[error("bad path: {0}")]
+    Path(#[from] PathError),
+    #[error("bad host: {0}")]
+    Host(&'static str),
+    #[error("bad value of header {0}: {1}")]
+    Header(HeaderName, &'static str),
+    /// The rules deny the request (the decision names the rule).
+    #[error("denied by rule {}", .0.rule)]
+    Denied(Decision),
+}
+
+impl Refusal {
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::Denied(_) => StatusCode::FORBIDDEN,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The decision, when the rules were asked (to count and log it).
+    pub fn decision(&self) -> Option<&Decision> {
+        match self {
+            Refusal::Denied(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// Admits (or refuses) one request head and rewrites it for the app.
+///
+/// On `Ok`, `parts` is what the app must receive: its URI is absolute
+/// (`http://HOST/normalized-path?query`, `HOST` being the normalized host
+/// the rules saw, or the connection's target when an HTTP/1.0 request named
+/// none), HTTP/1.x carries that host in `Host` (HTTP/2 only in
+/// `:authority`), hop-by-hop headers and every spelling of
+/// `x-forwarded-client-cert` are gone, and a mesh peer's identity is in
+/// `x-forwarded-client-cert: URI=<id>`. On `Err`, `parts` may be partly
+/// rewritten and must not be forwarded. Nothing is logged or counted: the
+/// caller records the decision.
+///
+/// Standalone use (a test or a fuzz target), with rules loaded from files:
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use portcullis::authz::{load_paths, DefaultPolicy, Peer};
+/// use portcullis::identity::TrustDomain;
+/// use portcullis::proxy::http::{admit_head, AdmitSettings, ConnInfo};
+///
+/// let rules = load_paths(&["rules/policy.yaml".into()]).unwrap();
+/// let td = TrustDomain::new("cluster.local").unwrap();
+/// let settings = AdmitSettings { td: &td, default: DefaultPolicy::Authenticated, allow_encoded_slash: false };
+/// let conn = ConnInfo {
+///     peer: Arc::new(Peer::Unauthenticated),
+///     source: "10.0.0.1:40000".parse().unwrap(),
+///     target: "127.0.0.1:8080".parse().unwrap(),
+/// };
+/// let req = http::Request::get("/api/users").header("host", "api.example").body(()).unwrap();
+/// let (mut parts, _body) = req.into_parts();
+/// match admit_head(&mut parts, &conn, &rules, settings) {
+///     Ok(admitted) => println!("allowed by {}: forward {}", admitted.decision.rule, parts.uri),
+///     Err(refusal) => println!("{} {refusal}", refusal.status()),
+/// }
+/// ```
+pub fn admit_head(
+    parts: &mut Parts,
+    conn: &ConnInfo,
+    rules: &RuleSet,
+    settings: AdmitSettings<'_>,
+) -> Result<Admitted, Refusal> {
+    let path = normalize_path(parts.uri.path(), settings.allow_encoded_slash)?;
+    let host = request_host(parts).map_err(Refusal::Host)?;
+    let decision = authorize(
+        rules,
+        settings.td,
+        settings.default,
+        &Connection {
+            peer: &conn.peer,
+            source: conn.source.ip().to_canonical(),
+            port: conn.target.port(),
+        },
+        Some(&HttpRequest {
+            method: parts.method.as_str(),
+            path: &path,
+            host: host.as_deref(),
+            headers: &parts.headers,
+        }),
+    );
+    if !decision.allowed {
+        return Err(Refusal::Denied(decision));
+    }
+    let upgrade = is_upgrade(&parts.headers);
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    strip_client_cert_headers(headers);
+    if parts.version >= Version::HTTP_2 {
+        // HTTP/2 names the host in `:authority`, which the rules saw; a
+        // `host` header the rules did not see must not reach the app.
+        headers.remove(header::HOST);
+    }
+    if let Peer::Mesh(id) = conn.peer.as_ref() {
+        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
+            headers.insert(XFCC, v);
+        }
+    }
+    if let (Some(h), true) = (&host, parts.version < Version::HTTP_2) {
+        // The app must see the host the rules saw: for an absolute-form
+        // target that is the URI's authority, whatever `Host` said.
+        if let Ok(v) = HeaderValue::from_str(h) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let authority = host.unwrap_or_else(|| conn.target.to_string());
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    parts.uri = format!("http://{authority}{path}{query}")
+        .parse::<Uri>()
+        .map_err(|_| Refusal::Target("the rewritten target is not a URI"))?;
+    Ok(Admitted { decision, upgrade })
+}
+
+/// The host the client asked for: HTTP/2 `:authority` (or an absolute-form
+/// target), else the one `Host` header. Forms servers read differently are
+/// refused: user information, a port that is not a number, two `Host`s.
+pub(crate) fn request_host(parts: &Parts) -> Result<Option<String>, &'static str> {
+    let value = match parts.uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => {
+            let mut hosts = parts.headers.get_all(header::HOST).iter();
+            let Some(h) = hosts.next() else {
+                return Ok(None);
+            };
+            if hosts.next().is_some() {
+                return Err("more than one Host header");
+            }
+            h.to_str()
+                .map_err(|_| "a Host header that is not text")?
+                .to_string()
+        }
+    };
+    check_authority(&value).map(Some)
+}
+
+/// A host (with an optional numeric port) that every server reads alike.
+pub(crate) fn check_authority(value: &str) -> Result<String, &'static str> {
+    let authority: http::uri::Authority = value.parse().map_err(|_| "a malformed host")?;
+    if authority.as_str().contains('@') {
+        return Err("a host with user information");
+    }
+    let rest = &authority.as_str()[authority.host().len()..];
+    if !rest.is_empty() && authority.port_u16().is_none() {
+        return Err("a host whose port is not a number");
+    }
+    Ok(authority.as_str().to_string())
+}
+
+/// Removes every header that claims to say who called, including spellings
+/// with `_` that CGI-style gateways fold into the real name.
+pub(crate) fn strip_client_cert_headers(headers: &mut HeaderMap) {
+    let spoofs: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().replace('_', "-") == XFCC)
+        .cloned()
+        .collect();
+    for name in spoofs {
+        headers.remove(name);
+    }
+}
+
+/// Whether the request asks to switch protocols. `h2c` is never passed on:
+/// after it the app would read HTTP/2 requests that no rule has seen.
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+    let to_h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str()
+            .map_or(true, |s| s.to_ascii_lowercase().contains("h2c"))
+    });
+    headers.contains_key(header::UPGRADE)
+        && !to_h2c
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes headers that describe one hop only (RFC 9110 §7.6.1), keeping
+/// `Connection: upgrade` and `Upgrade` when passing an upgrade on, and
+/// `te: trailers` (gRPC needs it).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
