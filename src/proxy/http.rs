@@ -8,12 +8,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
@@ -99,7 +99,7 @@ fn admit(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
-) -> Result<Request<Incoming>, Box<Response<Body>>> {
+) -> Result<Request<NoTrailers>, Box<Response<Body>>> {
     let policy = &shared.policy;
     let (mut parts, body) = req.into_parts();
     let rules = policy.rules.current();
@@ -117,7 +117,7 @@ fn admit(
         policy.record(conn, decision);
     }
     match admitted {
-        Ok(_) => Ok(Request::from_parts(parts, body)),
+        Ok(_) => Ok(Request::from_parts(parts, NoTrailers(body))),
         Err(Refusal::Denied(decision)) => {
             info!(
                 peer = %conn.peer,
@@ -155,7 +155,7 @@ fn refusal_body(refusal: &Refusal) -> &'static str {
 async fn forward(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<NoTrailers>,
 ) -> Response<Body> {
     let upgrade = is_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -262,10 +262,45 @@ pub fn method_label(m: &hyper::Method) -> &'static str {
     }
 }
 
+/// A request body passed on without its trailers. Request trailers are
+/// headers sent after the body, which no rule saw (the decision is made on
+/// the head) and which apps often merge into the headers: forged
+/// `x-forwarded-client-cert` or denied values would ride in them. No
+/// common protocol needs them (gRPC sends trailers only in responses,
+/// which pass unchanged), so they are dropped.
+pub struct NoTrailers(pub Incoming);
+
+impl hyper::body::Body for NoTrailers {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            match ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => {
+                    debug!("request trailers dropped");
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
 /// Pooled HTTP clients to the app, one per target address and protocol.
 #[derive(Default)]
 pub struct AppClients {
-    clients: Mutex<HashMap<(SocketAddr, bool), Client<FixedConnector, Incoming>>>,
+    clients: Mutex<HashMap<(SocketAddr, bool), Client<FixedConnector, NoTrailers>>>,
     connect_timeout: Duration,
 }
 
@@ -277,7 +312,7 @@ impl AppClients {
         }
     }
 
-    fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, Incoming> {
+    fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, NoTrailers> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry((target, h2))
@@ -285,6 +320,9 @@ impl AppClients {
                 Client::builder(TokioExecutor::new())
                     .http2_only(h2)
                     .pool_idle_timeout(Duration::from_secs(90))
+                    // `admit_head` sets `Host` whenever the rules saw one;
+                    // an HTTP/1.0 request without one reaches the app so.
+                    .set_host(false)
                     .build(FixedConnector {
                         target,
                         timeout: self.connect_timeout,

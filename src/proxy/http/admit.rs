@@ -11,7 +11,7 @@
 
 use http::request::Parts;
 use http::uri::Uri;
-use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use super::ConnInfo;
 use crate::authz::{
@@ -87,13 +87,20 @@ impl Refusal {
 
 /// Admits (or refuses) one request head and rewrites it for the app.
 ///
+/// Refused (see [`Refusal`]): `CONNECT` (405), a method with lowercase
+/// letters, a scheme other than http(s), a path [`normalize_path`] refuses,
+/// a host [`normalize_host`] refuses or a missing or doubled `Host`, a
+/// field value with whitespace at either end (400), and what the rules deny
+/// (403).
+///
 /// On `Ok`, `parts` is what the app must receive: its URI is absolute
 /// (`http://HOST/normalized-path?query`, `HOST` being the normalized host
 /// the rules saw, or the connection's target when an HTTP/1.0 request named
-/// none), HTTP/1.x carries that host in `Host` (HTTP/2 only in
-/// `:authority`), hop-by-hop headers and every spelling of
-/// `x-forwarded-client-cert` are gone, and a mesh peer's identity is in
-/// `x-forwarded-client-cert: URI=<id>`. On `Err`, `parts` may be partly
+/// none: the caller's HTTP/1 client must then not add a `Host`), HTTP/1.x
+/// carries that host in `Host` (HTTP/2 only in `:authority`), hop-by-hop
+/// headers, `Trailer` and every spelling of `x-forwarded-client-cert` are
+/// gone, and a mesh peer's identity is in
+/// `x-forwarded-client-cert: URI=<id>`. The caller drops request trailers. On `Err`, `parts` may be partly
 /// rewritten and must not be forwarded. Nothing is logged or counted: the
 /// caller records the decision.
 ///
@@ -126,8 +133,17 @@ pub fn admit_head(
     rules: &RuleSet,
     settings: AdmitSettings<'_>,
 ) -> Result<Admitted, Refusal> {
+    check_method(&parts.method)?;
+    if parts
+        .uri
+        .scheme()
+        .is_some_and(|s| s != "http" && s != "https")
+    {
+        return Err(Refusal::Target("a scheme other than http or https"));
+    }
     let path = normalize_path(parts.uri.path(), settings.allow_encoded_slash)?;
     let host = request_host(parts).map_err(Refusal::Host)?;
+    check_header_values(&parts.headers)?;
     let decision = authorize(
         rules,
         settings.td,
@@ -150,6 +166,9 @@ pub fn admit_head(
     let upgrade = is_upgrade(&parts.headers);
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
+    // Request trailers are dropped (see `NoTrailers`), so the app is not
+    // told to expect any.
+    headers.remove(header::TRAILER);
     strip_client_cert_headers(headers);
     if parts.version >= Version::HTTP_2 {
         // HTTP/2 names the host in `:authority`, which the rules saw; a
@@ -180,39 +199,117 @@ pub fn admit_head(
     Ok(Admitted { decision, upgrade })
 }
 
-/// The host the client asked for: HTTP/2 `:authority` (or an absolute-form
-/// target), else the one `Host` header. Forms servers read differently are
-/// refused: user information, a port that is not a number, two `Host`s.
-pub(crate) fn request_host(parts: &Parts) -> Result<Option<String>, &'static str> {
-    let value = match parts.uri.authority() {
-        Some(a) => a.as_str().to_string(),
-        None => {
-            let mut hosts = parts.headers.get_all(header::HOST).iter();
-            let Some(h) = hosts.next() else {
-                return Ok(None);
-            };
-            if hosts.next().is_some() {
-                return Err("more than one Host header");
-            }
-            h.to_str()
-                .map_err(|_| "a Host header that is not text")?
-                .to_string()
-        }
-    };
-    check_authority(&value).map(Some)
+/// Refuses `CONNECT` (a tunnel request, not something an application port
+/// serves) and methods with lowercase letters: methods are case-sensitive
+/// and rules compare them exactly, but some apps compare them ignoring
+/// case, so `delete` could be run as `DELETE` past a rule denying `DELETE`.
+fn check_method(method: &Method) -> Result<(), Refusal> {
+    if method == Method::CONNECT {
+        return Err(Refusal::Connect);
+    }
+    if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(Refusal::Method("a method with lowercase letters"));
+    }
+    Ok(())
 }
 
-/// A host (with an optional numeric port) that every server reads alike.
-pub(crate) fn check_authority(value: &str) -> Result<String, &'static str> {
-    let authority: http::uri::Authority = value.parse().map_err(|_| "a malformed host")?;
-    if authority.as_str().contains('@') {
-        return Err("a host with user information");
+/// Refuses field values with whitespace at either end. HTTP/1 parsing
+/// trims it, but HTTP/2 carries values as sent, and RFC 9113 §8.2.1 calls
+/// such a request malformed: `" evil"` would not equal a rule's `evil`
+/// while many apps trim it and read `evil`.
+fn check_header_values(headers: &HeaderMap) -> Result<(), Refusal> {
+    for (name, value) in headers {
+        let b = value.as_bytes();
+        let padded = |c: Option<&u8>| matches!(c, Some(b' ' | b'\t'));
+        if padded(b.first()) || padded(b.last()) {
+            return Err(Refusal::Header(
+                name.clone(),
+                "leading or trailing whitespace",
+            ));
+        }
     }
-    let rest = &authority.as_str()[authority.host().len()..];
-    if !rest.is_empty() && authority.port_u16().is_none() {
-        return Err("a host whose port is not a number");
+    Ok(())
+}
+
+/// The host the client asked for, normalized by [`normalize_host`]: the
+/// URI's authority (HTTP/2 `:authority`, or an HTTP/1 absolute-form
+/// target), else the one `Host` header. An HTTP/1.1 or HTTP/2 request
+/// must name one; only HTTP/1.0 may omit it (`None`). Two `Host` headers,
+/// or a `Host` that is malformed or names another host than the URI, are
+/// refused.
+pub(crate) fn request_host(parts: &Parts) -> Result<Option<String>, &'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
     }
-    Ok(authority.as_str().to_string())
+    let header = header.map(|h| normalize_host(h.as_bytes())).transpose()?;
+    let Some(authority) = parts.uri.authority() else {
+        if header.is_none() && parts.version >= Version::HTTP_11 {
+            return Err("no Host header");
+        }
+        return Ok(header);
+    };
+    let host = normalize_host(authority.as_str().as_bytes())?;
+    // HTTP/1 absolute form: the target's host wins over `Host` (RFC 9112
+    // §3.2.2). HTTP/2: `host` must name the same (RFC 9113 §8.3.1).
+    if parts.version >= Version::HTTP_2 && header.as_ref().is_some_and(|h| *h != host) {
+        return Err("a host header that differs from :authority");
+    }
+    Ok(Some(host))
+}
+
+/// The one parser of hosts: `name[:port]` or `[IPv6][:port]`, returned in
+/// the one form both the rules and the app see: lowercase, without a
+/// trailing dot, the port in plain decimal (`Api.Example.:080` →
+/// `api.example:80`). Anything servers might read in two ways is refused:
+/// user information, percent-escapes or other characters outside
+/// `A-Z a-z 0-9 - . _`, empty labels, and a port that is not 1–5 ASCII
+/// digits of at most 65535 (`+80`, `-80`, ` 80`, `80a` and an empty port
+/// are all refused).
+pub fn normalize_host(value: &[u8]) -> Result<String, &'static str> {
+    let (name, port) = if value.first() == Some(&b'[') {
+        let end = value
+            .iter()
+            .position(|&b| b == b']')
+            .ok_or("an unclosed IPv6 literal")?;
+        let inner = std::str::from_utf8(&value[1..end]).map_err(|_| "a malformed host")?;
+        if inner.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("a malformed IPv6 literal");
+        }
+        (&value[..=end], &value[end + 1..])
+    } else {
+        let colon = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        let (name, port) = value.split_at(colon);
+        let name = name.strip_suffix(b".").unwrap_or(name);
+        let ok_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_');
+        if name.is_empty()
+            || name
+                .split(|&b| b == b'.')
+                .any(|label| label.is_empty() || !label.iter().all(ok_byte))
+        {
+            return Err("a malformed host name");
+        }
+        (name, port)
+    };
+    let mut out = String::with_capacity(value.len());
+    for &b in name {
+        out.push(char::from(b.to_ascii_lowercase()));
+    }
+    if let Some(digits) = port.strip_prefix(b":") {
+        let n = (1..=5)
+            .contains(&digits.len())
+            .then(|| std::str::from_utf8(digits).ok())
+            .flatten()
+            .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u16>().ok())
+            .ok_or("a port that is not 1-5 digits up to 65535")?;
+        out.push(':');
+        out.push_str(&n.to_string());
+    } else if !port.is_empty() {
+        return Err("a malformed host");
+    }
+    Ok(out)
 }
 
 /// Removes every header that claims to say who called, including spellings
