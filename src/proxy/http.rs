@@ -83,8 +83,7 @@ async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     if req.version() < Version::HTTP_2 {
-        let target = req.uri().to_string();
-        if fragments.take(req.method().as_str(), &target) {
+        if fragments.take(req.method().as_str(), req.uri()) {
             req.extensions_mut().insert(FragmentSeen);
         }
     }

@@ -58,13 +58,14 @@ struct Seen {
 pub struct Fragments(Arc<Mutex<Seen>>);
 
 impl Fragments {
-    /// Whether an HTTP/1 request `method target` had a fragment (the note
-    /// is taken). `target` is the request target as parsed, without it.
-    pub fn take(&self, method: &str, target: &str) -> bool {
+    /// Whether an HTTP/1 request with this method and target (as parsed,
+    /// without the fragment) had a fragment; the note is taken.
+    pub fn take(&self, method: &str, uri: &http::Uri) -> bool {
         let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if seen.notes.is_empty() {
             return false;
         }
+        let target = uri.to_string();
         let found = seen
             .notes
             .iter()
@@ -210,6 +211,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watch<S> {
 mod tests {
     use super::*;
 
+    fn uri(s: &str) -> http::Uri {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn fragments_in_request_lines_are_noted_across_reads() {
         let f = Fragments::default();
@@ -218,18 +223,19 @@ mod tests {
         f.observe(b"#frag HTTP/1.1\r\nx: #not-a-target\r\n\r\nGET /clean HTTP/1.1\r\n\r\n");
         // A body without a final newline runs into the next request line.
         f.observe(b"POST /b HTTP/1.1\r\nContent-Length: 4\r\n\r\nDATAGET /c#d HTTP/1.1\r\n");
-        assert!(f.take("GET", "/a"));
-        assert!(!f.take("GET", "/a"), "a note is taken once");
-        assert!(f.take("POST", "/long/path?q=1"));
-        assert!(!f.take("GET", "/clean"));
-        assert!(!f.take("x:", ""));
-        assert!(f.take("GET", "/c"));
+        assert!(f.take("GET", &uri("/a")));
+        assert!(!f.take("GET", &uri("/a")), "a note is taken once");
+        assert!(f.take("POST", &uri("/long/path?q=1")));
+        assert!(!f.take("GET", &uri("/clean")));
+        assert!(f.take("GET", &uri("/c")));
+        let left = f.0.lock().unwrap().notes.len();
+        assert_eq!(left, 0, "`x: #not-a-target` is no request line");
     }
 
     #[test]
     fn http2_is_not_watched() {
         let f = Fragments::default();
         f.observe(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET /a#x HTTP/1.1\r\n");
-        assert!(!f.take("GET", "/a"));
+        assert!(!f.take("GET", &uri("/a")));
     }
 }
