@@ -106,9 +106,11 @@ impl Refusal {
 /// carries that host in `Host` (HTTP/2 only in `:authority`), hop-by-hop
 /// headers, `Trailer` and every spelling of `x-forwarded-client-cert` are
 /// gone, and a mesh peer's identity is in
-/// `x-forwarded-client-cert: URI=<id>`. The caller drops request trailers. On `Err`, `parts` may be partly
-/// rewritten and must not be forwarded. Nothing is logged or counted: the
-/// caller records the decision.
+/// `x-forwarded-client-cert: URI=<id>`. The rules see these rewritten
+/// headers, i.e. what the app will receive. The caller drops request
+/// trailers. On `Err`, `parts` may be partly rewritten and must not be
+/// forwarded. Nothing is logged or counted: the caller records the
+/// decision.
 ///
 /// Standalone use (a test or a fuzz target), with rules loaded from files:
 ///
@@ -153,6 +155,9 @@ pub fn admit_head(
     let path = normalize_path(parts.uri.path(), settings.allow_encoded_slash)?;
     let host = request_host(parts).map_err(Refusal::Host)?;
     check_header_values(&parts.headers)?;
+    // The rules see the headers exactly as the app will receive them.
+    let upgrade = is_upgrade(&parts.headers);
+    rewrite_headers(parts, conn, host.as_deref(), upgrade);
     let decision = authorize(
         rules,
         settings.td,
@@ -172,30 +177,6 @@ pub fn admit_head(
     if !decision.allowed {
         return Err(Refusal::Denied(decision));
     }
-    let upgrade = is_upgrade(&parts.headers);
-    let headers = &mut parts.headers;
-    strip_hop_by_hop(headers, upgrade);
-    // Request trailers are dropped (see `NoTrailers`), so the app is not
-    // told to expect any.
-    headers.remove(header::TRAILER);
-    strip_client_cert_headers(headers);
-    if parts.version >= Version::HTTP_2 {
-        // HTTP/2 names the host in `:authority`, which the rules saw; a
-        // `host` header the rules did not see must not reach the app.
-        headers.remove(header::HOST);
-    }
-    if let Peer::Mesh(id) = conn.peer.as_ref() {
-        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-            headers.insert(XFCC, v);
-        }
-    }
-    if let (Some(h), true) = (&host, parts.version < Version::HTTP_2) {
-        // The app must see the host the rules saw: for an absolute-form
-        // target that is the URI's authority, whatever `Host` said.
-        if let Ok(v) = HeaderValue::from_str(h) {
-            headers.insert(header::HOST, v);
-        }
-    }
     let authority = host.unwrap_or_else(|| conn.target.to_string());
     let query = parts
         .uri
@@ -206,6 +187,35 @@ pub fn admit_head(
         .parse::<Uri>()
         .map_err(|_| Refusal::Target("the rewritten target is not a URI"))?;
     Ok(Admitted { decision, upgrade })
+}
+
+/// Prepares the headers for the app: hop-by-hop headers and `Trailer`
+/// removed (request trailers are dropped, see `NoTrailers`), every
+/// spelling of `x-forwarded-client-cert` replaced by ours for a mesh peer,
+/// and the host carried as the rules saw it (`Host` on HTTP/1.x; HTTP/2
+/// names it in `:authority`, so a `host` header is removed).
+fn rewrite_headers(parts: &mut Parts, conn: &ConnInfo, host: Option<&str>, upgrade: bool) {
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(header::TRAILER);
+    strip_client_cert_headers(headers);
+    if let Peer::Mesh(id) = conn.peer.as_ref() {
+        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
+            headers.insert(XFCC, v);
+        }
+    }
+    match (host, parts.version < Version::HTTP_2) {
+        // For an absolute-form target the host is the URI's authority,
+        // whatever `Host` said.
+        (Some(h), true) => {
+            if let Ok(v) = HeaderValue::from_str(h) {
+                headers.insert(header::HOST, v);
+            }
+        }
+        _ => {
+            headers.remove(header::HOST);
+        }
+    }
 }
 
 /// Refuses `CONNECT` (a tunnel request, not something an application port

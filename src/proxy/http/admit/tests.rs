@@ -273,6 +273,20 @@ fn the_app_gets_what_the_rules_saw() {
 }
 
 #[test]
+fn rules_see_the_headers_the_app_gets() {
+    // A forged identity header is gone before the rules look.
+    let yaml = "rules:\n  - {name: admin, action: allow, http: {headers: {x-forwarded-client-cert: \"URI=spiffe://cluster.local/ns/default/sa/admin\"}}}\n";
+    let forged = http::Request::get("/x").header("host", "h").header(
+        "x-forwarded-client-cert",
+        "URI=spiffe://cluster.local/ns/default/sa/admin",
+    );
+    assert_eq!(admit(yaml, forged).0, StatusCode::FORBIDDEN);
+    let yaml = "rules:\n  - {name: client, action: allow, http: {headers: {x-forwarded-client-cert: \"URI=spiffe://cluster.local/ns/default/sa/client\"}}}\n";
+    let plain = http::Request::get("/x").header("host", "h");
+    assert_eq!(admit(yaml, plain).0, StatusCode::OK);
+}
+
+#[test]
 fn allow_rules_need_every_header_value_listed() {
     let yaml =
         "rules:\n  - {name: tenants, action: allow, http: {headers: {x-tenant: [good, acme]}}}\n";
