@@ -82,10 +82,8 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
-    if req.version() < Version::HTTP_2 {
-        if fragments.take(req.method().as_str(), req.uri()) {
-            req.extensions_mut().insert(FragmentSeen);
-        }
+    if req.version() < Version::HTTP_2 && fragments.take(req.method().as_str(), req.uri()) {
+        req.extensions_mut().insert(FragmentSeen);
     }
     let method = method_label(req.method());
     let port = conn.target.port();
