@@ -92,6 +92,7 @@ pub struct BootstrapArgs {
     /// 0600: it holds the issuer's private key).
     #[arg(long, value_name = "FILE")]
     pub values_out: PathBuf,
+    /// The trust domain of the issuer and the sidecars' SPIFFE ids.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     #[command(flatten)]
