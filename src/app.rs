@@ -201,6 +201,7 @@ impl App {
                     },
                     self.metrics.issuer_reloads.clone(),
                 )
+                .with_validity(self.metrics.issuer_valid.clone())
                 .spawn(s.file_poll_interval, exit.clone())
                 .context("watching --ca-cert/--ca-key")?;
                 LeafSource::Issuer(issuer_rx)
@@ -233,6 +234,7 @@ impl App {
 
         let bundle_path = s.trust_bundle.clone();
         let tls = self.tls.clone();
+        let bundle_valid = self.metrics.trust_bundle_valid.clone();
         Reloader::new(
             "trust bundle",
             vec![bundle_path.clone()],
@@ -241,10 +243,12 @@ impl App {
             move |bundle| {
                 if let Err(e) = tls.set_bundle(bundle) {
                     warn!(error = %e, "new trust bundle could not be used");
+                    bundle_valid.set(0);
                 }
             },
             self.metrics.trust_bundle_reloads.clone(),
         )
+        .with_validity(self.metrics.trust_bundle_valid.clone())
         .spawn(s.file_poll_interval, exit.clone())
         .context("watching --trust-bundle")?;
 
@@ -355,6 +359,7 @@ async fn refresh_bundle(
                             .trust_bundle_reloads
                             .with_label_values(&["ok"])
                             .inc();
+                        metrics.trust_bundle_valid.set(1);
                     }
                     Err(e) => {
                         warn!(error = %e, "trust bundle from the identity service could not be used");
@@ -362,6 +367,7 @@ async fn refresh_bundle(
                             .trust_bundle_reloads
                             .with_label_values(&["error"])
                             .inc();
+                        metrics.trust_bundle_valid.set(0);
                     }
                 }
             }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, IntGauge};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
@@ -83,6 +83,7 @@ pub struct Reloader<T> {
     parse: ParseFn<T>,
     apply: Box<dyn Fn(T) + Send + Sync>,
     outcomes: IntCounterVec,
+    valid: Option<IntGauge>,
     last_hash: String,
 }
 
@@ -113,6 +114,21 @@ impl<T> Reloader<T> {
             parse: Box::new(parse),
             apply: Box::new(apply),
             outcomes,
+            valid: None,
+        }
+    }
+
+    /// Also sets `gauge` to 1 after every applied version and to 0 after
+    /// every refused one (the `*_valid` metrics).
+    pub fn with_validity(mut self, gauge: IntGauge) -> Self {
+        gauge.set(1);
+        self.valid = Some(gauge);
+        self
+    }
+
+    fn set_valid(&self, ok: bool) {
+        if let Some(g) = &self.valid {
+            g.set(i64::from(ok));
         }
     }
 
@@ -130,6 +146,7 @@ impl<T> Reloader<T> {
             Ok(value) => {
                 info!(what = self.what, hash = %hash, "reloaded");
                 self.outcomes.with_label_values(&["ok"]).inc();
+                self.set_valid(true);
                 self.last_hash = hash;
                 (self.apply)(value);
             }
@@ -141,6 +158,7 @@ impl<T> Reloader<T> {
         if hash != self.last_hash {
             warn!(what = self.what, error = %msg, "reload refused; keeping the previous version");
             self.outcomes.with_label_values(&["error"]).inc();
+            self.set_valid(false);
             self.last_hash = hash;
         }
     }

@@ -5,9 +5,47 @@
 use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+/// Buckets of every latency histogram, in seconds: the first ones tell
+/// 100 µs from 1 ms (a proxy hop on loopback is tens of microseconds), the
+/// last ones reach the 10 s a slow upstream may take.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A registry holding the `process_*` metrics of this process (CPU seconds,
+/// resident memory, open and maximum descriptors, start time), read from
+/// procfs at every scrape. Each server (sidecar, `ca serve`, webhook) makes
+/// its registry here.
+pub fn registry_with_process_metrics() -> Registry {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
+    registry
+}
+
+/// A 0/1 gauge saying whether the newest version of a file-backed input is
+/// the one in force (1), or was refused and an older one stays in use (0).
+pub fn validity_gauge(registry: &Registry, name: &str, what: &str) -> IntGauge {
+    let g = IntGauge::new(
+        name,
+        format!("1 when the newest {what} is the one in use, 0 while the newest was refused and the previous one stays in force."),
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g.set(1);
+    g
+}
 
 /// Every metric the sidecar exports. Names are a contract (dashboards, alerts).
 pub struct Metrics {
@@ -23,6 +61,10 @@ pub struct Metrics {
     pub cert_rotations: IntCounterVec,
     pub trust_bundle_reloads: IntCounterVec,
     pub issuer_reloads: IntCounterVec,
+    /// `portcullis_trust_bundle_valid`: see [`validity_gauge`].
+    pub trust_bundle_valid: IntGauge,
+    /// `portcullis_issuer_valid` (mounted issuer only; always 1 otherwise).
+    pub issuer_valid: IntGauge,
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -38,7 +80,7 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = registry_with_process_metrics();
         let r = &registry;
         let connections_open = IntGaugeVec::new(
             Opts::new(
@@ -55,9 +97,7 @@ impl Metrics {
                 "portcullis_tls_handshake_duration_seconds",
                 "Time to complete a TLS handshake.",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["direction"],
         )
         .expect("valid metric");
@@ -85,9 +125,7 @@ impl Metrics {
                 "portcullis_http_request_duration_seconds",
                 "Time from a request's arrival to its response headers.",
             )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["direction", "port"],
         )
         .expect("valid metric");
@@ -149,6 +187,12 @@ impl Metrics {
                 "Issuer (CA files) reloads by outcome.",
                 &["result"],
             ),
+            trust_bundle_valid: validity_gauge(
+                r,
+                "portcullis_trust_bundle_valid",
+                "trust bundle",
+            ),
+            issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
             connections_open,
             tls_handshake_duration,
             cert_expiry,
