@@ -111,11 +111,15 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
                 format!("not ready: {why}\n"),
             ),
         },
-        (&Method::GET, "/metrics") => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.encode(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let ready = not_ready_reason(state).is_none();
+            state.metrics.ready.set(i64::from(ready));
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
         (&Method::GET, "/certs") => reply(StatusCode::OK, JSON, certs_json(state).to_string()),
         (&Method::GET, "/rules") => reply(
             StatusCode::OK,

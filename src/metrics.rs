@@ -65,6 +65,9 @@ pub struct Metrics {
     pub trust_bundle_valid: IntGauge,
     /// `portcullis_issuer_valid` (mounted issuer only; always 1 otherwise).
     pub issuer_valid: IntGauge,
+    /// `portcullis_ready`: what `/ready` answers (1 for 200), updated at
+    /// every scrape, so "not ready for 5 minutes" can be an alert.
+    pub ready: IntGauge,
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -193,6 +196,15 @@ impl Metrics {
                 "trust bundle",
             ),
             issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
+            ready: {
+                let g = IntGauge::new(
+                    "portcullis_ready",
+                    "1 when /ready answers 200 (listeners bound, a certificate held, not draining), updated at every scrape.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             connections_open,
             tls_handshake_duration,
             cert_expiry,

@@ -21,6 +21,7 @@ const NAMES: &[&str] = &[
     "portcullis_trust_bundle_reloads_total",
     "portcullis_build_info",
     "portcullis_rules_valid",
+    "portcullis_ready",
     "portcullis_issuer_valid",
     "portcullis_trust_bundle_valid",
     "process_cpu_seconds_total",
@@ -62,6 +63,7 @@ async fn metrics_pass_promtool_and_admin_endpoints_answer() {
         );
     }
     promtool_check(&body);
+    assert_eq!(metric_value(&body, "portcullis_ready", &[]), 1.0);
 
     let (status, body) = http_get(admin, "/live").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "live\n"));
