@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use prometheus::{IntCounterVec, IntGauge};
+use prometheus::IntCounterVec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
@@ -79,11 +79,11 @@ fn watch_dir(path: &Path) -> PathBuf {
 /// previous state stays in use.
 pub struct Reloader<T> {
     what: &'static str,
+    valid: Option<prometheus::IntGauge>,
     paths: Vec<PathBuf>,
     parse: ParseFn<T>,
     apply: Box<dyn Fn(T) + Send + Sync>,
     outcomes: IntCounterVec,
-    valid: Option<IntGauge>,
     last_hash: String,
 }
 
@@ -109,18 +109,18 @@ impl<T> Reloader<T> {
     ) -> Self {
         Reloader {
             what,
+            valid: None,
             last_hash: hash_all(initial),
             paths,
             parse: Box::new(parse),
             apply: Box::new(apply),
             outcomes,
-            valid: None,
         }
     }
 
     /// Also sets `gauge` to 1 after every applied version and to 0 after
     /// every refused one (the `*_valid` metrics).
-    pub fn with_validity(mut self, gauge: IntGauge) -> Self {
+    pub fn with_validity(mut self, gauge: prometheus::IntGauge) -> Self {
         gauge.set(1);
         self.valid = Some(gauge);
         self
