@@ -114,6 +114,9 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
         (&Method::GET, "/metrics") => {
             let ready = not_ready_reason(state).is_none();
             state.metrics.ready.set(i64::from(ready));
+            // A refused reload leaves its error until the files are fixed.
+            let rules_valid = state.rules.status().last_error.is_none();
+            state.rules.metrics().valid.set(i64::from(rules_valid));
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -142,6 +142,21 @@ impl Metrics {
                 &["direction", "port", "method", "status_code"],
             ),
             http_request_duration,
+            trust_bundle_valid: validity_gauge(
+                r,
+                "portcullis_trust_bundle_valid",
+                "trust bundle",
+            ),
+            issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
+            ready: {
+                let g = IntGauge::new(
+                    "portcullis_ready",
+                    "1 when /ready answers 200 (listeners bound, a certificate held, not draining), updated at every scrape.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             connections_opened: counter(
                 r,
                 "portcullis_tcp_connections_opened_total",
@@ -190,21 +205,6 @@ impl Metrics {
                 "Issuer (CA files) reloads by outcome.",
                 &["result"],
             ),
-            trust_bundle_valid: validity_gauge(
-                r,
-                "portcullis_trust_bundle_valid",
-                "trust bundle",
-            ),
-            issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
-            ready: {
-                let g = IntGauge::new(
-                    "portcullis_ready",
-                    "1 when /ready answers 200 (listeners bound, a certificate held, not draining), updated at every scrape.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
             connections_open,
             tls_handshake_duration,
             cert_expiry,

@@ -110,25 +110,29 @@ async fn validity_gauges_follow_refused_and_fixed_files() {
         "100ms".to_string(),
     ]);
     let b = Sidecar::start(&args).await;
-    let gauge = |name: &str| b.metric(name, &[]);
+    let admin = b.addrs.admin;
+    let scrape = || async move { http_get(admin, "/metrics").await.unwrap().1 };
+    let gauge = |text: &str, name: &str| metric_value(text, name, &[]);
+    let text = scrape().await;
     for name in [
         "portcullis_rules_valid",
         "portcullis_issuer_valid",
         "portcullis_trust_bundle_valid",
     ] {
-        assert_eq!(gauge(name), 1.0, "{name} at start");
+        assert_eq!(gauge(&text, name), 1.0, "{name} at start");
     }
 
     write_atomic(&rules.join("policy.yaml"), b"rules: [oops");
     write_atomic(&bundle, b"not a certificate");
     write_atomic(&ca.files.key, b"not a key");
     eventually("all three refused", Duration::from_secs(5), || async {
-        gauge("portcullis_rules_valid") == 0.0
-            && gauge("portcullis_trust_bundle_valid") == 0.0
-            && gauge("portcullis_issuer_valid") == 0.0
+        let text = scrape().await;
+        gauge(&text, "portcullis_rules_valid") == 0.0
+            && gauge(&text, "portcullis_trust_bundle_valid") == 0.0
+            && gauge(&text, "portcullis_issuer_valid") == 0.0
     })
     .await;
-    promtool_check(&b.metrics.encode());
+    promtool_check(&scrape().await);
 
     // Back to what is in force (rules) and to a new good version (bundle).
     write_atomic(&rules.join("policy.yaml"), good.as_bytes());
@@ -137,9 +141,11 @@ async fn validity_gauges_follow_refused_and_fixed_files() {
         "rules and bundle valid again",
         Duration::from_secs(5),
         || async {
-            gauge("portcullis_rules_valid") == 1.0 && gauge("portcullis_trust_bundle_valid") == 1.0
+            let text = scrape().await;
+            gauge(&text, "portcullis_rules_valid") == 1.0
+                && gauge(&text, "portcullis_trust_bundle_valid") == 1.0
         },
     )
     .await;
-    assert_eq!(gauge("portcullis_issuer_valid"), 0.0);
+    assert_eq!(gauge(&scrape().await, "portcullis_issuer_valid"), 0.0);
 }

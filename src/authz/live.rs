@@ -204,7 +204,6 @@ impl LiveRules {
         };
         let active = self.inner.current.load();
         if !force && hash == active.hash() {
-            self.inner.metrics.valid.set(1);
             state.refused_hash = None;
             state.last_error = None;
             return ReloadOutcome::Unchanged;
@@ -245,7 +244,6 @@ impl LiveRules {
             .reloads
             .with_label_values(&["error"])
             .inc();
-        self.inner.metrics.valid.set(0);
         state.refused_hash = Some(hash);
         state.last_error = Some(ReloadError {
             message: message.clone(),

@@ -20,7 +20,8 @@ pub struct AuthzMetrics {
     /// `portcullis_rules_active`.
     pub count: IntGauge,
     /// `portcullis_rules_valid`: 1 when the files on disk are the rules in
-    /// force, 0 while the newest files are refused.
+    /// force, 0 while the newest files are refused; the admin server sets
+    /// it from the live rules' last error at every scrape.
     pub valid: IntGauge,
     /// `portcullis_authz_decisions_total{rule,action,decision}`.
     pub decisions: IntCounterVec,
