@@ -176,33 +176,6 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
     }
 }
 
-/// `PUT /logging?level=<directive>`: replaces the log filter.
-fn set_log_level(query: &str) -> Reply {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    let level = query
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == "level")
-        .and_then(|(_, v)| percent_decode(v));
-    let Some(level) = level.filter(|l| !l.is_empty()) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            TEXT,
-            "use PUT /logging?level=<directive>, e.g. level=debug or level=portcullis=debug,warn\n",
-        );
-    };
-    match crate::logging::set(&level) {
-        Ok(()) => {
-            info!(level = %level, "log level changed through the admin endpoint");
-            reply(StatusCode::OK, TEXT, format!("{level}\n"))
-        }
-        Err(e @ crate::logging::Error::BadDirective { .. }) => {
-            reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n"))
-        }
-        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{e}\n")),
-    }
-}
-
 /// `None` when ready; otherwise why not.
 fn not_ready_reason(state: &AdminState) -> Option<&'static str> {
     if state.drain.is_draining() {
@@ -329,4 +302,31 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// `PUT /logging?level=<directive>`: replaces the log filter.
+fn set_log_level(query: &str) -> Reply {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let level = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "level")
+        .and_then(|(_, v)| percent_decode(v));
+    let Some(level) = level.filter(|l| !l.is_empty()) else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            TEXT,
+            "use PUT /logging?level=<directive>, e.g. level=debug or level=portcullis=debug,warn\n",
+        );
+    };
+    match crate::logging::set(&level) {
+        Ok(()) => {
+            info!(level = %level, "log level changed through the admin endpoint");
+            reply(StatusCode::OK, TEXT, format!("{level}\n"))
+        }
+        Err(e @ crate::logging::Error::BadDirective { .. }) => {
+            reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n"))
+        }
+        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{e}\n")),
+    }
 }
