@@ -49,6 +49,7 @@ impl App {
     /// error names the flag or file at fault.
     pub async fn bind(settings: Settings) -> Result<App> {
         let metrics = Arc::new(Metrics::new());
+        metrics.peers.set_max(settings.metrics_max_peers);
         let td = settings.id.trust_domain().clone();
         let bundle_pem = std::fs::read(&settings.trust_bundle)
             .with_context(|| format!("--trust-bundle {}", settings.trust_bundle.display()))?;
@@ -116,6 +117,10 @@ impl App {
                 td,
                 default: settings.default_policy,
                 allow_encoded_slash: settings.allow_encoded_slash,
+                access_log: proxy::access_log::AccessLog::start(
+                    settings.access_log,
+                    metrics.access_log_dropped.clone(),
+                ),
             },
             app_clients: AppClients::new(settings.connect_timeout),
             connect_timeout: settings.connect_timeout,

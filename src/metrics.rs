@@ -2,8 +2,11 @@
 //! registry made at start-up (no global registry), so tests can run many
 //! sidecars in one process and read each one's numbers.
 
+pub mod peers;
+
 use std::time::SystemTime;
 
+use self::peers::PEER_LABELS;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -68,6 +71,10 @@ pub struct Metrics {
     /// `portcullis_ready`: what `/ready` answers (1 for 200), updated at
     /// every scrape, so "not ready for 5 minutes" can be an alert.
     pub ready: IntGauge,
+    /// The peer labels of per-peer metrics, capped (`--metrics-max-peers`).
+    pub peers: peers::PeerLabels,
+    /// `portcullis_access_log_dropped_total`: lines lost to a full queue.
+    pub access_log_dropped: prometheus::IntCounter,
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -129,7 +136,13 @@ impl Metrics {
                 "Time from a request's arrival to its response headers.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-            &["direction", "port"],
+            &[
+                "direction",
+                "port",
+                PEER_LABELS[0],
+                PEER_LABELS[1],
+                PEER_LABELS[2],
+            ],
         )
         .expect("valid metric");
         r.register(Box::new(http_request_duration.clone()))
@@ -138,8 +151,16 @@ impl Metrics {
             http_requests: counter(
                 r,
                 "portcullis_http_requests_total",
-                "HTTP requests by response status (methods outside the standard set count as other).",
-                &["direction", "port", "method", "status_code"],
+                "HTTP requests by response status and calling peer (methods outside the standard set count as other).",
+                &[
+                    "direction",
+                    "port",
+                    "method",
+                    "status_code",
+                    PEER_LABELS[0],
+                    PEER_LABELS[1],
+                    PEER_LABELS[2],
+                ],
             ),
             http_request_duration,
             trust_bundle_valid: validity_gauge(
@@ -148,6 +169,24 @@ impl Metrics {
                 "trust bundle",
             ),
             issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
+            peers: peers::PeerLabels::new({
+                let c = prometheus::IntCounter::new(
+                    "portcullis_metrics_peers_overflow_total",
+                    "Times a peer was counted as \"other\" because --metrics-max-peers distinct peers already have their own series.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            }),
+            access_log_dropped: {
+                let c = prometheus::IntCounter::new(
+                    "portcullis_access_log_dropped_total",
+                    "Access log lines dropped because the writer lagged behind (the data path never waits for it).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             ready: {
                 let g = IntGauge::new(
                     "portcullis_ready",
