@@ -1,40 +1,48 @@
-# The portcullis image: one static binary at /usr/local/bin/portcullis (the
-# path the chart and the injector use), run as UID/GID 1500.
+# The portcullis image, for machines with a Docker engine. `make image`
+# builds the same image without one (buildah, from the release binary, see
+# .ci/image.sh); both run .ci/image-rootfs.sh, so the layout is the same:
 #
-# NOT BUILT OR TESTED HERE: the development machines cannot build images.
-# The chart's tests render and validate manifests only.
+#   /usr/local/bin/portcullis        the binary (the path the chart and the
+#                                    injector use), entrypoint, user 1500:1500
+#   /usr/sbin/nft, xtables-nft-multi, xtables-legacy-multi and the
+#   iptables-nft / iptables-legacy names linked to them, their shared
+#   libraries and the xtables modules   for `portcullis init` (run as root
+#                                    with NET_ADMIN and NET_RAW by the pod)
+#   /etc/passwd, group, nsswitch.conf, hosts, protocols, services
+#
+# and nothing else (no shell, no package manager): FROM scratch.
 #
 #   docker build -t ghcr.io/portcullis/portcullis:0.1.0 .
 #
-# The same image runs every component: `ca serve` (identity service),
-# `webhook` (injector), `run` (the injected portcullis-proxy) and `init`
-# (the injected portcullis-init, which the pod runs as root with NET_ADMIN
-# and NET_RAW and which calls nft, iptables-nft or iptables-legacy: the
-# runtime stage ships those, which is why it is not distroless).
+# The tag is ghcr.io/portcullis/portcullis:<Cargo.toml version>, the chart's
+# default image (values.yaml image.repository, tag = appVersion).
 
-# --- build: a static musl binary (rustls + ring, no OpenSSL)
+# --- build: the release binary (rustls + ring, no OpenSSL)
 FROM rust:1-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends musl-tools \
- && rm -rf /var/lib/apt/lists/* \
- && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl --bin portcullis \
- && install -D -m 0755 target/x86_64-unknown-linux-musl/release/portcullis /out/portcullis
+COPY deploy/portcullis.yaml ./deploy/portcullis.yaml
+RUN cargo build --release --locked --bin portcullis
+
+# --- rootfs: the binary and the netfilter tools with exactly their files
+FROM debian:bookworm-slim AS rootfs
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables iptables binutils \
+ && rm -rf /var/lib/apt/lists/*
+COPY .ci/image-rootfs.sh /image-rootfs.sh
+COPY --from=build /src/target/release/portcullis /portcullis
+RUN bash /image-rootfs.sh /portcullis /rootfs
 
 # --- runtime
-FROM debian:bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables iptables ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 1500 portcullis \
- && useradd --system --uid 1500 --gid 1500 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin portcullis
-COPY --from=build /out/portcullis /usr/local/bin/portcullis
+FROM scratch
+COPY --from=rootfs /rootfs/ /
+# iptables-legacy's lock file: /run is read-only in the injected init
+# container, /dev/shm is a writable tmpfs in every container.
+ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin \
+    XTABLES_LOCKFILE=/dev/shm/xtables.lock
 USER 1500:1500
-EXPOSE 15001 15006 15012 15020 8443
+EXPOSE 15001 15006 15008 15012 15020 8443
 ENTRYPOINT ["/usr/local/bin/portcullis"]
 CMD ["--help"]

@@ -1,7 +1,7 @@
 # portcullis: common tasks. CARGO_TARGET_DIR is honoured if set.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo bench clean manifests
+.PHONY: deps build test lint demo bench soak clean manifests man image
 
 # deps: install the system tools the tests use (prometheus, promtool, ip,
 # iptables, nft, tcpdump, curl, setpriv, and kubernetes-validate from PyPI),
@@ -13,8 +13,9 @@ deps:
 build:
 	$(CARGO) build --release --locked
 
-# test: unit, binary and integration tests (not benches).
-test: deps
+# test: unit, binary and integration tests (not benches). The release
+# binary comes first: tests/image.rs packages it into the image.
+test: deps build
 	@echo "+ $(CARGO) test --locked"
 	@$(CARGO) test --locked
 
@@ -33,12 +34,35 @@ bench: build
 	$(CARGO) bench --locked --bench pair
 	$(CARGO) bench --locked --bench authz
 
+# soak: fault and load runs that take minutes (10,000 connections held
+# through a sidecar pair), against the release binary; prints the figures
+# recorded in benches/README.md ("Soak"). Not part of `make test`.
+soak: build
+	PORTCULLIS_SOAK_BIN=$${CARGO_TARGET_DIR:-target}/release/portcullis \
+		$(CARGO) test --locked --test soak -- --ignored --nocapture --test-threads 1
+
 # manifests: deploy/portcullis.yaml, the chart rendered with its defaults
 # (tests/helm.rs checks it is up to date); needs Helm from `make deps`.
 manifests:
 	bash .ci/helm.sh
 	bash .ci/manifests.sh > deploy/portcullis.yaml.tmp
 	mv deploy/portcullis.yaml.tmp deploy/portcullis.yaml
+
+# man: the man page, generated from the command-line definitions, at
+# $(CARGO_TARGET_DIR or target)/man/portcullis.1 (`man -l` reads it).
+MAN_DIR ?= $(or $(CARGO_TARGET_DIR),target)/man
+man:
+	mkdir -p $(MAN_DIR)
+	$(CARGO) run --quiet --locked -- man > $(MAN_DIR)/portcullis.1
+
+# image: the container image, target/image/portcullis-<version>.oci.tar
+# (ghcr.io/portcullis/portcullis:<version>, the chart's default image), from
+# the release binary on `scratch` with buildah; no registry and no Docker
+# engine needed. Installs buildah from Debian when missing (as root).
+# Load it with `podman load -i`, `docker load -i`, `kind load image-archive`
+# or `ctr images import`.
+image: build
+	bash .ci/image.sh
 
 # clean: remove build output.
 clean:

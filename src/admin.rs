@@ -8,7 +8,7 @@ mod app_health;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,7 +21,7 @@ use tracing::{debug, info};
 
 use crate::authz::{DefaultPolicy, LiveRules};
 use crate::drain::Drain;
-use crate::limits::{serve_admin_connection, ConnectionCap, ADMIN_MAX_CONNECTIONS};
+use crate::limits::{serve_admin_connection, AcceptErrors, AdminConnections};
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -53,23 +53,25 @@ impl Admin {
     }
 
     /// Serves until the process ends; it keeps answering while draining so
-    /// that `/ready` can say 503. At most `ADMIN_MAX_CONNECTIONS` at once:
-    /// past that a connection is closed at once, so that the admin port
-    /// cannot use up the descriptors the data path needs.
+    /// that `/ready` can say 503. At most `ADMIN_MAX_CONNECTIONS` at once,
+    /// so that the admin port cannot use up the descriptors the data path
+    /// needs; when full, an idle connection makes room for a new one (see
+    /// `crate::limits::AdminConnections`), so probes keep answering.
     pub async fn run(self) {
-        let cap = ConnectionCap::new(ADMIN_MAX_CONNECTIONS);
+        let metrics = &self.state.metrics;
+        let conns = AdminConnections::new(Some(metrics.admin_connections_dropped.clone()));
+        let mut errors = AcceptErrors::new("admin", Some(metrics.accept_errors.clone()));
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Out of descriptors, most likely: pause instead of spinning.
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    errors.failed(&self.listener, e).await;
                     continue;
                 }
             };
-            let Some(permit) = cap.try_admit() else {
-                debug!(%peer, "admin connection refused: too many open");
+            errors.accepted();
+            let Some(slot) = conns.admit(peer.ip()) else {
+                debug!(%peer, "admin connection refused: every connection is busy");
                 continue;
             };
             let state = self.state.clone();
@@ -83,8 +85,7 @@ impl Admin {
                         Ok::<_, Infallible>(route(&state, peer, req))
                     }
                 });
-                serve_admin_connection(stream, service).await;
-                drop(permit);
+                serve_admin_connection(stream, slot, service).await;
             });
         }
     }
@@ -102,6 +103,7 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
     const TEXT: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => reply(StatusCode::OK, TEXT, INDEX),
         (&Method::GET, "/live") => reply(StatusCode::OK, TEXT, "live\n"),
         (&Method::GET, "/ready") => match not_ready_reason(state) {
             None => reply(StatusCode::OK, TEXT, "ready\n"),
@@ -124,10 +126,17 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
             )
         }
         (&Method::GET, "/certs") => reply(StatusCode::OK, JSON, certs_json(state).to_string()),
-        (&Method::GET, "/rules") => reply(
+        // File names and error text (which may quote a file) are for
+        // loopback clients only, like explanations; others get the summary.
+        (&Method::GET, "/rules") if peer.ip().to_canonical().is_loopback() => reply(
             StatusCode::OK,
             JSON,
             json!(state.rules.status()).to_string(),
+        ),
+        (&Method::GET, "/rules") => reply(
+            StatusCode::OK,
+            JSON,
+            json!(state.rules.status().summary()).to_string(),
         ),
         (&Method::GET, "/authz/explain") if !peer.ip().to_canonical().is_loopback() => reply(
             StatusCode::FORBIDDEN,
@@ -176,6 +185,18 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
     }
 }
 
+/// What `GET /` answers: the endpoints, so that a person with `curl` finds them.
+const INDEX: &str = "portcullis admin endpoints:
+GET  /ready           200 when ready, else 503 and why
+GET  /live            200 while the process runs
+GET  /metrics         Prometheus metrics
+GET  /certs           this sidecar's certificate and trust bundle (JSON)
+GET  /rules           the rules in force, their hash and the last refused reload (JSON)
+GET  /authz/explain   ?from=ID&port=P[&method=M&path=/p]: why a request is allowed or denied (loopback only)
+POST /shutdown        drain and exit, for Jobs (loopback only)
+GET  /app-health/...  the app's probes, rewritten by the injector
+";
+
 /// `None` when ready; otherwise why not.
 fn not_ready_reason(state: &AdminState) -> Option<&'static str> {
     if state.drain.is_draining() {
@@ -204,6 +225,11 @@ fn certs_json(state: &AdminState) -> serde_json::Value {
             "not_before": rfc3339(l.not_before),
             "not_after": rfc3339(l.not_after),
             "next_renewal": l.renew_at.map(rfc3339),
+            "issuer": l.chain.first().and_then(|c| {
+                use x509_parser::prelude::FromDer;
+                let (_, x) = x509_parser::certificate::X509Certificate::from_der(c.as_ref()).ok()?;
+                Some(x.issuer().to_string())
+            }),
         })
     });
     json!({

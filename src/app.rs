@@ -14,9 +14,10 @@ use crate::config::{CertSource, Settings};
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
 use crate::identity::{CaFiles, Issuer, LeafRequest, LeafSource, RemoteCa, Rotator};
-use crate::limits::ConnectionCap;
 use crate::metrics::Metrics;
-use crate::proxy::{self, AppClients, Inbound, Outbound, Policy, Shared, UpstreamListener};
+use crate::proxy::{
+    self, AppClients, Inbound, Outbound, PendingHandshakes, Policy, Shared, UpstreamListener,
+};
 use crate::tls::{MeshTls, TrustBundle};
 
 /// The addresses a running sidecar listens on.
@@ -51,8 +52,11 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         metrics.peers.set_max(settings.metrics_max_peers);
         let td = settings.id.trust_domain().clone();
-        let bundle_pem = std::fs::read(&settings.trust_bundle)
-            .with_context(|| format!("--trust-bundle {}", settings.trust_bundle.display()))?;
+        let bundle_pem = crate::file_limits::read_capped(
+            &settings.trust_bundle,
+            crate::file_limits::PEM_FILE_MAX_BYTES,
+        )
+        .map_err(|e| anyhow!("--trust-bundle {e}"))?;
         let bundle = TrustBundle::from_pem(&settings.trust_bundle, &bundle_pem)
             .map_err(|e| anyhow!("--trust-bundle: {e}"))?;
         let issuer = match &settings.cert_source {
@@ -125,7 +129,11 @@ impl App {
             app_clients: AppClients::new(settings.connect_timeout),
             connect_timeout: settings.connect_timeout,
             handshake_timeout: settings.handshake_timeout,
-            pending_handshakes: ConnectionCap::new(settings.max_pending_handshakes),
+            pending_handshakes: PendingHandshakes::new(
+                settings.max_pending_handshakes,
+                settings.max_pending_handshakes_per_source,
+            ),
+            hello_timeout: settings.hello_timeout,
             detect_timeout: settings.detect_timeout,
             idle_timeout: settings.idle_timeout,
         });

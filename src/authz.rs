@@ -49,6 +49,18 @@ pub enum Error {
     /// A file's content is wrong; `at` says where, as `file:line:column`.
     #[error("{at}: {message}")]
     Invalid { at: Location, message: String },
+    /// A file, or the whole set, is larger than its limit.
+    #[error("{}: {what} is larger than the limit of {limit} bytes; refused", path.display())]
+    TooLarge {
+        path: PathBuf,
+        what: &'static str,
+        limit: u64,
+    },
+    /// A directory entry resolves to a file outside the directory (a
+    /// symlink to elsewhere); only the ConfigMap layout's links inside the
+    /// directory are followed.
+    #[error("{}: resolves outside the rules directory; refused", path.display())]
+    Outside { path: PathBuf },
     /// The user asked for rules and there are none.
     #[error("{}: {reason}", path.display())]
     NoRules { path: PathBuf, reason: String },
@@ -58,6 +70,27 @@ pub enum Error {
         path: PathBuf,
         source: notify::Error,
     },
+}
+
+impl Error {
+    /// Where the error is, as `file-name:line:column` (or the file name
+    /// alone): what `GET /rules` shows to clients that may not see the text.
+    pub fn position(&self) -> Option<String> {
+        let name = |p: &std::path::Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.display().to_string())
+        };
+        match self {
+            Error::Invalid { at, .. } => {
+                Some(format!("{}:{}:{}", name(&at.file), at.line, at.column))
+            }
+            Error::Io { path, .. } | Error::TooLarge { path, .. } | Error::Outside { path } => {
+                Some(name(path))
+            }
+            Error::NoRules { .. } | Error::Watch { .. } => None,
+        }
+    }
 }
 
 /// What a rule does when it matches.

@@ -1,4 +1,4 @@
-//! `portcullis ca init|issue|inspect|serve`: the local CA from the command
+//! `portcullis ca init|issue|inspect|serve|bootstrap`: the local CA from the command
 //! line, and the identity service.
 
 use anyhow::{anyhow, Result};
@@ -10,6 +10,7 @@ use crate::identity::{inspect_files, CaFiles, Issuer, LeafRequest, NewCa, Spiffe
 pub fn run(cmd: CaCommand) -> Result<()> {
     match cmd {
         CaCommand::Serve(args) => return serve(*args),
+        CaCommand::Bootstrap(args) => crate::install::bootstrap(&args)?,
         CaCommand::Init {
             out,
             trust_domain,

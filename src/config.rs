@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod docs;
 mod run;
+
+pub use docs::{completion, man_page};
 
 pub use run::{CertSource, RunArgs, Settings, Upstream, DEFAULT_CA_TOKEN_FILE};
 
@@ -42,16 +45,34 @@ pub enum Command {
     Webhook(Box<crate::inject::webhook::WebhookArgs>),
     /// Wait until the local sidecar is ready (a postStart hook).
     Await(crate::await_ready::AwaitArgs),
+    /// Say whether the sidecar next to you works (readiness, certificate,
+    /// trust bundle, rules, identity service, interception, clock) and how
+    /// to fix what does not.
+    Check(Box<crate::check::CheckArgs>),
+    /// Print a shell completion script: `portcullis completion bash > /etc/bash_completion.d/portcullis`.
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `portcullis man > portcullis.1`.
+    Man,
+    /// Print every manifest of a cluster install, with a trust anchor, the
+    /// identity service's issuer and the trust bundle (`| kubectl apply -f -`).
+    Install(Box<crate::install::InstallArgs>),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Make a root CA: DIR/ca.crt and DIR/ca.key (mode 0600).
     Init {
+        /// Directory to write ca.crt and ca.key into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// The trust domain the CA signs for (its name constraint).
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// How long the root is valid.
         #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
         ttl: Duration,
         /// Replace existing files.
@@ -67,23 +88,33 @@ pub enum CaCommand {
         /// SPIFFE id of the leaf; for an intermediate, only its trust domain is used.
         #[arg(long)]
         id: String,
+        /// How long the certificate is valid (capped at the signing CA's own expiry).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Issue an intermediate CA (for a mounted issuer or the identity
+        /// service) instead of a leaf.
         #[arg(long)]
         intermediate: bool,
+        /// Directory to write the certificate and key into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace existing files.
         #[arg(long)]
         force: bool,
     },
     /// Run the identity service: sign sidecars' CSRs after a Kubernetes
     /// TokenReview of their projected service-account token.
     Serve(Box<crate::identity::serve::ServeArgs>),
+    /// Make a trust anchor and an issuer for the Helm chart: writes values
+    /// (issuer and trust bundle) for `helm install -f FILE`.
+    Bootstrap(Box<crate::install::BootstrapArgs>),
     /// Describe certificates: subject, SPIFFE ids, serial, validity, issuer,
     /// and whether each chains to a bundle.
     Inspect {
+        /// PEM certificate files (a file may hold a chain).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// PEM roots to check each certificate against.
         #[arg(long, value_name = "FILE")]
         bundle: Option<PathBuf>,
         /// Print JSON instead of text.

@@ -19,11 +19,11 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::app::{App, BoundAddrs};
-use crate::config::{Cli, Command, DemoArgs, LogFormat};
+use crate::config::{Cli, Command, DemoArgs};
 use crate::drain::Drain;
 use crate::identity::{CaFiles, NewCa, TrustDomain};
 
@@ -46,7 +46,7 @@ rules:
 
 /// Runs the demo until Ctrl-C or SIGTERM, then drains and cleans up.
 pub async fn run(args: DemoArgs) -> Result<()> {
-    crate::logging::init(LogFormat::Text, "warn").map_err(anyhow::Error::msg)?;
+    init_logs()?;
     // Listen for signals before the banner, so an early Ctrl-C still cleans up.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listening for SIGTERM")?;
@@ -107,10 +107,12 @@ pub async fn start(args: DemoArgs) -> Result<Demo> {
     let flags = format!("--inbound-target {app} --cert-ttl 1m");
     let mut argv = run_argv(&ca, "server", &flags);
     argv.extend([OsString::from("--rules-dir"), OsString::from(&rules)]);
-    let (server_sidecar, server) = Sidecar::start(argv).await.context("server sidecar")?;
+    let (server_sidecar, server) = Sidecar::start("server", argv)
+        .await
+        .context("server sidecar")?;
     let (port, dest) = (args.port, server.inbound);
     let flags = format!("--upstream 127.0.0.1:{port}={dest}={SERVER_ID}");
-    let (client_sidecar, client) = Sidecar::start(run_argv(&ca, "client", &flags))
+    let (client_sidecar, client) = Sidecar::start("client", run_argv(&ca, "client", &flags))
         .await
         .context("client sidecar")?;
     let listen = *client.upstreams.first().context("no upstream")?;
@@ -196,46 +198,113 @@ things to look at:
   curl -s http://{c}/metrics | grep portcullis_tls_handshakes_total
   curl -s http://{s}/certs    (its certificate lives 1m: the serial changes every ~30s)
   {bin} ca inspect {dir}/ca.crt
+  {bin} check --admin {s} --no-interception
+
+the sidecars' own log lines (certificates, rule reloads, denials) show on
+stderr, prefixed [client] or [server].
 
 press Ctrl-C to stop"
         )
     }
 }
 
-/// One sidecar running in this process. Dropping it begins its drain, so a
-/// failed `start` leaves nothing listening.
+/// One sidecar running in this process, on its own thread named after it
+/// (`client`, `server`) with its own single-threaded runtime: every task
+/// it spawns runs there, so its log lines can be told apart by thread.
+/// Dropping it begins its drain, so a failed `start` leaves nothing listening.
 struct Sidecar {
     drain: Drain,
-    task: JoinHandle<Result<()>>,
+    done: tokio::sync::oneshot::Receiver<Result<()>>,
 }
 
 impl Sidecar {
     /// Builds settings exactly as `portcullis run <flags>` would, binds, runs,
     /// and waits until its `/ready` says 200.
-    async fn start(argv: Vec<OsString>) -> Result<(Sidecar, BoundAddrs)> {
+    async fn start(name: &'static str, argv: Vec<OsString>) -> Result<(Sidecar, BoundAddrs)> {
         let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
             bail!("not a `run` command line")
         };
-        let app = App::bind(args.settings().map_err(anyhow::Error::msg)?).await?;
-        let addrs = app.addrs().clone();
-        let drain = app.drain();
-        let sidecar = Sidecar {
-            drain,
-            task: tokio::spawn(app.run()),
-        };
+        let settings = args.settings().map_err(anyhow::Error::msg)?;
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => return drop(bound_tx.send(Err(anyhow::Error::from(e)))),
+                };
+                rt.block_on(async move {
+                    let app = match App::bind(settings).await {
+                        Ok(app) => app,
+                        Err(e) => return drop(bound_tx.send(Err(e))),
+                    };
+                    let _ = bound_tx.send(Ok((app.addrs().clone(), app.drain())));
+                    let _ = done_tx.send(app.run().await);
+                });
+            })
+            .with_context(|| format!("starting the {name} sidecar's thread"))?;
+        let (addrs, drain) = bound_rx.await.context("the sidecar's thread ended")??;
+        let sidecar = Sidecar { drain, done };
         wait_ready(addrs.admin).await?;
         Ok((sidecar, addrs))
     }
 
     async fn stop(mut self) -> Result<()> {
         self.drain.begin();
-        (&mut self.task).await?
+        (&mut self.done)
+            .await
+            .context("the sidecar's thread ended")?
     }
 }
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
         self.drain.begin();
+    }
+}
+
+/// Shows what the sidecars log (certificates issued, rules reloaded,
+/// requests denied) on stderr, each line prefixed with the sidecar's name,
+/// so a newcomer sees the mesh react to what they do.
+fn init_logs() -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new("info,portcullis::app=error")
+        .map_err(|e| anyhow!("log filter: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .event_format(SidecarPrefix)
+        .try_init()
+        .map_err(|e| anyhow!("logging: {e}"))
+}
+
+/// `[server] info request denied peer=... rule=...`: the sidecar's name
+/// (its thread's), the level, then the event's message and fields.
+struct SidecarPrefix;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for SidecarPrefix
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let name = match std::thread::current().name() {
+            Some(n @ ("client" | "server")) => n.to_string(),
+            _ => "demo".to_string(),
+        };
+        let level = event.metadata().level().as_str().to_lowercase();
+        write!(writer, "[{name}] {level} ")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
     }
 }
 

@@ -8,13 +8,18 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use prometheus::IntCounterVec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::file_limits::{
+    read_capped, scrub, ParseSlot, SlotError, PARSE_DEADLINE, PEM_FILE_MAX_BYTES,
+};
 
 /// Wait this long after an event so a burst of writes is read once, whole.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -76,28 +81,38 @@ fn watch_dir(path: &Path) -> PathBuf {
 /// Keeps one piece of file-backed state current: on every wake-up it reads
 /// the files, and if their content changed it parses them and applies the
 /// result. A bad new version is refused, logged and counted once, and the
-/// previous state stays in use.
+/// previous state stays in use. Reading and parsing run on the parse slot's
+/// own thread with a deadline, so no file can stall the runtime.
 pub struct Reloader<T> {
     what: &'static str,
     valid: Option<prometheus::IntGauge>,
     paths: Vec<PathBuf>,
-    parse: ParseFn<T>,
+    parse: Arc<ParseFn<T>>,
     apply: Box<dyn Fn(T) + Send + Sync>,
     outcomes: IntCounterVec,
     last_hash: String,
+    slot: ParseSlot,
 }
 
-type ParseFn<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync>;
+type ParseFn<T> = dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync;
 
-/// Reads every file, or says which one could not be read.
+/// What one read-and-parse found.
+enum Found<T> {
+    Same,
+    Parsed(String, T),
+    Bad(String, String),
+}
+
+/// Reads every file (each within [`PEM_FILE_MAX_BYTES`]: every caller
+/// reads PEM certificates or keys), or says which one could not be read.
 pub fn read_all(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>, String> {
     paths
         .iter()
-        .map(|p| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display())))
+        .map(|p| read_capped(p, PEM_FILE_MAX_BYTES).map_err(|e| e.to_string()))
         .collect()
 }
 
-impl<T> Reloader<T> {
+impl<T: Send + 'static> Reloader<T> {
     /// `initial` is the content already applied at start-up.
     pub fn new(
         what: &'static str,
@@ -112,9 +127,10 @@ impl<T> Reloader<T> {
             valid: None,
             last_hash: hash_all(initial),
             paths,
-            parse: Box::new(parse),
+            parse: Arc::new(parse),
             apply: Box::new(apply),
             outcomes,
+            slot: ParseSlot::new(),
         }
     }
 
@@ -133,29 +149,44 @@ impl<T> Reloader<T> {
     }
 
     /// Reads the files again and applies them if they changed and are good.
-    pub fn reload(&mut self) {
-        let contents = match read_all(&self.paths) {
-            Ok(c) => c,
-            Err(msg) => return self.refuse(content_hash(&[msg.as_bytes()]), &msg),
+    pub async fn reload(&mut self) {
+        let (paths, parse, last) = (
+            self.paths.clone(),
+            self.parse.clone(),
+            self.last_hash.clone(),
+        );
+        let work = move || {
+            let contents = match read_all(&paths) {
+                Ok(c) => c,
+                Err(msg) => return Found::Bad(content_hash(&[msg.as_bytes()]), msg),
+            };
+            let hash = hash_all(&contents);
+            if hash == last {
+                return Found::Same;
+            }
+            match parse(&contents) {
+                Ok(value) => Found::Parsed(hash, value),
+                Err(msg) => Found::Bad(hash, msg),
+            }
         };
-        let hash = hash_all(&contents);
-        if hash == self.last_hash {
-            return;
-        }
-        match (self.parse)(&contents) {
-            Ok(value) => {
+        match self.slot.run(PARSE_DEADLINE, work).await {
+            Ok(Found::Same) => {}
+            Ok(Found::Parsed(hash, value)) => {
                 info!(what = self.what, hash = %hash, "reloaded");
                 self.outcomes.with_label_values(&["ok"]).inc();
                 self.set_valid(true);
                 self.last_hash = hash;
                 (self.apply)(value);
             }
-            Err(msg) => self.refuse(hash, &msg),
+            Ok(Found::Bad(hash, msg)) => self.refuse(hash, &msg),
+            Err(SlotError::Busy) => debug!(what = self.what, "a previous parse is still running"),
+            Err(e) => self.refuse("slot".into(), &e.to_string()),
         }
     }
 
     fn refuse(&mut self, hash: String, msg: &str) {
         if hash != self.last_hash {
+            let msg = scrub(msg);
             warn!(what = self.what, error = %msg, "reload refused; keeping the previous version");
             self.outcomes.with_label_values(&["error"]).inc();
             self.set_valid(false);
@@ -164,10 +195,7 @@ impl<T> Reloader<T> {
     }
 
     /// Reloads on every change until shutdown.
-    pub fn spawn(mut self, poll: Duration, shutdown: CancellationToken) -> notify::Result<()>
-    where
-        T: 'static,
-    {
+    pub fn spawn(mut self, poll: Duration, shutdown: CancellationToken) -> notify::Result<()> {
         let refs: Vec<&Path> = self.paths.iter().map(|p| p.as_path()).collect();
         let mut watch = FileWatch::new(&refs, poll)?;
         let span = tracing::info_span!("reload", what = self.what);
@@ -175,7 +203,11 @@ impl<T> Reloader<T> {
             async move {
                 loop {
                     tokio::select! {
-                        _ = watch.changed() => self.reload(),
+                        _ = watch.changed() => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    tokio::select! {
+                        _ = self.reload() => {}
                         _ = shutdown.cancelled() => return,
                     }
                 }

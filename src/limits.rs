@@ -4,17 +4,23 @@
 //! side port (admin, identity service) would otherwise stop mTLS traffic
 //! and kubelet probes alike.
 
+mod accept;
+mod admin;
+mod evict;
+
+pub use accept::{out_of_descriptors, AcceptErrors, ACCEPT_LOG_INTERVAL};
+pub use admin::{
+    admin_http1, serve_admin_connection, AdminConnections, AdminSlot, ADMIN_CONNECTION_LIFETIME,
+    ADMIN_FIRST_REQUEST_TIMEOUT, ADMIN_HEADER_READ_TIMEOUT, ADMIN_MAX_CONNECTIONS,
+};
+pub use evict::{Eviction, EvictionSet, Slot, SlotHandle, PROTECTED};
+
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::{Body, Incoming};
-use hyper::service::Service;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -39,45 +45,6 @@ pub fn raise_nofile_limit() {
         ),
         Err(e) => debug!(soft, hard, error = %e, "cannot raise RLIMIT_NOFILE"),
     }
-}
-
-/// Admin connections served at once; more are accepted and closed at once,
-/// so the admin port can never hold more descriptors than this.
-pub const ADMIN_MAX_CONNECTIONS: usize = 256;
-/// An admin client must send a whole request head within this; it is also
-/// how long an idle keep-alive connection stays open (hyper starts the
-/// timer whenever it waits for a request head).
-pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// After this an admin connection is asked to close (it finishes the
-/// request in flight, for at most `CLOSE_GRACE`): a client that pipelines
-/// requests and never reads the answers cannot hold its slot for ever.
-pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-/// How long a connection asked to close may take to finish.
-const CLOSE_GRACE: Duration = Duration::from_secs(10);
-
-/// A cap on the connections one server holds at once.
-#[derive(Clone)]
-pub struct ConnectionCap(Arc<Semaphore>);
-
-impl ConnectionCap {
-    pub fn new(max: usize) -> Self {
-        ConnectionCap(Arc::new(Semaphore::new(max)))
-    }
-
-    /// A slot, held until the permit is dropped; `None` when all are taken.
-    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
-        self.0.clone().try_acquire_owned().ok()
-    }
-}
-
-/// An HTTP/1 server builder for admin ports: a request head must arrive
-/// within `ADMIN_HEADER_READ_TIMEOUT`.
-pub fn admin_http1() -> hyper::server::conn::http1::Builder {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
-    builder
 }
 
 /// HTTP/2 pings: a peer that stops answering for this long is gone.
@@ -106,39 +73,6 @@ pub fn server_auto(
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
         .max_concurrent_streams(H2_MAX_STREAMS);
     builder
-}
-
-/// Serves one admin connection: `admin_http1`, then a graceful close once
-/// it has lived `ADMIN_CONNECTION_LIFETIME`, and a hard one `CLOSE_GRACE`
-/// later.
-pub async fn serve_admin_connection<S, B>(stream: TcpStream, service: S)
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let conn = admin_http1().serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let ended = tokio::select! {
-        r = conn.as_mut() => Some(r),
-        _ = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME) => None,
-    };
-    let result = match ended {
-        Some(r) => r,
-        None => {
-            conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(CLOSE_GRACE, conn).await {
-                Ok(r) => r,
-                Err(_) => return debug!("admin connection closed: it did not finish in time"),
-            }
-        }
-    };
-    if let Err(e) = result {
-        debug!(error = %e, "admin connection failed");
-    }
 }
 
 /// Requests in flight on one connection and when the last one ended, so a
@@ -192,5 +126,54 @@ impl Activity {
                 tokio::time::sleep_until(due.max(Instant::now() + limit / 4)).await;
             }
         }
+    }
+}
+
+/// Lets one log line through per interval and counts the events in
+/// between, so a flood of refused connections costs one line, not one
+/// line each.
+pub struct LogEvery {
+    interval: Duration,
+    last: Mutex<Option<Instant>>,
+    events: AtomicU64,
+}
+
+impl LogEvery {
+    pub fn new(interval: Duration) -> Self {
+        LogEvery {
+            interval,
+            last: Mutex::new(None),
+            events: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one event; `Some(events since the last line)` when a line
+    /// is due now.
+    pub fn tick(&self) -> Option<u64> {
+        self.events.fetch_add(1, Ordering::SeqCst);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < self.interval) {
+            return None;
+        }
+        *last = Some(now);
+        Some(self.events.swap(0, Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_every_lets_one_line_through_per_interval_with_the_count() {
+        let quiet = LogEvery::new(Duration::from_secs(3600));
+        assert_eq!(quiet.tick(), Some(1), "the first event is logged");
+        for _ in 0..99 {
+            assert_eq!(quiet.tick(), None);
+        }
+        let chatty = LogEvery::new(Duration::ZERO);
+        assert_eq!(chatty.tick(), Some(1));
+        assert_eq!(chatty.tick(), Some(1), "each line counts its own events");
     }
 }

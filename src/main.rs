@@ -45,7 +45,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Install(args) => portcullis::install::install(&args).map_err(anyhow::Error::from),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portcullis::demo::run(args))),
+        Command::Check(args) => return portcullis::check::run(&args),
+        Command::Completion { shell } => portcullis::config::completion(shell),
+        Command::Man => portcullis::config::man_page(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

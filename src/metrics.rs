@@ -78,6 +78,10 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    /// Failed accepts by listener and reason (`fd_limit`: out of descriptors).
+    pub accept_errors: IntCounterVec,
+    /// Admin connections closed or refused to keep the admin port answering.
+    pub admin_connections_dropped: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -243,6 +247,18 @@ impl Metrics {
                 "portcullis_issuer_reloads_total",
                 "Issuer (CA files) reloads by outcome.",
                 &["result"],
+            ),
+            accept_errors: counter(
+                r,
+                "portcullis_accept_errors_total",
+                "Failed accepts by listener; reason fd_limit means out of file descriptors (the connection was refused).",
+                &["listener", "reason"],
+            ),
+            admin_connections_dropped: counter(
+                r,
+                "portcullis_admin_connections_dropped_total",
+                "Admin connections closed or refused to keep the admin port answering: no_request (no request in time), evicted (idle, its slot given to a new one), full (every slot busy).",
+                &["reason"],
             ),
             connections_open,
             tls_handshake_duration,

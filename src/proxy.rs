@@ -14,7 +14,7 @@ mod splice;
 
 pub use detect::{detect, sniff_http, AppProtocol, Detected};
 pub use http::AppClients;
-pub use inbound::Inbound;
+pub use inbound::{Inbound, PendingHandshakes};
 pub use orig_dst::original_destination;
 pub use outbound::{Outbound, UpstreamListener};
 pub use plan::{plan, OutboundPolicy, Route};
@@ -31,7 +31,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{InboundMode, PortRange};
 use crate::drain::Drain;
-use crate::limits::ConnectionCap;
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -65,9 +64,12 @@ pub struct Shared {
     pub app_clients: AppClients,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    /// Inbound connections in detection or handshake at once
+    /// Inbound connections in detection or handshake
     /// (`--max-pending-handshakes`): what stalled clients can hold.
-    pub pending_handshakes: ConnectionCap,
+    pub pending_handshakes: PendingHandshakes,
+    /// A client's first byte and whole ClientHello must arrive within this
+    /// (`--hello-timeout`).
+    pub hello_timeout: Duration,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -91,6 +93,9 @@ impl Shared {
     }
 }
 
+/// Connections the kernel queues for each listener before accept.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// Binds a TCP listener with SO_REUSEADDR; an IPv6 wildcard also accepts IPv4.
 pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
     let err = |source| Error::Bind { flag, addr, source };
@@ -103,7 +108,10 @@ pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> 
     }
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
-    socket.listen(1024).map_err(err)?;
+    // Deeper than --max-pending-handshakes: connections a flood churns
+    // through wait here, and a full queue drops everyone's SYNs alike.
+    // The kernel caps it at net.core.somaxconn.
+    socket.listen(LISTEN_BACKLOG).map_err(err)?;
     TcpListener::from_std(socket.into()).map_err(err)
 }
 

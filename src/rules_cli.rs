@@ -68,8 +68,10 @@ pub struct ExplainArgs {
     /// The client's address.
     #[arg(long, default_value = "127.0.0.1")]
     pub source_ip: IpAddr,
+    /// The sidecar's trust domain (what `trust_domains` in the rules is compared with).
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The sidecar's --default-policy: what decides when no rule matches.
     #[arg(long, value_enum, default_value_t = DefaultPolicy::Authenticated)]
     pub default_policy: DefaultPolicy,
     /// Accept %2F and %5C in the path, as `run --allow-encoded-slash`.

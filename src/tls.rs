@@ -8,7 +8,7 @@ mod verify;
 
 pub use bundle::{RootInfo, TrustBundle};
 pub use outcome::handshake_result;
-pub use state::{MeshTls, Snapshot};
+pub use state::{MeshTls, Snapshot, Unusable};
 pub use verify::{check_issuer, peer_identity, IdentityError, MeshVerifier};
 
 use std::sync::Arc;

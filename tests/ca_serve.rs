@@ -7,6 +7,9 @@ mod apiserver;
 mod common;
 #[path = "ca_serve/harness.rs"]
 mod harness;
+/// The API server's certificate failures, named.
+#[path = "ca_serve/kube_tls.rs"]
+mod kube_tls;
 /// Test 6: issuer rotation.
 #[path = "ca_serve/rotation.rs"]
 mod rotation;

@@ -43,7 +43,7 @@ fn ci_values_lint_render_and_validate_on_every_kube_version() {
         let base = file.file_name().unwrap().to_string_lossy().into_owned();
         for kube in KUBE_VERSIONS {
             let what = format!("{base} on {kube}");
-            let r = Render::default().file(&file).kube(kube);
+            let r = Render::bare().file(&file).kube(kube);
             if let Err(e) = r.lint() {
                 panic!("{what}: helm lint --strict failed:\n{e}");
             }

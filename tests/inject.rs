@@ -294,35 +294,42 @@ fn offline_inject_matches_webhook() {
 }
 
 /// The webhook's admin port holds at most `ADMIN_MAX_CONNECTIONS`
-/// connections, like the sidecar's: one more is closed at once.
+/// connections, like the sidecar's: when full, a probe evicts one that
+/// never sent a whole request and is answered, and half-sent requests are
+/// closed after `ADMIN_FIRST_REQUEST_TIMEOUT`.
 #[test]
 fn webhook_admin_connections_are_capped() {
+    use portcullis::limits::{ADMIN_FIRST_REQUEST_TIMEOUT, ADMIN_MAX_CONNECTIONS};
     use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path(), "one");
     let hook = WebhookProc::start(&cert, &key, Path::new(CONFIG));
     let half = b"GET /metrics HTTP/1.1\r\nHost: x\r\n";
+    let started = Instant::now();
     let mut held = Vec::new();
-    for _ in 0..portcullis::limits::ADMIN_MAX_CONNECTIONS {
+    for _ in 0..ADMIN_MAX_CONNECTIONS {
         let mut s = std::net::TcpStream::connect(hook.admin).unwrap();
         s.write_all(half).unwrap();
         held.push(s);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let mut extra = std::net::TcpStream::connect(hook.admin).unwrap();
-        let _ = extra.write_all(half);
-        extra
-            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
-            .unwrap();
+    let mut probe = std::net::TcpStream::connect(hook.admin).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    probe.write_all(b"GET /live HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = probe.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer:?}");
+    for s in &mut held {
+        let left = (ADMIN_FIRST_REQUEST_TIMEOUT + Duration::from_secs(5))
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        s.set_read_timeout(Some(left)).unwrap();
         let mut buf = [0u8; 16];
-        if matches!(extra.read(&mut buf), Ok(0)) {
-            break;
-        }
         assert!(
-            std::time::Instant::now() < deadline,
-            "a connection over the cap was not closed"
+            !matches!(s.read(&mut buf), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+            "a half-sent request was closed"
         );
     }
-    drop(held);
 }

@@ -19,7 +19,8 @@
 //! 6.   a server-speaks-first protocol greets through both sidecars fast;
 //! 7.   a calls its own pod IP;
 //! 8.   init twice leaves one set of rules; --cleanup restores the ruleset;
-//! 9.   b's sidecar killed: nothing gets through to b's app (fail closed).
+//! 9.   b's sidecar killed: nothing gets through to b's app (fail closed);
+//!      restarted, traffic resumes within 2 s of its `/ready`.
 
 mod netns;
 
@@ -412,4 +413,18 @@ fn killed_sidecar_fails_closed() {
         );
     }
     assert_eq!(b.app_log(), served, "something reached b's app");
+
+    // Restarted in place (same pod, same interception rules): a → b works
+    // again within 2 s of its /ready.
+    node.start_sidecar(&mut b, &Sidecar::default());
+    let ready = std::time::Instant::now();
+    node::eventually("a → b after the restart", Duration::from_secs(10), || {
+        post(&a.ns, &b.v4, HTTP_PORT, "after restart").ok()
+    });
+    let resumed = ready.elapsed();
+    eprintln!("interception: a → b resumed {resumed:?} after the restarted sidecar's /ready");
+    assert!(
+        resumed < Duration::from_secs(2),
+        "resumed after {resumed:?}"
+    );
 }

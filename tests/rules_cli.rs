@@ -92,6 +92,54 @@ fn check_refuses_a_missing_path() {
     assert!(stderr.starts_with("no-such-dir/rules.yaml: "), "{stderr}");
 }
 
+/// `rules check` applies the sidecar's limits with the sidecar's words:
+/// nesting, file size, and links out of the directory.
+#[test]
+fn check_applies_the_sidecars_file_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let deep = rules.join("deep.yaml");
+    let nested = format!("http: {}{}\n", "[".repeat(80_000), "]".repeat(80_000));
+    std::fs::write(&deep, nested).unwrap();
+    let big = rules.join("big.json");
+    std::fs::write(&big, format!("{{\"rules\": []}}{}", " ".repeat(1 << 20))).unwrap();
+    let out = portcullis(&["rules", "check", rules.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains(&format!(
+            "{}: the file is larger than the limit of 1048576 bytes; refused",
+            big.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{}:1:70: nested deeper than 64 levels; refused before parsing",
+            deep.display()
+        )),
+        "{stderr}"
+    );
+    std::fs::remove_file(&big).unwrap();
+    std::fs::remove_file(&deep).unwrap();
+    let key = dir.path().join("ca.key");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&key, rules.join("key.yaml")).unwrap();
+    let out = portcullis(&["rules", "check", rules.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("key.yaml: resolves outside the rules directory; refused"),
+        "{stderr}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains("MIGH"), "{stderr}");
+}
+
 const FRONTEND: &str = "spiffe://cluster.local/ns/web/sa/frontend";
 
 #[test]

@@ -17,8 +17,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::load::{compile, hash_sources, read_sources};
+use super::load::{compile, hash_sources, read_sources, Source};
 use super::{AuthzMetrics, DefaultPolicy, Error, RuleSet};
+use crate::file_limits::{ParseSlot, SlotError, PARSE_DEADLINE, SETTLE_MAX, SETTLE_TIME};
 use crate::filewatch::FileWatch;
 
 #[cfg(test)]
@@ -29,19 +30,60 @@ mod tests;
 pub struct ReloadError {
     /// `file:line:column: message`, or an I/O error.
     pub message: String,
+    /// `file-name:line:column` (or the file name alone) when the error is in a file.
+    pub position: Option<String>,
     /// When it was first seen (RFC 3339).
     pub at: String,
 }
 
-/// The body of `GET /rules`.
+/// The body of `GET /rules` for loopback clients.
 #[derive(Debug, Clone, Serialize)]
 pub struct RulesStatus {
     pub dir: Option<String>,
     pub hash: String,
     pub loaded_at: String,
     pub rule_count: usize,
+    pub file_count: usize,
+    /// Whether the files on disk are the active set (no refused reload).
+    pub valid: bool,
     pub files: Vec<String>,
     pub last_error: Option<ReloadError>,
+}
+
+/// The body of `GET /rules` for other clients: no file names beyond the
+/// error position, and no error text (an error may quote a file).
+#[derive(Debug, Clone, Serialize)]
+pub struct RulesSummary {
+    pub hash: String,
+    pub loaded_at: String,
+    pub rule_count: usize,
+    pub file_count: usize,
+    pub valid: bool,
+    pub last_error: Option<ErrorPosition>,
+}
+
+/// Where a refused reload's error is, without its text.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorPosition {
+    pub position: Option<String>,
+    pub at: String,
+}
+
+impl RulesStatus {
+    /// The part any client may see.
+    pub fn summary(&self) -> RulesSummary {
+        RulesSummary {
+            hash: self.hash.clone(),
+            loaded_at: self.loaded_at.clone(),
+            rule_count: self.rule_count,
+            file_count: self.file_count,
+            valid: self.valid,
+            last_error: self.last_error.as_ref().map(|e| ErrorPosition {
+                position: e.position.clone(),
+                at: e.at.clone(),
+            }),
+        }
+    }
 }
 
 /// What one reload did.
@@ -66,16 +108,22 @@ struct Inner {
     required: bool,
     current: ArcSwap<RuleSet>,
     tx: watch::Sender<Arc<RuleSet>>,
+    /// Held for a whole reload, so reloads never interleave; `state` is
+    /// only held briefly, so `status` never waits for a parse.
+    reloading: Mutex<()>,
     state: Mutex<State>,
     metrics: AuthzMetrics,
 }
 
-/// The writer's bookkeeping, behind one lock so reloads never interleave.
+/// The writer's bookkeeping.
 #[derive(Default)]
 struct State {
     last_error: Option<ReloadError>,
     /// Hash of the content last refused, so one bad version is logged once.
     refused_hash: Option<String>,
+    /// Hash of the content being parsed now, so a parse that overruns its
+    /// deadline is refused (and logged) once under that hash.
+    parsing: Option<String>,
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {
@@ -141,6 +189,7 @@ impl LiveRules {
                 required,
                 current: ArcSwap::new(set),
                 tx,
+                reloading: Mutex::new(()),
                 state: Mutex::new(State::default()),
                 metrics,
             }),
@@ -170,6 +219,8 @@ impl LiveRules {
             hash: set.hash().to_string(),
             loaded_at: rfc3339(set.loaded_at()),
             rule_count: set.len(),
+            file_count: set.files().len(),
+            valid: state.last_error.is_none(),
             files: set
                 .files()
                 .iter()
@@ -181,17 +232,26 @@ impl LiveRules {
 
     /// Reads the directory again and swaps in the new set if it changed
     /// and is valid. `force` (SIGHUP) re-validates even unchanged content.
+    /// Blocking (it reads and parses files): the reloader task runs it on
+    /// its own thread.
     pub fn reload(&self, force: bool) -> ReloadOutcome {
         let Some(dir) = &self.inner.dir else {
             return ReloadOutcome::Unchanged;
         };
-        let mut state = self.inner.state.lock().expect("rules state lock");
+        let _one = self.inner.reloading.lock().expect("rules reload lock");
         if !dir.is_dir() && self.inner.current.load().is_empty() {
             // Never had rules from here (an optional directory that is absent): nothing to keep or change.
             return ReloadOutcome::Unchanged;
         }
         let loaded = if dir.is_dir() {
-            read_sources(std::slice::from_ref(dir)).map(|s| (hash_sources(&s), s))
+            settle(dir);
+            match read_consistent(dir) {
+                Some(loaded) => loaded,
+                None => {
+                    debug!("rule files changed while being read; reading again on the next change");
+                    return ReloadOutcome::Unchanged;
+                }
+            }
         } else {
             Err(Error::NoRules {
                 path: dir.clone(),
@@ -200,23 +260,27 @@ impl LiveRules {
         };
         let (hash, sources) = match loaded {
             Ok(x) => x,
-            Err(e) => return self.refuse(&mut state, e.to_string(), e.to_string()),
+            Err(e) => return self.refuse(e.to_string(), &e),
         };
-        let active = self.inner.current.load();
-        if !force && hash == active.hash() {
-            state.refused_hash = None;
-            state.last_error = None;
-            return ReloadOutcome::Unchanged;
-        }
-        if !force && state.refused_hash.as_deref() == Some(hash.as_str()) {
-            return ReloadOutcome::Unchanged;
+        let active = self.inner.current.load_full();
+        {
+            let mut state = self.state();
+            if !force && hash == active.hash() {
+                state.refused_hash = None;
+                state.last_error = None;
+                return ReloadOutcome::Unchanged;
+            }
+            if !force && state.refused_hash.as_deref() == Some(hash.as_str()) {
+                return ReloadOutcome::Unchanged;
+            }
+            state.parsing = Some(hash.clone());
         }
         if sources.is_empty() && self.inner.required {
-            let msg = Error::NoRules {
+            let e = Error::NoRules {
                 path: dir.clone(),
                 reason: "no *.yaml, *.yml or *.json file left; keeping the active rules".into(),
             };
-            return self.refuse(&mut state, hash, msg.to_string());
+            return self.refuse(hash, &e);
         }
         match compile(&sources) {
             Ok(set) => {
@@ -226,15 +290,33 @@ impl LiveRules {
                 let set = Arc::new(set);
                 self.inner.current.store(set.clone());
                 self.inner.tx.send_replace(set);
+                let mut state = self.state();
+                state.parsing = None;
                 state.refused_hash = None;
                 state.last_error = None;
                 ReloadOutcome::Applied
             }
-            Err(e) => self.refuse(&mut state, hash, e.to_string()),
+            Err(e) => self.refuse(hash, &e),
         }
     }
 
-    fn refuse(&self, state: &mut State, hash: String, message: String) -> ReloadOutcome {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().expect("rules state lock")
+    }
+
+    fn refuse(&self, hash: String, e: &Error) -> ReloadOutcome {
+        self.refuse_with(hash, e.to_string(), e.position())
+    }
+
+    /// Records a refused version, logging and counting it once per content.
+    fn refuse_with(
+        &self,
+        hash: String,
+        message: String,
+        position: Option<String>,
+    ) -> ReloadOutcome {
+        let mut state = self.state();
+        state.parsing = None;
         if state.refused_hash.as_deref() == Some(hash.as_str()) {
             return ReloadOutcome::Unchanged;
         }
@@ -247,9 +329,48 @@ impl LiveRules {
         state.refused_hash = Some(hash);
         state.last_error = Some(ReloadError {
             message: message.clone(),
+            position,
             at: rfc3339(SystemTime::now()),
         });
         ReloadOutcome::Refused(message)
+    }
+
+    /// Runs [`reload`](Self::reload) on the parse slot's thread, so that no
+    /// file can stall the runtime; a reload that overruns the deadline is
+    /// refused (the active rules stay) and holds the slot until it ends.
+    /// Returns false when the slot was busy and nothing was read.
+    pub async fn reload_off_runtime(&self, slot: &ParseSlot, force: bool) -> bool {
+        self.reload_within(slot, force, PARSE_DEADLINE).await
+    }
+
+    async fn reload_within(&self, slot: &ParseSlot, force: bool, deadline: Duration) -> bool {
+        let me = self.clone();
+        match slot.run(deadline, move || me.reload(force)).await {
+            Ok(_) => {}
+            Err(SlotError::Busy) => {
+                debug!("a previous rules parse is still running; retrying later");
+                return false;
+            }
+            Err(e) => {
+                let hash = self
+                    .state()
+                    .parsing
+                    .clone()
+                    .unwrap_or_else(|| "parse".into());
+                let msg = format!("{}: {e}; keeping the active rules", self.dir_name());
+                self.refuse_with(hash, msg, None);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn dir_name(&self) -> String {
+        self.inner
+            .dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
     }
 
     /// Reloads on directory changes (notify, debounced), on SIGHUP and
@@ -264,21 +385,31 @@ impl LiveRules {
                 source,
             })?;
         // Watch before returning, so no change made after this call is missed;
-        // the reload catches any change made since `load`.
+        // the task's first reload catches any change made since `load`.
         let (mut watch, mut on_dir) = watch_dir(&dir, poll);
-        self.reload(false);
         let me = self.clone();
+        let slot = ParseSlot::new();
         let span = tracing::info_span!("rules", dir = %dir.display());
         tokio::spawn(
             async move {
+                let mut retry = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    done = me.reload_off_runtime(&slot, false) => !done,
+                };
                 loop {
-                    tokio::select! {
+                    let force = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = hup.recv() => {
                             info!("SIGHUP received: reloading rules");
-                            me.reload(true);
+                            true
                         }
-                        _ = changed(&mut watch, poll) => { me.reload(false); }
+                        _ = changed(&mut watch, poll) => false,
+                        // A change seen while a slow parse held the slot is read soon after.
+                        _ = tokio::time::sleep(SETTLE_MAX), if retry => false,
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        done = me.reload_off_runtime(&slot, force) => retry = !done,
                     }
                     // The directory appeared (or was replaced): watch it itself.
                     if !on_dir && dir.is_dir() {
@@ -290,6 +421,32 @@ impl LiveRules {
         );
         Ok(())
     }
+}
+
+/// How many times a reload reads the files looking for two equal reads.
+const CONSISTENT_READS: usize = 5;
+
+/// Reads the directory until two reads in a row agree, and returns that
+/// content with its hash; `None` if the files kept changing. One read opens
+/// the files one after the other, so a ConfigMap update (all files swapped
+/// at once through `..data`) landing in between would yield half of each
+/// version, which can allow what neither version allows.
+fn read_consistent(dir: &Path) -> Option<Result<(String, Vec<Source>), Error>> {
+    let read = || read_sources(std::slice::from_ref(&dir.to_path_buf()));
+    let mut last = read().map(|s| (hash_sources(&s), s));
+    for _ in 1..CONSISTENT_READS {
+        let next = read().map(|s| (hash_sources(&s), s));
+        let same = match (&last, &next) {
+            (Ok((a, _)), Ok((b, _))) => a == b,
+            (Err(a), Err(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        };
+        if same {
+            return Some(next);
+        }
+        last = next;
+    }
+    None
 }
 
 /// A watch on the directory, or on its parent while it does not exist; a
@@ -314,6 +471,32 @@ async fn changed(watch: &mut Option<FileWatch>, poll: Duration) {
     match watch {
         Some(w) => w.changed().await,
         None => tokio::time::sleep(poll).await,
+    }
+}
+
+/// Waits (at most [`SETTLE_MAX`]) until every rule file in `dir` was last
+/// modified at least [`SETTLE_TIME`] ago, so that a file still being
+/// written in place is read whole. Files replaced atomically (renamed into
+/// place, as ConfigMaps are) are complete at once; the wait only delays
+/// their reading by what is left of the settle time. Blocking.
+fn settle(dir: &Path) {
+    let started = std::time::Instant::now();
+    loop {
+        let youngest = super::load::list_dir(dir)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+            .map(|m| SystemTime::now().duration_since(m).unwrap_or_default())
+            .min();
+        let wait = match youngest {
+            Some(age) if age < SETTLE_TIME => SETTLE_TIME - age,
+            _ => return,
+        };
+        let left = SETTLE_MAX.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(wait.min(left));
     }
 }
 

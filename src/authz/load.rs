@@ -18,6 +18,9 @@ use serde::Deserialize as _;
 use super::model::FileModel;
 use super::ruleset::Rule;
 use super::{Error, RuleSet};
+use crate::file_limits::{
+    self, check_nesting, read_capped, scrub, MAX_NESTING, RULE_FILE_MAX_BYTES, RULE_SET_MAX_BYTES,
+};
 
 #[cfg(test)]
 mod tests;
@@ -63,20 +66,33 @@ pub(crate) fn is_rule_file_name(name: &str) -> bool {
             .any(|ext| name.len() > ext.len() && name.to_ascii_lowercase().ends_with(ext))
 }
 
-/// The rule files in a directory, sorted by name.
+/// The rule files in a directory, sorted by name. An entry that resolves
+/// outside the directory (a symlink to `/etc/...` or to a key) is an
+/// error: only links that stay inside, as in the ConfigMap layout
+/// `foo.yaml -> ..data/foo.yaml`, `..data -> ..2024_01_01…`, are followed.
 pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let io = |source| Error::Io {
         path: dir.to_path_buf(),
         source,
     };
+    let root = dir.canonicalize().map_err(io)?;
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let path = entry.path();
-        // metadata() follows symlinks: `x.yaml -> ..data/x.yaml` is a file.
-        if is_rule_file_name(name) && std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+        if !is_rule_file_name(name) {
+            continue;
+        }
+        // canonicalize() follows every link: `x.yaml -> ..data/x.yaml` is a file here.
+        let Ok(resolved) = path.canonicalize() else {
+            continue; // a dangling link, or gone since listing
+        };
+        if !resolved.starts_with(&root) {
+            return Err(Error::Outside { path });
+        }
+        if std::fs::metadata(&resolved).is_ok_and(|m| m.is_file()) {
             files.push(path);
         }
     }
@@ -84,7 +100,8 @@ pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     Ok(files)
 }
 
-/// Reads every file named in `paths` (directories are expanded).
+/// Reads every file named in `paths` (directories are expanded), within
+/// the per-file and per-set size limits.
 pub(crate) fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, Error> {
     let mut files = Vec::new();
     for p in paths {
@@ -94,24 +111,47 @@ pub(crate) fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, Error> {
             files.push(p.clone());
         }
     }
-    files
-        .into_iter()
-        .map(|path| {
-            let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let text = String::from_utf8(bytes).map_err(|_| Error::Invalid {
-                at: Location {
-                    file: path.clone(),
-                    line: 1,
-                    column: 1,
-                },
-                message: "the file is not UTF-8".into(),
-            })?;
-            Ok(Source { path, text })
-        })
-        .collect()
+    let mut total = 0u64;
+    let mut sources = Vec::with_capacity(files.len());
+    for path in files {
+        let src = read_source(path)?;
+        total += src.text.len() as u64;
+        if total > RULE_SET_MAX_BYTES {
+            return Err(Error::TooLarge {
+                path: paths.first().cloned().unwrap_or(src.path),
+                what: "the rule set (all files together)",
+                limit: RULE_SET_MAX_BYTES,
+            });
+        }
+        sources.push(src);
+    }
+    Ok(sources)
+}
+
+/// Reads one rule file within [`RULE_FILE_MAX_BYTES`].
+fn read_source(path: PathBuf) -> Result<Source, Error> {
+    let bytes = match read_capped(&path, RULE_FILE_MAX_BYTES) {
+        Ok(b) => b,
+        Err(file_limits::Error::Io { source, .. }) => return Err(Error::Io { path, source }),
+        Err(file_limits::Error::TooLarge { limit, .. }) => {
+            return Err(Error::TooLarge {
+                path,
+                what: "the file",
+                limit,
+            })
+        }
+    };
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(Source { path, text }),
+        Err(_) => Err(Error::Invalid {
+            at: Location {
+                file: path,
+                line: 1,
+                column: 1,
+            },
+            message: "the file is not UTF-8".into(),
+        }),
+    }
 }
 
 /// The hash that identifies a set of sources: file names and contents.
@@ -151,11 +191,11 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, Error> {
                     .unwrap_or(&sources[si]);
                 return Err(Error::Invalid {
                     at: locate_rule(&src.path, &src.text, index),
-                    message: format!(
+                    message: scrub(&format!(
                         "duplicate rule name {:?} (first defined at {}); names must be unique across all files",
                         rule.name,
                         locate_rule(&first_src.path, &first_src.text, first.index)
-                    ),
+                    )),
                 });
             }
             seen.insert(rule.name.clone(), rules.len());
@@ -171,12 +211,35 @@ pub(crate) fn parse_text(path: &Path, text: &str) -> Result<Vec<super::model::Ru
     if is_blank(text, is_json(path)) {
         return Ok(Vec::new());
     }
+    precheck(path, text)?;
     let parsed = if is_json(path) {
         serde_json::from_str::<FileModel>(text).map_err(|e| json_error(path, &e))
     } else {
         serde_norway::from_str::<FileModel>(text).map_err(|e| yaml_error(path, &e))
     };
     Ok(parsed?.rules)
+}
+
+/// Refuses, before any parser sees it, a file that is PEM (a certificate
+/// or key in the rules directory by mistake: its content must never be
+/// echoed) or that nests deeper than [`MAX_NESTING`] levels (parsers take
+/// time that grows with the square of the depth).
+fn precheck(path: &Path, text: &str) -> Result<(), Error> {
+    let at = |line, column| Location {
+        file: path.to_path_buf(),
+        line,
+        column,
+    };
+    if let Some(n) = text.lines().position(|l| l.starts_with("-----BEGIN")) {
+        return Err(Error::Invalid {
+            at: at(n + 1, 1),
+            message: "this is a PEM file (a certificate or key), not a rule file; its content is not shown".into(),
+        });
+    }
+    check_nesting(text, is_json(path), MAX_NESTING).map_err(|e| Error::Invalid {
+        at: at(e.line, e.column),
+        message: format!("nested deeper than {MAX_NESTING} levels; refused before parsing"),
+    })
 }
 
 /// An empty file (or, for YAML, one with only comments) holds no rules:
@@ -196,7 +259,7 @@ fn yaml_error(path: &Path, e: &serde_norway::Error) -> Error {
             line,
             column,
         },
-        message: strip_position(&e.to_string()),
+        message: scrub(&strip_position(&e.to_string())),
     }
 }
 
@@ -207,7 +270,7 @@ fn json_error(path: &Path, e: &serde_json::Error) -> Error {
             line: e.line().max(1),
             column: e.column().max(1),
         },
-        message: strip_position(&e.to_string()),
+        message: scrub(&strip_position(&e.to_string())),
     }
 }
 
@@ -382,6 +445,15 @@ pub fn check_paths(paths: &[PathBuf]) -> Result<RuleSet, Vec<Error>> {
             Ok(s) => sources.extend(s),
             Err(e) => errors.push(e),
         }
+    }
+    let total: u64 = sources.iter().map(|s| s.text.len() as u64).sum();
+    if total > RULE_SET_MAX_BYTES {
+        errors.push(Error::TooLarge {
+            path: paths.first().cloned().unwrap_or_default(),
+            what: "the rule set (all files together)",
+            limit: RULE_SET_MAX_BYTES,
+        });
+        return Err(errors);
     }
     for src in &sources {
         if let Err(e) = parse_text(&src.path, &src.text) {

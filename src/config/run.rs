@@ -15,10 +15,15 @@ use crate::proxy::OutboundPolicy;
 /// `portcullis run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The mesh's trust domain: the host part of every SPIFFE id.
     #[arg(long, env = "PORTCULLIS_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The pod's namespace, part of this sidecar's SPIFFE id (the injector
+    /// sets it from the Downward API).
     #[arg(long, env = "PORTCULLIS_NAMESPACE", default_value = "default")]
     pub namespace: String,
+    /// The pod's service account, part of this sidecar's SPIFFE id; empty
+    /// means `default`.
     #[arg(long, env = "PORTCULLIS_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
 
@@ -67,8 +72,12 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
 
+    /// Where redirected (and explicit-mode) inbound connections arrive; `[::]`
+    /// serves IPv4 too, and falls back to 0.0.0.0 where IPv6 is off.
     #[arg(long, env = "PORTCULLIS_INBOUND_LISTEN", default_value = "[::]:15006")]
     pub inbound_listen: SocketAddr,
+    /// Where the app's redirected outgoing connections arrive (comma-separated;
+    /// IPv6 traffic is redirected to [::1]).
     #[arg(
         long,
         env = "PORTCULLIS_OUTBOUND_LISTEN",
@@ -76,6 +85,8 @@ pub struct RunArgs {
         default_value = "127.0.0.1:15001,[::1]:15001"
     )]
     pub outbound_listen: Vec<SocketAddr>,
+    /// Plain-HTTP `/ready`, `/live`, `/metrics`, `/certs`, `/rules`,
+    /// `/authz/explain` and `/shutdown`; excluded from interception.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
     /// Whether `POST /shutdown` (loopback only) may stop the sidecar; the
@@ -104,6 +115,8 @@ pub struct RunArgs {
     )]
     pub upstream: Vec<String>,
 
+    /// `strict`: inbound connections must be mesh mTLS; `permissive`:
+    /// plaintext is accepted too, as the peer "unauthenticated".
     #[arg(
         long,
         env = "PORTCULLIS_INBOUND_MODE",
@@ -166,16 +179,21 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_ALLOW_ENCODED_SLASH")]
     pub allow_encoded_slash: bool,
 
+    /// On SIGTERM: how long open connections may finish before they are closed.
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// How long a TCP connect to the app or to a destination may take.
     #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// How long a TLS handshake (inbound or outbound) may take; also how
+    /// long strict mode waits for a ClientHello.
     #[arg(long, env = "PORTCULLIS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
     /// Inbound connections still being detected or in their TLS handshake
-    /// at once; past it a new connection is closed at once and counted as
-    /// portcullis_tls_handshakes_total{result="overload"}. Bounds what
-    /// clients that never finish a ClientHello can hold; established
+    /// at once. When full, a new connection closes the oldest pending one
+    /// still waiting for its ClientHello (else the oldest pending one),
+    /// counted as portcullis_tls_handshakes_total{result="overload"}: a
+    /// flood of silent clients cannot lock new ones out. Established
     /// connections do not count.
     #[arg(
         long,
@@ -184,11 +202,27 @@ pub struct RunArgs {
         value_name = "N"
     )]
     pub max_pending_handshakes: usize,
+    /// Pending inbound connections from one source address at once; past
+    /// it the source's own oldest pending connection is closed, counted as
+    /// portcullis_tls_handshakes_total{result="source_overload"}.
+    #[arg(
+        long,
+        env = "PORTCULLIS_MAX_PENDING_HANDSHAKES_PER_SOURCE",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_pending_handshakes_per_source: usize,
+    /// An inbound client's first byte and its whole TLS ClientHello must
+    /// arrive within this (at most --handshake-timeout). Sidecars send
+    /// their hello at once; a client that stays silent is closed in strict
+    /// mode, and carried as plaintext in permissive mode.
+    #[arg(long, env = "PORTCULLIS_HELLO_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub hello_timeout: Duration,
     /// How long to wait for a client's first bytes when looking for HTTP
     /// (after mTLS, or on plaintext in permissive mode) before carrying the
-    /// connection as opaque TCP; also how long a plaintext client may stay
-    /// silent in permissive mode. Strict mode waits --handshake-timeout for
-    /// the ClientHello. Opaque ports never wait.
+    /// connection as opaque TCP. A silent client in permissive mode is
+    /// carried as plaintext after at most --hello-timeout. Opaque ports
+    /// never wait.
     #[arg(long, env = "PORTCULLIS_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
     /// A connection with no bytes either way for this long is closed.
@@ -287,6 +321,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_pending_handshakes: usize,
+    pub max_pending_handshakes_per_source: usize,
+    pub hello_timeout: Duration,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
     pub file_poll_interval: Duration,
@@ -338,6 +374,7 @@ impl RunArgs {
             ("--drain-timeout", self.drain_timeout),
             ("--connect-timeout", self.connect_timeout),
             ("--handshake-timeout", self.handshake_timeout),
+            ("--hello-timeout", self.hello_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--file-poll-interval", self.file_poll_interval),
         ] {
@@ -347,6 +384,9 @@ impl RunArgs {
         }
         if self.max_pending_handshakes == 0 {
             return Err("--max-pending-handshakes: must be at least 1".into());
+        }
+        if self.max_pending_handshakes_per_source == 0 {
+            return Err("--max-pending-handshakes-per-source: must be at least 1".into());
         }
         Ok(Settings {
             trust_bundle_refresh: self.trust_bundle_refresh,
@@ -381,6 +421,8 @@ impl RunArgs {
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,
             max_pending_handshakes: self.max_pending_handshakes,
+            max_pending_handshakes_per_source: self.max_pending_handshakes_per_source,
+            hello_timeout: self.hello_timeout,
             detect_timeout: self.detect_timeout,
             idle_timeout: self.idle_timeout,
             file_poll_interval: self.file_poll_interval,
@@ -475,5 +517,11 @@ mod tests {
         assert!(parse(&["--max-pending-handshakes", "0"])
             .unwrap_err()
             .starts_with("--max-pending-handshakes"));
+        assert!(parse(&["--max-pending-handshakes-per-source", "0"])
+            .unwrap_err()
+            .starts_with("--max-pending-handshakes-per-source"));
+        assert!(parse(&["--hello-timeout", "0s"])
+            .unwrap_err()
+            .starts_with("--hello-timeout"));
     }
 }

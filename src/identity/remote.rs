@@ -24,6 +24,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::serve::{CertifyRequest, CertifyResponse, Code, ErrorBody};
 use super::{parse_cert_chain, Leaf, LeafRequest};
+use crate::file_limits::{read_capped_string, TOKEN_FILE_MAX_BYTES};
 use crate::tls::{peer_identity, MeshTls, MeshVerifier, TrustBundle};
 
 /// One attempt, from connect to the checked answer, must finish within this.
@@ -178,10 +179,10 @@ impl RemoteCa {
 
         let stream = self.connect(&bundle).await?;
         // Verified: only now is the token read and sent.
-        let token = std::fs::read_to_string(&self.token_file)
-            .map_err(|source| RemoteError::Token {
+        let token = read_capped_string(&self.token_file, TOKEN_FILE_MAX_BYTES)
+            .map_err(|e| RemoteError::Token {
                 path: self.token_file.clone(),
-                source,
+                source: e.into_io(),
             })?
             .trim()
             .to_string();

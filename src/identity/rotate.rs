@@ -123,9 +123,17 @@ pub struct Rotator {
     pub metrics: Arc<Metrics>,
 }
 
+/// While our leaf is expired every minute without one is an outage of
+/// mesh traffic: retries are never spaced further apart than this.
+const EXPIRED_RETRY_CAP: Duration = Duration::from_secs(5);
+
 impl Rotator {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        // The published leaf's end of validity, and whether its expiry was logged.
+        let mut expires: Option<SystemTime> = None;
+        let mut expired_logged = false;
+        let mut last_error = String::new();
         loop {
             let fetched = tokio::select! {
                 f = self.source.fetch(&self.request) => f,
@@ -139,28 +147,54 @@ impl Rotator {
                         rand::random::<f64>() * 2.0 - 1.0,
                     );
                     leaf.renew_at = Some(SystemTime::now() + delay);
-                    info!(id = %leaf.id, serial = %leaf.serial, renew_in = ?delay, "certificate issued");
+                    if expired_logged {
+                        info!(id = %leaf.id, serial = %leaf.serial, "certificate issued after the old one expired; mesh handshakes resume");
+                    } else {
+                        info!(id = %leaf.id, serial = %leaf.serial, renew_in = ?delay, "certificate issued");
+                    }
                     self.metrics.cert_rotations.with_label_values(&["ok"]).inc();
                     self.metrics.set_cert_expiry(leaf.not_after);
+                    expires = Some(leaf.not_after);
+                    expired_logged = false;
                     (self.publish)(Arc::new(leaf));
                     backoff.reset();
                     delay
                 }
                 Err(failure) => {
-                    let delay =
-                        retry_delay(backoff.next_delay(rand::random()), failure.retry_after);
+                    let mut wait = backoff.next_delay(rand::random());
+                    if expires.is_some_and(|t| t <= SystemTime::now()) {
+                        wait = wait.min(EXPIRED_RETRY_CAP);
+                    }
+                    let delay = retry_delay(wait, failure.retry_after);
                     warn!(error = %failure.error, result = failure.label, retry_in = ?delay, "certificate renewal failed; keeping the current one");
                     self.metrics
                         .cert_rotations
                         .with_label_values(&[failure.label])
                         .inc();
+                    last_error = failure.error;
                     delay
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                changed = self.source.changed() => if !changed { return },
-                _ = shutdown.cancelled() => return,
+            let mut wake = tokio::time::Instant::now() + delay;
+            loop {
+                // Wakes at the leaf's expiry (once) to say so, then sleeps on.
+                let until_expiry = expires
+                    .filter(|_| !expired_logged)
+                    .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default());
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    _ = tokio::time::sleep(until_expiry.unwrap_or_default()), if until_expiry.is_some() => {
+                        expired_logged = true;
+                        wake = wake.min(tokio::time::Instant::now() + EXPIRED_RETRY_CAP);
+                        warn!(
+                            last_error = %last_error,
+                            retry_in = ?wake.saturating_duration_since(tokio::time::Instant::now()),
+                            "certificate expired without renewal; mesh handshakes are refused until a new one is issued"
+                        );
+                    }
+                    changed = self.source.changed() => if changed { break } else { return },
+                    _ = shutdown.cancelled() => return,
+                }
             }
         }
     }

@@ -21,7 +21,7 @@ pub use metrics::CaMetrics;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,10 +66,13 @@ pub struct ServeArgs {
     /// PEM roots the issuer must chain to (served at /v1/trust-bundle); watched.
     #[arg(long, env = "PORTCULLIS_TRUST_BUNDLE", value_name = "FILE")]
     pub trust_bundle: PathBuf,
+    /// The trust domain whose SPIFFE ids this service signs.
     #[arg(long, env = "PORTCULLIS_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Where sidecars send their CSRs (HTTPS).
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "[::]:15012")]
     pub listen: SocketAddr,
+    /// Plain-HTTP `/metrics`, `/live`, `/ready`.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
     /// The namespace the service runs in [default: the pod's own, from the
@@ -154,9 +157,12 @@ impl ServeArgs {
             TrustDomain::new(&self.trust_domain).map_err(|e| format!("--trust-domain: {e}"))?;
         let namespace = match &self.namespace {
             Some(ns) => ns.clone(),
-            None => std::fs::read_to_string(format!("{SA_DIR}/namespace"))
-                .map(|s| s.trim().to_string())
-                .map_err(|_| "--namespace: required outside a Kubernetes pod".to_string())?,
+            None => crate::file_limits::read_capped_string(
+                Path::new(&format!("{SA_DIR}/namespace")),
+                crate::file_limits::TOKEN_FILE_MAX_BYTES,
+            )
+            .map(|s| s.trim().to_string())
+            .map_err(|_| "--namespace: required outside a Kubernetes pod".to_string())?,
         };
         ServingName::new(&td, &namespace, &self.service_name)
             .map_err(|e| format!("--namespace/--service-name: {e}"))?;
@@ -360,6 +366,7 @@ impl CaServer {
             audience = %s.review.audience,
             "identity service listening"
         );
+        let mut errors = crate::limits::AcceptErrors::new("identity", None);
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -368,11 +375,11 @@ impl CaServer {
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    errors.failed(&self.listener, e).await;
                     continue;
                 }
             };
+            errors.accepted();
             let state = self.state.clone();
             let drain = self.drain.clone();
             let span = tracing::debug_span!("certify_conn", %peer);

@@ -12,6 +12,9 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::Error;
+use crate::file_limits::{
+    check_nesting, read_capped_string, scrub, CONFIG_FILE_MAX_BYTES, MAX_NESTING,
+};
 
 /// Built-in image when neither the file nor an annotation names one.
 pub const DEFAULT_IMAGE: &str = "ghcr.io/portcullis/portcullis:0.1.0";
@@ -155,7 +158,14 @@ impl InjectorConfig {
         let cfg: InjectorConfig = if text.trim().is_empty() {
             InjectorConfig::default()
         } else {
-            serde_norway::from_str(text).map_err(|e| Error::Config(e.to_string()))?
+            // Refused before parsing when nested deeper than any real config.
+            check_nesting(text, false, MAX_NESTING).map_err(|e| {
+                Error::Config(format!(
+                    "line {} column {}: nested deeper than {MAX_NESTING} levels; refused before parsing",
+                    e.line, e.column
+                ))
+            })?;
+            serde_norway::from_str(text).map_err(|e| Error::Config(scrub(&e.to_string())))?
         };
         cfg.validate()?;
         Ok(cfg)
@@ -166,8 +176,8 @@ impl InjectorConfig {
         match path {
             None => Ok(InjectorConfig::default()),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                let text = read_capped_string(p, CONFIG_FILE_MAX_BYTES)
+                    .map_err(|e| Error::Config(e.to_string()))?;
                 // `parse`'s errors already say "injector config: "; put the
                 // file name after it instead of a second prefix.
                 Self::parse(&text).map_err(|e| match e {

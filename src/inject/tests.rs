@@ -136,3 +136,28 @@ fn null_fields_are_like_missing_ones() {
     assert_eq!(doc["spec"]["initContainers"].as_array().unwrap().len(), 2);
     assert_eq!(doc["spec"]["volumes"].as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn config_files_over_the_limits_are_refused_without_parsing() {
+    let deep = format!("proxy: {}{}\n", "[".repeat(80_000), "]".repeat(80_000));
+    let started = std::time::Instant::now();
+    let e = InjectorConfig::parse(&deep).unwrap_err().to_string();
+    assert!(
+        e.contains("line 1 column 71: nested deeper than 64 levels"),
+        "{e}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("config.yaml");
+    std::fs::write(&big, "#".repeat(2 << 20)).unwrap();
+    let e = InjectorConfig::load(Some(&big)).unwrap_err().to_string();
+    assert!(e.contains("larger than the limit of 1048576 bytes"), "{e}");
+
+    // Values are not echoed in full.
+    let secret = "s3cr3t".repeat(40);
+    let e = InjectorConfig::parse(&format!("image: [{secret}]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains(&secret[..40]), "{e}");
+}

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::{Error, InjectorConfig};
 use crate::config::LogArgs;
+use crate::file_limits::{read_capped, PEM_FILE_MAX_BYTES};
 use crate::filewatch::Reloader;
 
 /// The largest AdmissionReview accepted (a pod is at most ~1.5 MiB in etcd).
@@ -42,6 +43,7 @@ const MAX_BODY: usize = 8 << 20;
 /// `portcullis webhook` flags.
 #[derive(Debug, Args)]
 pub struct WebhookArgs {
+    /// Where the API server sends admission reviews (HTTPS).
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "[::]:8443")]
     pub listen: SocketAddr,
     /// The serving certificate (then its chain), PEM; watched and reloaded.
@@ -56,6 +58,7 @@ pub struct WebhookArgs {
     /// Plain-HTTP `/metrics`, `/live`, `/ready`.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
+    /// How often the certificate files are re-read even without a change event.
     #[arg(long, env = "PORTCULLIS_FILE_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
     #[command(flatten)]
@@ -172,7 +175,7 @@ impl Webhook {
         let initial = [("--tls-cert", &args.tls_cert), ("--tls-key", &args.tls_key)]
             .into_iter()
             .map(|(flag, p)| {
-                std::fs::read(p).map_err(|e| Error::Input(format!("{flag} {}: {e}", p.display())))
+                read_capped(p, PEM_FILE_MAX_BYTES).map_err(|e| Error::Input(format!("{flag} {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let tls = Arc::new(ArcSwap::from_pointee(
@@ -188,9 +191,16 @@ impl Webhook {
             move |c| target.store(Arc::new(c)),
             metrics.tls_reloads.clone(),
         );
+        // One line naming the flag and the address (an `Io` error would
+        // print its message twice through anyhow's chain).
+        let bind_flag = |flag: &str, addr: SocketAddr| {
+            bind(addr)
+                .and_then(TcpListener::from_std)
+                .map_err(|e| Error::Input(format!("{flag} {addr}: cannot listen: {e}")))
+        };
         Ok(Webhook {
-            listener: TcpListener::from_std(bind(args.listen)?)?,
-            admin: TcpListener::from_std(bind(args.admin_listen)?)?,
+            listener: bind_flag("--listen", args.listen)?,
+            admin: bind_flag("--admin-listen", args.admin_listen)?,
             tls,
             cfg: Arc::new(cfg),
             metrics,
@@ -217,14 +227,19 @@ impl Webhook {
             self.metrics.clone(),
             shutdown.clone(),
         ));
+        let mut errors = crate::limits::AcceptErrors::new("webhook", None);
         loop {
             let (stream, peer) = tokio::select! {
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
-                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
+                    Err(e) => {
+                        errors.failed(&self.listener, e).await;
+                        continue;
+                    }
                 },
                 _ = shutdown.cancelled() => return Ok(()),
             };
+            errors.accepted();
             let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.load_full());
             let (cfg, metrics) = (self.cfg.clone(), self.metrics.clone());
             tokio::spawn(async move {
@@ -320,26 +335,28 @@ async fn serve_admin(
     metrics: Arc<WebhookMetrics>,
     shutdown: CancellationToken,
 ) {
-    // Like the sidecar's admin port: a bounded number of connections, and a
-    // pause instead of a spin when accept fails (out of descriptors).
-    let cap = crate::limits::ConnectionCap::new(crate::limits::ADMIN_MAX_CONNECTIONS);
+    // Like the sidecar's admin port: a bounded number of connections, idle
+    // ones make room for new ones, and a pause instead of a spin when
+    // accept fails (out of descriptors).
+    let conns = crate::limits::AdminConnections::new(None);
+    let mut errors = crate::limits::AcceptErrors::new("admin", None);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Ok(pair) => pair,
+                Err(e) => {
+                    errors.failed(&listener, e).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => return,
         };
-        let Some(permit) = cap.try_admit() else {
+        errors.accepted();
+        let Some(slot) = conns.admit(peer.ip()) else {
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 async move {
@@ -350,7 +367,7 @@ async fn serve_admin(
                     })
                 }
             });
-            crate::limits::serve_admin_connection(stream, service).await;
+            crate::limits::serve_admin_connection(stream, slot, service).await;
         });
     }
 }

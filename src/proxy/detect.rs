@@ -24,6 +24,8 @@ pub enum Detected {
     Plain,
     /// Nothing within the wait.
     Silent,
+    /// The start of a TLS record, and not all of it within the wait.
+    Partial,
     /// The client closed without sending anything.
     Closed,
 }
@@ -105,12 +107,61 @@ pub async fn detect(stream: &TcpStream, wait: Duration) -> std::io::Result<Detec
     }
 }
 
+/// How far a just-accepted connection has got, judged from what is already
+/// buffered, without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Nothing received yet.
+    Nothing,
+    /// Some bytes, but not a whole ClientHello.
+    Started,
+    /// A whole ClientHello (or bytes that are certainly not one).
+    Decided,
+}
+
+/// Looks once, without waiting, at what `stream` has buffered. A sidecar's
+/// ClientHello usually arrives with or just after the TCP handshake, so by
+/// the time a connection is taken from a deep accept queue it is already
+/// there: such a connection is worth more than one that has sent nothing.
+pub fn progress_now(stream: &TcpStream) -> Progress {
+    let mut header = [0u8; RECORD_HEADER];
+    let peek = |buf: &mut [u8]| {
+        recv(
+            stream.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )
+        .unwrap_or(0)
+    };
+    match peek(&mut header) {
+        0 => return Progress::Nothing,
+        n if n < RECORD_HEADER || header[0] != 0x16 => {
+            return if header[0] == 0x16 {
+                Progress::Started
+            } else {
+                Progress::Decided
+            }
+        }
+        _ => {}
+    }
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if len > MAX_RECORD {
+        return Progress::Decided;
+    }
+    let mut record = vec![0u8; RECORD_HEADER + len];
+    let n = peek(&mut record);
+    match classify_hello(&record[..n.min(record.len())]) {
+        Some(_) if n >= record.len() => Progress::Decided,
+        _ => Progress::Started,
+    }
+}
+
 /// What a client that sent part of something and then nothing more was.
 fn stalled(seen: usize) -> Detected {
     if seen == 0 {
         Detected::Silent
     } else {
-        Detected::OtherTls
+        Detected::Partial
     }
 }
 

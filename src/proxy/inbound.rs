@@ -3,16 +3,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, Instrument};
 
+use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
 use super::{
     detect, original_destination, sniff_http, splice, traffic, AppProtocol, ConnGuard, Detected,
@@ -20,12 +20,44 @@ use super::{
 };
 use crate::authz::Peer;
 use crate::config::InboundMode;
+use crate::limits::{AcceptErrors, Eviction, EvictionSet, LogEvery, Slot};
 use crate::tls::{handshake_result, peer_identity};
 
 /// On opaque ports a plaintext client may wait for the server to speak, so
 /// only this long is spent looking for a mesh ClientHello (a sidecar sends
 /// its hello as soon as it connects).
 const OPAQUE_GRACE: Duration = Duration::from_millis(10);
+/// At most one log line per this long about connections refused before or
+/// during their handshake (a flood must not become a flood of log lines).
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Eviction classes of pending connections: those that have sent nothing
+/// go first, then those with part of a hello, so a peer that sent a whole
+/// hello keeps its slot however fast a flood of silent or slow connections
+/// churns.
+const SILENT: u8 = 0;
+const STARTED: u8 = 1;
+const HANDSHAKING: u8 = 2;
+
+/// Inbound connections in detection or in their TLS handshake
+/// (`--max-pending-handshakes`, `--max-pending-handshakes-per-source`):
+/// what clients that never finish a hello can hold. When full, a new
+/// connection pushes out the oldest pending one instead of being refused.
+pub struct PendingHandshakes {
+    set: EvictionSet,
+    evicted_log: LogEvery,
+    refused_log: LogEvery,
+}
+
+impl PendingHandshakes {
+    pub fn new(max: usize, max_per_source: usize) -> Self {
+        PendingHandshakes {
+            set: EvictionSet::new(max, max_per_source),
+            evicted_log: LogEvery::new(REFUSED_LOG_INTERVAL),
+            refused_log: LogEvery::new(REFUSED_LOG_INTERVAL),
+        }
+    }
+}
 
 /// The bound inbound listener.
 pub struct Inbound {
@@ -47,23 +79,73 @@ impl Inbound {
     /// Accepts until the drain begins.
     pub async fn run(self) {
         let drain = self.shared.drain.clone();
+        let accept_errors = self.shared.metrics.accept_errors.clone();
+        let mut errors = AcceptErrors::new("inbound", Some(accept_errors));
         loop {
             let (stream, source) = tokio::select! {
                 r = self.listener.accept() => match r {
                     Ok(pair) => pair,
                     Err(e) => {
-                        debug!(error = %e, "inbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        errors.failed(&self.listener, e).await;
                         continue;
                     }
                 },
                 _ = drain.stopping() => return,
             };
+            errors.accepted();
+            // Held through detection and the handshake; admitting always
+            // succeeds (no pending connection is protected), evicting the
+            // oldest silent one when full. A connection whose hello is
+            // already here starts in a class that a flood does not reach.
+            let class = match progress_now(&stream) {
+                Progress::Nothing => SILENT,
+                Progress::Started => STARTED,
+                Progress::Decided => HANDSHAKING,
+            };
+            let pending = &self.shared.pending_handshakes.set;
+            let Some(slot) = pending.admit(source.ip(), class) else {
+                continue;
+            };
             let shared = self.shared.clone();
             let target = self.target;
             let span = tracing::info_span!("inbound", %source);
-            drain.spawn(serve(shared, stream, source, target).instrument(span));
+            drain.spawn(serve(shared, stream, source, target, slot).instrument(span));
         }
+    }
+}
+
+/// Counts and logs (at most once per interval) a pending connection closed
+/// to make room for a newer one.
+fn evicted(shared: &Shared, why: Eviction) {
+    shared
+        .metrics
+        .tls_handshakes
+        .with_label_values(&["inbound", why.label()])
+        .inc();
+    if let Some(count) = shared.pending_handshakes.evicted_log.tick() {
+        info!(
+            closed = count,
+            reason = why.label(),
+            "too many pending inbound handshakes: closing the oldest to admit new connections"
+        );
+    }
+}
+
+/// Counts a connection refused before its handshake, and logs it at most
+/// once per interval.
+fn refused(shared: &Shared, port: u16, result: &'static str, why: &'static str) {
+    shared
+        .metrics
+        .tls_handshakes
+        .with_label_values(&["inbound", result])
+        .inc();
+    if let Some(count) = shared.pending_handshakes.refused_log.tick() {
+        info!(
+            port,
+            result,
+            refused = count,
+            "inbound connection refused: {why}"
+        );
     }
 }
 
@@ -72,14 +154,8 @@ async fn serve(
     stream: TcpStream,
     source: SocketAddr,
     target: Option<SocketAddr>,
+    mut slot: Slot,
 ) {
-    let handshakes = &shared.metrics.tls_handshakes;
-    // Held through detection and the handshake; a flood of clients that
-    // never finish a hello meets this cap instead of the descriptor limit.
-    let Some(pending) = shared.pending_handshakes.try_admit() else {
-        handshakes.with_label_values(&["inbound", "overload"]).inc();
-        return debug!("inbound connection refused: too many pending handshakes");
-    };
     let _ = stream.set_nodelay(true);
     let started = Instant::now();
     let target = match target {
@@ -91,27 +167,31 @@ async fn serve(
         },
     };
     let port = target.port();
+    // The first byte and the whole ClientHello must come within
+    // --hello-timeout: a sidecar sends its hello at once, so a client that
+    // does not is slow or silent on purpose.
+    let hello = shared.hello_timeout.min(shared.handshake_timeout);
     let wait = match (shared.mode, shared.is_opaque(port)) {
-        (InboundMode::Strict, _) => shared.handshake_timeout,
-        (InboundMode::Permissive, true) => OPAQUE_GRACE.min(shared.detect_timeout),
-        (InboundMode::Permissive, false) => shared.detect_timeout,
+        (InboundMode::Strict, _) => hello,
+        (InboundMode::Permissive, true) => OPAQUE_GRACE.min(hello),
+        (InboundMode::Permissive, false) => shared.detect_timeout.min(hello),
     };
-    let detected = match detect(&stream, wait).await {
-        Ok(d) => d,
-        Err(e) => return debug!(error = %e, "inbound connection failed before its first byte"),
+    let detected = tokio::select! {
+        r = detect(&stream, wait) => match r {
+            Ok(d) => d,
+            Err(e) => return debug!(error = %e, "inbound connection failed before its first byte"),
+        },
+        why = slot.evicted() => return evicted(&shared, why),
     };
     match (detected, shared.mode) {
         (Detected::Closed, _) => {}
         (Detected::MeshTls, _) => {
+            slot.set_class(HANDSHAKING);
             let remaining = shared.handshake_timeout.saturating_sub(started.elapsed());
-            serve_mesh(shared, stream, source, target, remaining, pending).await;
+            serve_mesh(shared, stream, source, target, remaining, slot).await;
         }
-        (Detected::Silent, InboundMode::Strict) => {
-            handshakes.with_label_values(&["inbound", "timeout"]).inc();
-            info!(
-                port,
-                "inbound connection refused: no TLS ClientHello in time"
-            );
+        (Detected::Silent | Detected::Partial, InboundMode::Strict) => {
+            refused(&shared, port, "timeout", "no whole TLS ClientHello in time")
         }
         (other, InboundMode::Strict) => {
             let result = if other == Detected::OtherTls {
@@ -119,14 +199,10 @@ async fn serve(
             } else {
                 "plaintext_refused"
             };
-            handshakes.with_label_values(&["inbound", result]).inc();
-            info!(
-                port,
-                result, "inbound connection refused: strict mode accepts only mesh mTLS"
-            );
+            refused(&shared, port, result, "strict mode accepts only mesh mTLS");
         }
         (_, InboundMode::Permissive) => {
-            drop(pending);
+            drop(slot);
             let conn = ConnInfo {
                 peer: Arc::new(Peer::Unauthenticated),
                 source,
@@ -144,21 +220,33 @@ async fn serve_mesh(
     source: SocketAddr,
     target: SocketAddr,
     timeout: Duration,
-    pending: OwnedSemaphorePermit,
+    mut slot: Slot,
 ) {
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
-    let Some(config) = snapshot.server.clone() else {
-        handshakes
-            .with_label_values(&["inbound", "no_certificate"])
-            .inc();
-        return info!("inbound connection refused: no certificate yet");
+    let config = match snapshot.server_at(SystemTime::now()) {
+        Ok(config) => config,
+        Err(why) => {
+            handshakes
+                .with_label_values(&["inbound", why.label()])
+                .inc();
+            return info!(result = why.label(), "inbound connection refused: {why}");
+        }
     };
     let started = Instant::now();
-    let tls = match tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream)).await {
+    let accept = tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream));
+    let handshake = tokio::select! {
+        r = accept => r,
+        why = slot.evicted() => return evicted(&shared, why),
+    };
+    let tls = match handshake {
         Err(_) => {
-            handshakes.with_label_values(&["inbound", "timeout"]).inc();
-            return info!("inbound handshake timed out");
+            return refused(
+                &shared,
+                target.port(),
+                "timeout",
+                "the TLS handshake did not finish in time",
+            )
         }
         Ok(Err(e)) => {
             let result = handshake_result(&e);
@@ -167,7 +255,7 @@ async fn serve_mesh(
         }
         Ok(Ok(tls)) => tls,
     };
-    drop(pending);
+    drop(slot);
     let (_, conn) = tls.get_ref();
     let peer = conn
         .peer_certificates()

@@ -3,7 +3,7 @@
 //! listener forwards redirected connections to their original destination.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::SystemTime;
 
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
@@ -16,6 +16,7 @@ use tracing::{debug, info, Instrument};
 use super::{original_destination, plan, splice, traffic, ConnGuard, Route, Shared};
 use crate::config::Upstream;
 use crate::identity::SpiffeId;
+use crate::limits::AcceptErrors;
 use crate::tls::{handshake_result, peer_identity};
 
 /// An explicit upstream's listener.
@@ -51,18 +52,20 @@ impl Outbound {
 
 async fn accept_loop(listener: TcpListener, upstream: Option<Upstream>, shared: Arc<Shared>) {
     let drain = shared.drain.clone();
+    let accept_errors = shared.metrics.accept_errors.clone();
+    let mut errors = AcceptErrors::new("outbound", Some(accept_errors));
     loop {
         let (stream, source) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
-                    debug!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    errors.failed(&listener, e).await;
                     continue;
                 }
             },
             _ = drain.stopping() => return,
         };
+        errors.accepted();
         let shared = shared.clone();
         let span = tracing::info_span!("outbound", %source);
         match &upstream {
@@ -87,11 +90,14 @@ async fn to_sidecar(
     let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
     let handshakes = &shared.metrics.tls_handshakes;
     let snapshot = shared.tls.snapshot();
-    let Some(config) = snapshot.client.clone() else {
-        handshakes
-            .with_label_values(&["outbound", "no_certificate"])
-            .inc();
-        return info!(%dest, "outbound connection refused: no certificate yet");
+    let config = match snapshot.client_at(SystemTime::now()) {
+        Ok(config) => config,
+        Err(why) => {
+            handshakes
+                .with_label_values(&["outbound", why.label()])
+                .inc();
+            return info!(%dest, result = why.label(), "outbound connection refused: {why}");
+        }
     };
     let tcp = match shared.connect(dest).await {
         Ok(s) => s,

@@ -61,7 +61,8 @@ impl TrustBundle {
 
     /// Reads and parses a bundle file.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let pem = crate::file_limits::read_capped(path, crate::file_limits::PEM_FILE_MAX_BYTES)
+            .map_err(|e| e.to_string())?;
         Self::from_pem(path, &pem)
     }
 }

@@ -3,6 +3,7 @@
 //! and keeps it, so a rotation never touches an open connection.
 
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls::client::Resumption;
@@ -21,7 +22,57 @@ pub struct Snapshot {
     pub client: Option<Arc<ClientConfig>>,
 }
 
-impl Snapshot {}
+/// Why this sidecar takes part in no mesh handshake right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unusable {
+    /// No leaf has arrived yet.
+    NoCertificate,
+    /// Our own leaf has expired and no new one came (the issuer or the
+    /// identity service could not be reached in time). A peer would refuse
+    /// it anyway; refusing here says why, on our side.
+    Expired,
+}
+
+impl Unusable {
+    /// The `result` label of `portcullis_tls_handshakes_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Unusable::NoCertificate => "no_certificate",
+            Unusable::Expired => "own_cert_expired",
+        }
+    }
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unusable::NoCertificate => "no certificate yet",
+            Unusable::Expired => "our certificate has expired and renewal has not succeeded",
+        })
+    }
+}
+
+impl Snapshot {
+    /// The server config for a handshake starting `now`.
+    pub fn server_at(&self, now: SystemTime) -> Result<Arc<ServerConfig>, Unusable> {
+        self.usable(now)?;
+        self.server.clone().ok_or(Unusable::NoCertificate)
+    }
+
+    /// The client config for a handshake starting `now`.
+    pub fn client_at(&self, now: SystemTime) -> Result<Arc<ClientConfig>, Unusable> {
+        self.usable(now)?;
+        self.client.clone().ok_or(Unusable::NoCertificate)
+    }
+
+    fn usable(&self, now: SystemTime) -> Result<(), Unusable> {
+        match &self.leaf {
+            None => Err(Unusable::NoCertificate),
+            Some(leaf) if leaf.not_after <= now => Err(Unusable::Expired),
+            Some(_) => Ok(()),
+        }
+    }
+}
 
 /// The mesh TLS state shared by all listeners.
 pub struct MeshTls {

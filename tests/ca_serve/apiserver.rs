@@ -83,43 +83,49 @@ pub struct FakeApi {
 }
 
 impl FakeApi {
-    /// Serves on 127.0.0.1 with a certificate for that IP, accepting
-    /// `ca_token` as the identity service's credentials.
-    pub async fn start(ca_token: &str) -> FakeApi {
+    /// Serves on 127.0.0.1 presenting `cert` (normally `Good`: one for that
+    /// IP under `ca_pem`), accepting `ca_token` as the identity service's
+    /// credentials.
+    pub async fn start_serving(ca_token: &str, cert: ServingCert) -> FakeApi {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        FakeApi::start_on(listener, ca_token).await
+        FakeApi::start_on_serving(listener, ca_token, cert).await
+    }
+
+    /// Serves on 127.0.0.1 with a good certificate for that IP.
+    #[allow(dead_code)] // used by tests/install.rs, not by every includer
+    pub async fn start(ca_token: &str) -> FakeApi {
+        FakeApi::start_serving(ca_token, ServingCert::Good).await
     }
 
     /// Serves on `listener` (bound anywhere, e.g. in another network
     /// namespace) with a certificate for its IP address.
+    #[allow(dead_code)] // used by tests/podstart.rs, not by every includer
     pub async fn start_on(listener: std::net::TcpListener, ca_token: &str) -> FakeApi {
+        FakeApi::start_on_serving(listener, ca_token, ServingCert::Good).await
+    }
+
+    async fn start_on_serving(
+        listener: std::net::TcpListener,
+        ca_token: &str,
+        cert: ServingCert,
+    ) -> FakeApi {
         let ip = listener.local_addr().unwrap().ip();
         listener.set_nonblocking(true).unwrap();
-        let root_key = KeyPair::generate().unwrap();
-        let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
-        root.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        root.distinguished_name
-            .push(rcgen::DnType::CommonName, "kubernetes");
-        let root = root.self_signed(&root_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut leaf = CertificateParams::new(vec!["kubernetes.default.svc".into()]).unwrap();
-        leaf.subject_alt_names.push(SanType::IpAddress(ip));
-        let leaf = leaf.signed_by(&key, &root, &root_key).unwrap();
-        let chain: Vec<CertificateDer<'static>> = vec![leaf.der().clone(), root.der().clone()];
+        let (chain, key, ca_pem) = serving_chain(ip, cert);
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into())
+        .with_single_cert(chain, key)
         .unwrap();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::from_std(listener).unwrap();
         let api = FakeApi {
             addr: listener.local_addr().unwrap(),
-            ca_pem: root.pem(),
+            ca_pem,
             inner: Arc::new(Mutex::new(Inner {
                 ca_token: ca_token.into(),
                 ..Default::default()
@@ -174,6 +180,78 @@ impl FakeApi {
     pub fn reviews(&self) -> Vec<Vec<String>> {
         self.inner.lock().unwrap().reviews.clone()
     }
+}
+
+/// The certificate the stand-in presents.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ServingCert {
+    /// A leaf for its IP and `kubernetes.default.svc`, under the root it
+    /// hands out as `ca_pem`.
+    Good,
+    /// A leaf from another root than `ca_pem`.
+    UnknownIssuer,
+    /// The `ca_pem` root itself (with the IP) as the server's certificate.
+    CaAsEndEntity,
+    /// A leaf for `kubernetes.default.svc` only, while clients dial the IP.
+    WrongName,
+    /// A leaf whose validity ended an hour ago.
+    Expired,
+}
+
+/// The chain and key to serve for `ip`, and the root PEM for clients.
+fn serving_chain(
+    ip: std::net::IpAddr,
+    kind: ServingCert,
+) -> (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+    String,
+) {
+    let root = |name: &str, sans: Vec<SanType>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.subject_alt_names = sans;
+        (p.self_signed(&key).unwrap(), key)
+    };
+    let (root_cert, root_key) = root(
+        "kubernetes",
+        if kind == ServingCert::CaAsEndEntity {
+            vec![SanType::IpAddress(ip)]
+        } else {
+            vec![]
+        },
+    );
+    let der = |k: &KeyPair| PrivatePkcs8KeyDer::from(k.serialize_der()).into();
+    if kind == ServingCert::CaAsEndEntity {
+        return (
+            vec![root_cert.der().clone()],
+            der(&root_key),
+            root_cert.pem(),
+        );
+    }
+    let other = (kind == ServingCert::UnknownIssuer).then(|| root("another-ca", vec![]));
+    let (signer, signer_key) = match &other {
+        Some((cert, key)) => (cert, key),
+        None => (&root_cert, &root_key),
+    };
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["kubernetes.default.svc".into()]).unwrap();
+    if kind != ServingCert::WrongName {
+        leaf.subject_alt_names.push(SanType::IpAddress(ip));
+    }
+    if kind == ServingCert::Expired {
+        let now = SystemTime::now();
+        leaf.not_before = (now - Duration::from_secs(7200)).into();
+        leaf.not_after = (now - Duration::from_secs(3600)).into();
+    }
+    let leaf = leaf.signed_by(&key, signer, signer_key).unwrap();
+    (
+        vec![leaf.der().clone(), signer.der().clone()],
+        der(&key),
+        root_cert.pem(),
+    )
 }
 
 /// A `Status` object, as the API server sends for errors.

@@ -23,7 +23,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
-use super::apiserver::{FakeApi, TokenInfo};
+use super::apiserver::{FakeApi, ServingCert, TokenInfo};
 use crate::common::{metric_value, TD};
 
 pub const CA_TOKEN: &str = "ca-sa-token";
@@ -46,6 +46,11 @@ impl Fixture {
     /// A root, an intermediate (2 h) as issuer, the stand-in with tokens
     /// `client-token` and `server-token` (bound, default namespace).
     pub async fn new() -> Fixture {
+        Fixture::with_api_cert(ServingCert::Good).await
+    }
+
+    /// The same, with the API server stand-in presenting `cert`.
+    pub async fn with_api_cert(cert: ServingCert) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new(TD).unwrap();
         let root_dir = dir.path().join("root");
@@ -55,7 +60,7 @@ impl Fixture {
             .unwrap();
         let issuer_dir = dir.path().join("issuer");
         std::fs::create_dir_all(&issuer_dir).unwrap();
-        let api = FakeApi::start(CA_TOKEN).await;
+        let api = FakeApi::start_serving(CA_TOKEN, cert).await;
         api.add_token("client-token", TokenInfo::bound("default", "client"));
         api.add_token("server-token", TokenInfo::bound("default", "server"));
         let kube_ca = dir.path().join("kube-ca.crt");

@@ -59,7 +59,10 @@ pub fn text(b: &[u8]) -> String {
 }
 
 /// Arguments of one Helm invocation: values files and `--set` pairs.
-#[derive(Default, Clone)]
+/// `Render::default()` sets `identity.externalCA=true` (the chart refuses
+/// to render without a trust anchor otherwise); `Render::bare()` sets
+/// nothing, for values files that must render on their own.
+#[derive(Clone)]
 pub struct Render {
     pub release: Option<String>,
     pub files: Vec<PathBuf>,
@@ -69,7 +72,24 @@ pub struct Render {
     pub kube: Option<String>,
 }
 
+impl Default for Render {
+    fn default() -> Self {
+        Render::bare().set("identity.externalCA=true")
+    }
+}
+
 impl Render {
+    /// No values at all: the chart's own defaults.
+    pub fn bare() -> Self {
+        Render {
+            release: None,
+            files: Vec::new(),
+            sets: Vec::new(),
+            set_files: Vec::new(),
+            api_versions: Vec::new(),
+            kube: None,
+        }
+    }
     pub fn file(mut self, f: impl AsRef<Path>) -> Self {
         self.files.push(f.as_ref().to_path_buf());
         self

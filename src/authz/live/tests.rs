@@ -209,3 +209,111 @@ async fn emptying_a_required_directory_keeps_the_rules() {
     assert!(matches!(rules.reload(false), ReloadOutcome::Refused(_)));
     assert_eq!(rules.current().len(), 1);
 }
+
+#[test]
+fn settle_waits_for_a_fresh_file_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.yaml");
+    std::fs::write(&file, ALLOW_80).unwrap();
+    let written = std::time::SystemTime::now();
+    settle(dir.path());
+    let waited = written.elapsed().unwrap();
+    assert!(
+        waited >= SETTLE_TIME - Duration::from_millis(5),
+        "{waited:?}"
+    );
+    assert!(waited < SETTLE_MAX + Duration::from_secs(1), "{waited:?}");
+
+    // A file last modified long ago is read at once.
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let started = Instant::now();
+    settle(dir.path());
+    assert!(started.elapsed() < SETTLE_TIME, "{:?}", started.elapsed());
+}
+
+#[test]
+fn the_summary_hides_file_names_and_error_text() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), ALLOW_80).unwrap();
+    let (_r, m) = metrics();
+    let rules = LiveRules::load(dir.path(), true, DefaultPolicy::Deny, m).unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        "rules:\n  - name: secret-value\n    action: maybe\n",
+    )
+    .unwrap();
+    assert!(matches!(rules.reload(false), ReloadOutcome::Refused(_)));
+    let full = serde_json::to_value(rules.status()).unwrap();
+    assert_eq!(full["valid"], false);
+    assert_eq!(full["last_error"]["position"], "b.yaml:3:13");
+    let summary = serde_json::to_value(rules.status().summary()).unwrap();
+    let text = summary.to_string();
+    assert_eq!(summary["last_error"]["position"], "b.yaml:3:13");
+    assert_eq!(summary["rule_count"], 1);
+    assert_eq!(summary["file_count"], 1);
+    assert_eq!(summary["valid"], false);
+    for hidden in ["maybe", "secret-value", "a.yaml", "message", "dir"] {
+        assert!(!text.contains(hidden), "{hidden} in {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_reload_over_its_deadline_is_refused_once_and_holds_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), ALLOW_80).unwrap();
+    let (registry, m) = metrics();
+    let rules = LiveRules::load(dir.path(), true, DefaultPolicy::Deny, m).unwrap();
+    let good = rules.current().hash().to_string();
+    std::fs::write(dir.path().join("a.yaml"), DENY_80).unwrap();
+    let slot = ParseSlot::new();
+    // A parse that cannot finish: another thread holds the reload lock.
+    let (locked, wait_locked) = std::sync::mpsc::channel();
+    let (release, wait_release) = std::sync::mpsc::channel::<()>();
+    let holder = rules.clone();
+    let stuck = std::thread::spawn(move || {
+        let _guard = holder.inner.reloading.lock().unwrap();
+        locked.send(()).unwrap();
+        let _ = wait_release.recv();
+    });
+    wait_locked.recv().unwrap();
+    let ran = rules
+        .reload_within(&slot, false, Duration::from_millis(50))
+        .await;
+    assert!(!ran);
+    let status = rules.status();
+    let error = status.last_error.expect("the overrun is an error");
+    assert!(
+        error
+            .message
+            .ends_with("parsing took longer than 50ms; refused; keeping the active rules"),
+        "{}",
+        error.message
+    );
+    assert_eq!(rules.current().hash(), good);
+    // While it runs, no other parse starts.
+    assert!(
+        !rules
+            .reload_within(&slot, false, Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        encoded(&registry).contains("portcullis_rules_reloads_total{result=\"error\"} 1"),
+        "{}",
+        encoded(&registry)
+    );
+    release.send(()).unwrap();
+    stuck.join().unwrap();
+    eventually("the slot is free", || !slot.is_busy()).await;
+    eventually("the new rules", || !allowed_on_80(&rules)).await;
+    assert!(
+        rules
+            .reload_within(&slot, false, Duration::from_secs(5))
+            .await
+    );
+}

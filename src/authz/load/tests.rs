@@ -172,3 +172,128 @@ fn a_missing_path_is_an_io_error() {
     let e = load_paths(&["/nonexistent/rules.yaml".into()]).unwrap_err();
     assert!(matches!(e, Error::Io { .. }), "{e}");
 }
+
+const RULE: &str = "rules:\n  - name: a\n    action: allow\n    ports: [80]\n";
+const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgQv1WlVm3FhPrGy3V\nhRANCAAS8Y8J1k6eqoU2pK6w0s0fFxk0e1R3jlBqgTQ9c1xqV7p0xBR8m5PvZk0G\n-----END PRIVATE KEY-----\n";
+
+fn no_key_material(text: &str) {
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    assert!(!text.contains("MIGHAgEAMBMG"), "{text}");
+}
+
+#[test]
+fn a_symlink_out_of_the_directory_is_refused_naming_it() {
+    let outside = tempfile::tempdir().unwrap();
+    let key = outside.path().join("ca.key");
+    std::fs::write(&key, KEY).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), RULE).unwrap();
+    let link = dir.path().join("b.yaml");
+    std::os::unix::fs::symlink(&key, &link).unwrap();
+    let e = load_dir(dir.path()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: resolves outside the rules directory; refused",
+            link.display()
+        )
+    );
+    no_key_material(&e.to_string());
+    assert_eq!(e.position().as_deref(), Some("b.yaml"));
+    // `rules check` says the same.
+    let errors = check_paths(&[dir.path().to_path_buf()]).unwrap_err();
+    assert_eq!(errors[0].to_string(), e.to_string());
+    // A link to a directory outside, under a hidden name, is refused too.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(outside.path(), dir.path().join("..data")).unwrap();
+    std::fs::rename(&key, outside.path().join("c.yaml")).unwrap();
+    std::os::unix::fs::symlink("..data/c.yaml", dir.path().join("c.yaml")).unwrap();
+    assert!(matches!(load_dir(dir.path()), Err(Error::Outside { .. })));
+}
+
+#[test]
+fn the_configmap_layout_inside_the_directory_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("..2024_01_01_00_00_00.1");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("web.yaml"), RULE).unwrap();
+    std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/web.yaml", dir.path().join("web.yaml")).unwrap();
+    assert_eq!(load_dir(dir.path()).unwrap().len(), 1);
+    // Reached through a symlinked path to the directory itself, too.
+    let alias = tempfile::tempdir().unwrap();
+    let via = alias.path().join("rules");
+    std::os::unix::fs::symlink(dir.path(), &via).unwrap();
+    assert_eq!(load_dir(&via).unwrap().len(), 1);
+}
+
+#[test]
+fn a_pem_file_is_refused_without_quoting_it() {
+    let e = err("key.yaml", KEY);
+    assert_eq!(
+        e,
+        "key.yaml:1:1: this is a PEM file (a certificate or key), not a rule file; its content is not shown"
+    );
+    // A value the parser would quote in full is cut short.
+    let secret = "s3cr3t".repeat(40);
+    let e = err("a.yaml", &format!("{secret}\n"));
+    assert!(!e.contains(&secret[..40]), "{e}");
+    assert!(e.len() < 200, "{e}");
+}
+
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let deep = format!("http: {}{}\n", "[".repeat(80_000), "]".repeat(80_000));
+    let started = std::time::Instant::now();
+    let e = err("deep.yaml", &deep);
+    assert_eq!(
+        e,
+        "deep.yaml:1:70: nested deeper than 64 levels; refused before parsing"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    let json = format!("{{\"rules\": {}{}}}", "[".repeat(70), "]".repeat(70));
+    assert!(
+        err("deep.json", &json).starts_with("deep.json:1:"),
+        "{json}"
+    );
+}
+
+#[test]
+fn files_and_sets_over_their_limits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    let padding = format!("#{}\n", "x".repeat(1023));
+    let text = format!("{RULE}{}", padding.repeat(1025));
+    std::fs::write(&big, &text).unwrap();
+    let e = load_dir(dir.path()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: the file is larger than the limit of 1048576 bytes; refused",
+            big.display()
+        )
+    );
+    let errors = check_paths(std::slice::from_ref(&big)).unwrap_err();
+    assert_eq!(errors[0].to_string(), e.to_string());
+    // Nine files under the file limit are over the set limit together.
+    std::fs::remove_file(&big).unwrap();
+    for i in 0..9 {
+        let text = format!(
+            "rules:\n  - name: r{i}\n    action: allow\n{}",
+            padding.repeat(1000)
+        );
+        std::fs::write(dir.path().join(format!("{i}.yaml")), text).unwrap();
+    }
+    let e = load_dir(dir.path()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: the rule set (all files together) is larger than the limit of 8388608 bytes; refused",
+            dir.path().display()
+        )
+    );
+    assert_eq!(
+        check_paths(&[dir.path().to_path_buf()]).unwrap_err()[0].to_string(),
+        e.to_string()
+    );
+}

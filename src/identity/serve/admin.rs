@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -14,23 +13,24 @@ use tracing::debug;
 
 use super::State;
 use crate::drain::Drain;
-use crate::limits::{serve_admin_connection, ConnectionCap, ADMIN_MAX_CONNECTIONS};
+use crate::limits::{serve_admin_connection, AcceptErrors, AdminConnections};
 
 /// Serves until aborted; keeps answering while draining so `/ready` says
 /// 503. Capped like the sidecar's admin server (see `crate::limits`).
 pub async fn serve(listener: TcpListener, state: Arc<State>, drain: Drain) {
-    let cap = ConnectionCap::new(ADMIN_MAX_CONNECTIONS);
+    let conns = AdminConnections::new(None);
+    let mut errors = AcceptErrors::new("admin", None);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(pair) => pair,
             Err(e) => {
-                debug!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                errors.failed(&listener, e).await;
                 continue;
             }
         };
-        let Some(permit) = cap.try_admit() else {
-            debug!("admin connection refused: too many open");
+        errors.accepted();
+        let Some(slot) = conns.admit(peer.ip()) else {
+            debug!("admin connection refused: every connection is busy");
             continue;
         };
         let (state, drain) = (state.clone(), drain.clone());
@@ -39,8 +39,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, drain: Drain) {
                 let reply = route(&state, &drain, &req);
                 async move { Ok::<_, Infallible>(reply) }
             });
-            serve_admin_connection(stream, service).await;
-            drop(permit);
+            serve_admin_connection(stream, slot, service).await;
         });
     }
 }

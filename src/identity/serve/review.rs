@@ -22,6 +22,7 @@ use tracing::{debug, info};
 
 use super::connector::HttpsConnector;
 use super::judge::ReviewStatus;
+use crate::file_limits::{read_capped_string, TOKEN_FILE_MAX_BYTES};
 
 /// How long our own service-account token is trusted before it is read again
 /// (the kubelet rotates it well before it expires).
@@ -178,10 +179,9 @@ impl Reviewer {
             })?;
         let resp = self.client.request(req).await.map_err(|e| {
             debug!(error = ?e, "TokenReview request failed");
-            unavailable(
-                format!("the API server is unreachable ({e})"),
-                Duration::from_secs(2),
-            )
+            let why = failure_reason(&e)
+                .unwrap_or_else(|| format!("the API server is unreachable ({e})"));
+            unavailable(why, Duration::from_secs(2))
         })?;
         let status = resp.status();
         let retry = resp
@@ -213,10 +213,10 @@ impl Reviewer {
             }
         }
         let path = &self.settings.token_file;
-        let token = std::fs::read_to_string(path)
+        let token = read_capped_string(path, TOKEN_FILE_MAX_BYTES)
             .map_err(|e| {
                 unavailable(
-                    format!("reading our token {}: {e}", path.display()),
+                    format!("reading our token {}: {}", path.display(), e.into_io()),
                     Duration::from_secs(5),
                 )
             })?
@@ -224,5 +224,100 @@ impl Reviewer {
             .to_string();
         *cached = Some((token.clone(), Instant::now()));
         Ok(token)
+    }
+}
+
+/// Why a request to the API server failed, from the innermost cause worth
+/// naming: hyper's own message says only "client error (Connect)", which
+/// hides a certificate the cluster CA file does not vouch for or a refused
+/// connection. `None` when nothing in the chain is more telling than the
+/// error itself.
+pub fn failure_reason(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut innermost = None;
+    let mut next = Some(err);
+    while let Some(e) = next {
+        // `io::Error::source` skips the error it wraps, so look inside it.
+        let wrapped = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), wrapped].into_iter().flatten() {
+            if let Some(tls) = candidate.downcast_ref::<rustls::Error>() {
+                return Some(tls_reason(tls));
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            innermost = Some(format!("the API server is unreachable ({io})"));
+        }
+        next = e.source();
+    }
+    innermost
+}
+
+/// A TLS failure in words an operator can act on.
+fn tls_reason(err: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(cert) = err else {
+        return format!("TLS handshake failed: {err}");
+    };
+    let what = match cert {
+        C::UnknownIssuer => "unknown issuer: it does not chain to --kube-ca-file".to_string(),
+        C::Expired | C::ExpiredContext { .. } => format!("expired: {cert}"),
+        C::NotValidYet | C::NotValidYetContext { .. } => format!("not yet valid: {cert}"),
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            format!("name mismatch with --kube-api-url: {cert}")
+        }
+        C::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+            "a CA certificate used as the server's own (end-entity) certificate".to_string()
+        }
+        C::BadSignature => "bad signature".to_string(),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            format!("not valid for server authentication: {cert}")
+        }
+        other => other.to_string(),
+    };
+    format!("the API server's certificate is refused: {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CertificateError;
+
+    /// An error whose cause is `source`, as hyper-util's client error is.
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error (Connect)")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn failure_reasons_name_the_innermost_cause() {
+        let tls = |c: CertificateError| {
+            Outer(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(c),
+            ))
+        };
+        let cases = [
+            (tls(CertificateError::UnknownIssuer), "unknown issuer"),
+            (tls(CertificateError::Expired), "expired"),
+            (tls(CertificateError::NotValidForName), "name mismatch"),
+            (tls(CertificateError::BadSignature), "bad signature"),
+            (
+                Outer(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    rustls::Error::NoApplicationProtocol,
+                )),
+                "TLS handshake failed",
+            ),
+            (
+                Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+                "unreachable (connection refused)",
+            ),
+        ];
+        for (err, want) in cases {
+            let got = failure_reason(&err).unwrap();
+            assert!(got.contains(want), "{err:?}: {got}");
+            assert!(!got.contains("client error"), "{got}");
+        }
     }
 }
