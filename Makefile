@@ -3,9 +3,9 @@ CARGO ?= cargo
 
 .PHONY: deps build test lint demo bench soak clean manifests man image
 
-# deps: install the system tools the tests use (promtool, ip, iptables, nft,
-# tcpdump, curl, setpriv, and kubernetes-validate from PyPI), only those
-# missing; see .ci/deps.sh.
+# deps: install the system tools the tests use (prometheus, promtool, ip,
+# iptables, nft, tcpdump, curl, setpriv, and kubernetes-validate from PyPI),
+# only those missing; see .ci/deps.sh.
 deps:
 	bash .ci/deps.sh
 

@@ -14,6 +14,7 @@ bash "$(dirname "$0")/helm.sh"
 # tool=Debian package(s) providing it
 needs=(
   promtool=prometheus
+  prometheus=prometheus
   ip=iproute2
   iptables=iptables
   nft=nftables

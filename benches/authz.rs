@@ -3,7 +3,8 @@
 //! rules; and HTTP requests per second through a sidecar pair with
 //! per-request authorization and metrics on, against the same pair carrying
 //! the port as opaque TCP (no HTTP parsing, no per-request decision) and
-//! against a direct connection, all in one run. `make bench` runs it.
+//! against a direct connection, all in one run; and the HTTP pair again with
+//! the JSON access log on. `make bench` runs it.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -58,13 +59,23 @@ fn main() -> Result<()> {
         reload.1
     );
     println!();
+    // The access log writes to this process's stdout: during the load runs
+    // (all of them, so they compete under the same conditions) stdout goes
+    // to /dev/null, and the table is printed through a copy of the real one.
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    std::io::stdout().flush()?;
+    let mut table = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1)?;
     let load = rt.block_on(requests_per_second(dir.path()))?;
-    println!(
+    writeln!(
+        table,
         "| path ({WORKERS} keep-alive connections, {LOAD_TIME:?} each) | requests/s | vs direct |"
-    );
-    println!("| --- | ---: | ---: |");
+    )?;
+    writeln!(table, "| --- | ---: | ---: |")?;
     for (name, rps) in &load {
-        println!("| {name} | {rps:.0} | {:.2} |", rps / load[0].1);
+        writeln!(table, "| {name} | {rps:.0} | {:.2} |", rps / load[0].1)?;
     }
     Ok(())
 }
@@ -206,6 +217,7 @@ async fn requests_per_second(dir: &Path) -> Result<Vec<(&'static str, f64)>> {
     let rules = rules.display().to_string();
     let port = app.port().to_string();
     let l7 = pair(&ca, app, &["--rules-dir", &rules]).await?;
+    let logged = pair(&ca, app, &["--rules-dir", &rules, "--access-log", "json"]).await?;
     let l4 = pair(
         &ca,
         app,
@@ -219,7 +231,15 @@ async fn requests_per_second(dir: &Path) -> Result<Vec<(&'static str, f64)>> {
             load(l4).await?,
         ),
         (
-            "pair, HTTP with 1,000 rules and HTTP metrics",
+            "pair, HTTP with 1,000 rules and HTTP metrics (per peer)",
+            load(l7).await?,
+        ),
+        (
+            "pair, HTTP as above, access log on (json)",
+            load(logged).await?,
+        ),
+        (
+            "pair, HTTP as above, access log off (again)",
             load(l7).await?,
         ),
     ])

@@ -1,5 +1,6 @@
 //! The admin HTTP server: `/live`, `/ready`, `/metrics`, `/certs`, and
-//! `POST /shutdown` (loopback only) for Jobs whose app has finished, and
+//! `POST /shutdown` (loopback only) for Jobs whose app has finished,
+//! `GET`/`PUT /logging` (the log filter; changing it is loopback only), and
 //! `/app-health/...` (the app's rewritten probes, see `admin/app_health.rs`).
 
 mod app_health;
@@ -112,11 +113,18 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
                 format!("not ready: {why}\n"),
             ),
         },
-        (&Method::GET, "/metrics") => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.encode(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let ready = not_ready_reason(state).is_none();
+            state.metrics.ready.set(i64::from(ready));
+            // A refused reload leaves its error until the files are fixed.
+            let rules_valid = state.rules.status().last_error.is_none();
+            state.rules.metrics().valid.set(i64::from(rules_valid));
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
         (&Method::GET, "/certs") => reply(StatusCode::OK, JSON, certs_json(state).to_string()),
         // File names and error text (which may quote a file) are for
         // loopback clients only, like explanations; others get the summary.
@@ -141,6 +149,16 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
                 Err(e) => reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
             }
         }
+        (&Method::GET, "/logging") => match crate::logging::current() {
+            Ok(level) => reply(StatusCode::OK, TEXT, format!("{level}\n")),
+            Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{e}\n")),
+        },
+        (&Method::PUT, "/logging") if !peer.ip().to_canonical().is_loopback() => reply(
+            StatusCode::FORBIDDEN,
+            TEXT,
+            "changing the log level is allowed from loopback only\n",
+        ),
+        (&Method::PUT, "/logging") => set_log_level(req.uri().query().unwrap_or("")),
         (&Method::POST, "/shutdown") if !state.allow_shutdown => reply(
             StatusCode::FORBIDDEN,
             TEXT,
@@ -160,7 +178,8 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Reply 
         }
         (
             _,
-            "/live" | "/ready" | "/metrics" | "/certs" | "/rules" | "/authz/explain" | "/shutdown",
+            "/live" | "/ready" | "/metrics" | "/certs" | "/rules" | "/authz/explain" | "/shutdown"
+            | "/logging",
         ) => reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n"),
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
     }
@@ -309,4 +328,31 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// `PUT /logging?level=<directive>`: replaces the log filter.
+fn set_log_level(query: &str) -> Reply {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let level = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "level")
+        .and_then(|(_, v)| percent_decode(v));
+    let Some(level) = level.filter(|l| !l.is_empty()) else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            TEXT,
+            "use PUT /logging?level=<directive>, e.g. level=debug or level=portcullis=debug,warn\n",
+        );
+    };
+    match crate::logging::set(&level) {
+        Ok(()) => {
+            info!(level = %level, "log level changed through the admin endpoint");
+            reply(StatusCode::OK, TEXT, format!("{level}\n"))
+        }
+        Err(e @ crate::logging::Error::BadDirective { .. }) => {
+            reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n"))
+        }
+        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{e}\n")),
+    }
 }

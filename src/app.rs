@@ -50,6 +50,7 @@ impl App {
     /// error names the flag or file at fault.
     pub async fn bind(settings: Settings) -> Result<App> {
         let metrics = Arc::new(Metrics::new());
+        metrics.peers.set_max(settings.metrics_max_peers);
         let td = settings.id.trust_domain().clone();
         let bundle_pem = crate::file_limits::read_capped(
             &settings.trust_bundle,
@@ -120,6 +121,10 @@ impl App {
                 td,
                 default: settings.default_policy,
                 allow_encoded_slash: settings.allow_encoded_slash,
+                access_log: proxy::access_log::AccessLog::start(
+                    settings.access_log,
+                    metrics.access_log_dropped.clone(),
+                ),
             },
             app_clients: AppClients::new(settings.connect_timeout),
             connect_timeout: settings.connect_timeout,
@@ -209,6 +214,7 @@ impl App {
                     },
                     self.metrics.issuer_reloads.clone(),
                 )
+                .with_validity(self.metrics.issuer_valid.clone())
                 .spawn(s.file_poll_interval, exit.clone())
                 .context("watching --ca-cert/--ca-key")?;
                 LeafSource::Issuer(issuer_rx)
@@ -241,6 +247,7 @@ impl App {
 
         let bundle_path = s.trust_bundle.clone();
         let tls = self.tls.clone();
+        let bundle_valid = self.metrics.trust_bundle_valid.clone();
         Reloader::new(
             "trust bundle",
             vec![bundle_path.clone()],
@@ -249,10 +256,12 @@ impl App {
             move |bundle| {
                 if let Err(e) = tls.set_bundle(bundle) {
                     warn!(error = %e, "new trust bundle could not be used");
+                    bundle_valid.set(0);
                 }
             },
             self.metrics.trust_bundle_reloads.clone(),
         )
+        .with_validity(self.metrics.trust_bundle_valid.clone())
         .spawn(s.file_poll_interval, exit.clone())
         .context("watching --trust-bundle")?;
 
@@ -363,6 +372,7 @@ async fn refresh_bundle(
                             .trust_bundle_reloads
                             .with_label_values(&["ok"])
                             .inc();
+                        metrics.trust_bundle_valid.set(1);
                     }
                     Err(e) => {
                         warn!(error = %e, "trust bundle from the identity service could not be used");
@@ -370,6 +380,7 @@ async fn refresh_bundle(
                             .trust_bundle_reloads
                             .with_label_values(&["error"])
                             .inc();
+                        metrics.trust_bundle_valid.set(0);
                     }
                 }
             }

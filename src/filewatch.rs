@@ -85,6 +85,7 @@ fn watch_dir(path: &Path) -> PathBuf {
 /// own thread with a deadline, so no file can stall the runtime.
 pub struct Reloader<T> {
     what: &'static str,
+    valid: Option<prometheus::IntGauge>,
     paths: Vec<PathBuf>,
     parse: Arc<ParseFn<T>>,
     apply: Box<dyn Fn(T) + Send + Sync>,
@@ -123,12 +124,27 @@ impl<T: Send + 'static> Reloader<T> {
     ) -> Self {
         Reloader {
             what,
+            valid: None,
             last_hash: hash_all(initial),
             paths,
             parse: Arc::new(parse),
             apply: Box::new(apply),
             outcomes,
             slot: ParseSlot::new(),
+        }
+    }
+
+    /// Also sets `gauge` to 1 after every applied version and to 0 after
+    /// every refused one (the `*_valid` metrics).
+    pub fn with_validity(mut self, gauge: prometheus::IntGauge) -> Self {
+        gauge.set(1);
+        self.valid = Some(gauge);
+        self
+    }
+
+    fn set_valid(&self, ok: bool) {
+        if let Some(g) = &self.valid {
+            g.set(i64::from(ok));
         }
     }
 
@@ -158,6 +174,7 @@ impl<T: Send + 'static> Reloader<T> {
             Ok(Found::Parsed(hash, value)) => {
                 info!(what = self.what, hash = %hash, "reloaded");
                 self.outcomes.with_label_values(&["ok"]).inc();
+                self.set_valid(true);
                 self.last_hash = hash;
                 (self.apply)(value);
             }
@@ -172,6 +189,7 @@ impl<T: Send + 'static> Reloader<T> {
             let msg = scrub(msg);
             warn!(what = self.what, error = %msg, "reload refused; keeping the previous version");
             self.outcomes.with_label_values(&["error"]).inc();
+            self.set_valid(false);
             self.last_hash = hash;
         }
     }

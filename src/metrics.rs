@@ -2,12 +2,53 @@
 //! registry made at start-up (no global registry), so tests can run many
 //! sidecars in one process and read each one's numbers.
 
+pub mod peers;
+
 use std::time::SystemTime;
 
+use self::peers::PEER_LABELS;
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+/// Buckets of every latency histogram, in seconds: the first ones tell
+/// 100 µs from 1 ms (a proxy hop on loopback is tens of microseconds), the
+/// last ones reach the 10 s a slow upstream may take.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A registry holding the `process_*` metrics of this process (CPU seconds,
+/// resident memory, open and maximum descriptors, start time), read from
+/// procfs at every scrape. Each server (sidecar, `ca serve`, webhook) makes
+/// its registry here.
+pub fn registry_with_process_metrics() -> Registry {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
+    registry
+}
+
+/// A 0/1 gauge saying whether the newest version of a file-backed input is
+/// the one in force (1), or was refused and an older one stays in use (0).
+pub fn validity_gauge(registry: &Registry, name: &str, what: &str) -> IntGauge {
+    let g = IntGauge::new(
+        name,
+        format!("1 when the newest {what} is the one in use, 0 while the newest was refused and the previous one stays in force."),
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g.set(1);
+    g
+}
 
 /// Every metric the sidecar exports. Names are a contract (dashboards, alerts).
 pub struct Metrics {
@@ -23,6 +64,17 @@ pub struct Metrics {
     pub cert_rotations: IntCounterVec,
     pub trust_bundle_reloads: IntCounterVec,
     pub issuer_reloads: IntCounterVec,
+    /// `portcullis_trust_bundle_valid`: see [`validity_gauge`].
+    pub trust_bundle_valid: IntGauge,
+    /// `portcullis_issuer_valid` (mounted issuer only; always 1 otherwise).
+    pub issuer_valid: IntGauge,
+    /// `portcullis_ready`: what `/ready` answers (1 for 200), updated at
+    /// every scrape, so "not ready for 5 minutes" can be an alert.
+    pub ready: IntGauge,
+    /// The peer labels of per-peer metrics, capped (`--metrics-max-peers`).
+    pub peers: peers::PeerLabels,
+    /// `portcullis_access_log_dropped_total`: lines lost to a full queue.
+    pub access_log_dropped: prometheus::IntCounter,
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -42,7 +94,7 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = registry_with_process_metrics();
         let r = &registry;
         let connections_open = IntGaugeVec::new(
             Opts::new(
@@ -59,9 +111,7 @@ impl Metrics {
                 "portcullis_tls_handshake_duration_seconds",
                 "Time to complete a TLS handshake.",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["direction"],
         )
         .expect("valid metric");
@@ -89,10 +139,14 @@ impl Metrics {
                 "portcullis_http_request_duration_seconds",
                 "Time from a request's arrival to its response headers.",
             )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["direction", "port"],
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &[
+                "direction",
+                "port",
+                PEER_LABELS[0],
+                PEER_LABELS[1],
+                PEER_LABELS[2],
+            ],
         )
         .expect("valid metric");
         r.register(Box::new(http_request_duration.clone()))
@@ -101,10 +155,51 @@ impl Metrics {
             http_requests: counter(
                 r,
                 "portcullis_http_requests_total",
-                "HTTP requests by response status (methods outside the standard set count as other).",
-                &["direction", "port", "method", "status_code"],
+                "HTTP requests by response status and calling peer (methods outside the standard set count as other).",
+                &[
+                    "direction",
+                    "port",
+                    "method",
+                    "status_code",
+                    PEER_LABELS[0],
+                    PEER_LABELS[1],
+                    PEER_LABELS[2],
+                ],
             ),
             http_request_duration,
+            trust_bundle_valid: validity_gauge(
+                r,
+                "portcullis_trust_bundle_valid",
+                "trust bundle",
+            ),
+            issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
+            peers: peers::PeerLabels::new({
+                let c = prometheus::IntCounter::new(
+                    "portcullis_metrics_peers_overflow_total",
+                    "Times a peer was counted as \"other\" because --metrics-max-peers distinct peers already have their own series.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            }),
+            access_log_dropped: {
+                let c = prometheus::IntCounter::new(
+                    "portcullis_access_log_dropped_total",
+                    "Access log lines dropped because the writer lagged behind (the data path never waits for it).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            ready: {
+                let g = IntGauge::new(
+                    "portcullis_ready",
+                    "1 when /ready answers 200 (listeners bound, a certificate held, not draining), updated at every scrape.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             connections_opened: counter(
                 r,
                 "portcullis_tcp_connections_opened_total",

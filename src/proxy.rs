@@ -1,6 +1,7 @@
 //! The data path: inbound (peers → app) and outbound (app → peers)
 //! listeners, protocol detection, original destinations and byte copying.
 
+pub mod access_log;
 mod detect;
 pub mod http;
 mod inbound;

@@ -350,6 +350,9 @@ async fn missing_token_and_malformed_requests() {
         "portcullis_ca_tokenreview_duration_seconds",
         "portcullis_ca_issuer_expiry_timestamp_seconds",
         "portcullis_ca_issuer_reloads_total",
+        "portcullis_ca_issuer_valid",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
     ] {
         assert!(text.contains(name), "{name} missing");
     }

@@ -186,6 +186,10 @@ fn webhook_over_https_matches_golden() {
         "{metrics}"
     );
     assert!(
+        metrics.contains("# TYPE process_resident_memory_bytes gauge"),
+        "{metrics}"
+    );
+    assert!(
         metrics.contains("portcullis_injector_admission_duration_seconds_count"),
         "{metrics}"
     );

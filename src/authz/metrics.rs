@@ -19,6 +19,10 @@ pub struct AuthzMetrics {
     pub info: IntGaugeVec,
     /// `portcullis_rules_active`.
     pub count: IntGauge,
+    /// `portcullis_rules_valid`: 1 when the files on disk are the rules in
+    /// force, 0 while the newest files are refused; the admin server sets
+    /// it from the live rules' last error at every scrape.
+    pub valid: IntGauge,
     /// `portcullis_authz_decisions_total{rule,action,decision}`.
     pub decisions: IntCounterVec,
     /// `portcullis_authz_connections_terminated_total{rule}`.
@@ -66,6 +70,7 @@ impl AuthzMetrics {
                 IntGauge::new("portcullis_rules_active", "Rules in the active set.")
                     .expect("valid metric"),
             ),
+            valid: crate::metrics::validity_gauge(registry, "portcullis_rules_valid", "rule files"),
             decisions: counter(
                 "portcullis_authz_decisions_total",
                 "Authorization decisions by deciding rule (or \"default\"), how it was decided, and outcome; audit matches are counted with action \"audit\".",
@@ -88,6 +93,7 @@ impl AuthzMetrics {
         self.info.reset();
         self.info.with_label_values(&[set.hash()]).set(1);
         self.count.set(set.len() as i64);
+        self.valid.set(1);
         let secs = set
             .loaded_at()
             .duration_since(SystemTime::UNIX_EPOCH)

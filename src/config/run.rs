@@ -93,6 +93,14 @@ pub struct RunArgs {
     /// injector turns it off except for Job pods that need it.
     #[arg(long, env = "PORTCULLIS_ALLOW_SHUTDOWN", default_value_t = true, action = clap::ArgAction::Set)]
     pub allow_shutdown: bool,
+    /// Distinct peers that get their own series in per-peer metrics; later
+    /// ones count as `other` (portcullis_metrics_peers_overflow_total).
+    #[arg(long, env = "PORTCULLIS_METRICS_MAX_PEERS", default_value_t = crate::metrics::peers::DEFAULT_MAX_PEERS)]
+    pub metrics_max_peers: usize,
+    /// One line per HTTP request and per opaque connection on stdout:
+    /// `off`, `json` or `text`.
+    #[arg(long, env = "PORTCULLIS_ACCESS_LOG", value_enum, default_value = "off")]
+    pub access_log: crate::proxy::access_log::Format,
 
     /// Explicit mode: forward every inbound connection to ADDR.
     #[arg(long, env = "PORTCULLIS_INBOUND_TARGET", value_name = "ADDR")]
@@ -296,6 +304,8 @@ pub struct Settings {
     pub outbound_listen: Vec<SocketAddr>,
     pub admin_listen: SocketAddr,
     pub allow_shutdown: bool,
+    pub metrics_max_peers: usize,
+    pub access_log: crate::proxy::access_log::Format,
     pub inbound_target: Option<SocketAddr>,
     pub upstreams: Vec<Upstream>,
     pub inbound_mode: InboundMode,
@@ -388,6 +398,8 @@ impl RunArgs {
             outbound_listen: self.outbound_listen.clone(),
             admin_listen: self.admin_listen,
             allow_shutdown: self.allow_shutdown,
+            metrics_max_peers: self.metrics_max_peers,
+            access_log: self.access_log,
             inbound_target: self.inbound_target,
             upstreams,
             inbound_mode: self.inbound_mode,

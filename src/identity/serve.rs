@@ -340,6 +340,7 @@ impl CaServer {
             move |served| live.set(served),
             self.state.metrics.issuer_reloads.clone(),
         )
+        .with_validity(self.state.metrics.issuer_valid.clone())
         .spawn(s.issuer_poll_interval, exit.clone())?;
 
         let live = self.state.issuer.clone();

@@ -75,7 +75,7 @@ pub struct WebhookMetrics {
 
 impl WebhookMetrics {
     fn new() -> Self {
-        let registry = Registry::new();
+        let registry = crate::metrics::registry_with_process_metrics();
         let admissions = IntCounterVec::new(
             Opts::new(
                 "portcullis_injector_admissions_total",

@@ -68,7 +68,7 @@ where
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), super::access_log::Logged(service))
         .await
     {
         debug!(error = %e, "inbound HTTP connection ended with an error");
@@ -92,15 +92,17 @@ async fn handle(
         Err(resp) => *resp,
     };
     let port = port.to_string();
-    shared
-        .metrics
+    let peer = shared.metrics.peers.label(&conn.peer);
+    let [td, ns, sa] = peer.values();
+    let status = resp.status();
+    let metrics = &shared.metrics;
+    metrics
         .http_requests
-        .with_label_values(&["inbound", &port, method, resp.status().as_str()])
+        .with_label_values(&["inbound", &port, method, status.as_str(), td, ns, sa])
         .inc();
-    shared
-        .metrics
+    metrics
         .http_request_duration
-        .with_label_values(&["inbound", &port])
+        .with_label_values(&["inbound", &port, td, ns, sa])
         .observe(started.elapsed().as_secs_f64());
     resp
 }

@@ -302,7 +302,10 @@ where
         return http::serve(shared, io, conn).await;
     }
     let decision = shared.policy.authorize_tcp(&conn);
+    let started = std::time::Instant::now();
+    let log = &shared.policy.access_log;
     if !decision.allowed {
+        log.write_with(|| tcp_entry(&conn, false, &decision.rule, started, None));
         return info!(
             peer = %conn.peer,
             source = %conn.source.ip(),
@@ -321,11 +324,13 @@ where
     let traffic = traffic(&shared.metrics, "inbound", conn.target.port());
     tokio::select! {
         r = splice(io, app, shared.idle_timeout, &traffic) => {
-            if let Err(e) = r {
+            if let Err(e) = &r {
                 debug!(peer = %conn.peer, error = %e, "inbound connection ended with an error");
             }
+            log.write_with(|| tcp_entry(&conn, true, &decision.rule, started, r.ok()));
         }
         rule = shared.policy.denied_later(&conn, None) => {
+            log.write_with(|| tcp_entry(&conn, false, &rule, started, None));
             info!(
                 peer = %conn.peer,
                 source = %conn.source.ip(),
@@ -346,4 +351,30 @@ fn localhost(dest: SocketAddr) -> SocketAddr {
         std::net::Ipv6Addr::LOCALHOST.into()
     };
     SocketAddr::new(ip, dest.port())
+}
+
+/// The access log line of an opaque connection: `rule` decided it (or, for
+/// one closed by a rule change, closed it); bytes when it ended cleanly.
+fn tcp_entry(
+    conn: &ConnInfo,
+    allowed: bool,
+    rule: &str,
+    started: std::time::Instant,
+    bytes: Option<(u64, u64)>,
+) -> super::access_log::Entry {
+    super::access_log::Entry {
+        time: super::access_log::now_rfc3339(),
+        kind: "tcp",
+        peer: conn.peer.to_string(),
+        method: None,
+        authority: None,
+        path: None,
+        status: None,
+        decision: if allowed { "allow" } else { "deny" }.into(),
+        rule: rule.to_string(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes_received: bytes.map(|b| b.0),
+        bytes_sent: bytes.map(|b| b.1),
+        upstream: conn.target.to_string(),
+    }
 }

@@ -15,6 +15,8 @@ pub struct Policy {
     pub default: DefaultPolicy,
     /// Let `%2F` and `%5C` through in paths instead of answering 400.
     pub allow_encoded_slash: bool,
+    /// Where each request's decision goes for its access log line.
+    pub access_log: super::access_log::AccessLog,
 }
 
 fn connection(conn: &ConnInfo) -> Connection<'_> {
@@ -66,6 +68,7 @@ impl Policy {
         for audit in &decision.audits {
             info!(peer = %conn.peer, port = conn.target.port(), rule = %audit, decision = decision.verdict(), "audit rule matched");
         }
+        super::access_log::note(&self.access_log, conn, decision);
     }
 }
 

@@ -20,13 +20,14 @@ const BUFFER: usize = 64 * 1024;
 /// Copies `accepted` ⇄ `upstream` until both directions have ended. When one
 /// side stops sending, the other side's write half is shut down and the
 /// opposite direction keeps going. Ends with `TimedOut` after `idle` with no
-/// bytes either way.
+/// bytes either way. Returns the bytes received from and sent to `accepted`
+/// (the access log's numbers for one connection).
 pub async fn splice<A, U>(
     accepted: A,
     upstream: U,
     idle: Duration,
     traffic: &Traffic,
-) -> io::Result<()>
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -37,7 +38,7 @@ where
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let up = pump(&mut ar, &mut uw, &traffic.received, &last, start);
     let down = pump(&mut ur, &mut aw, &traffic.sent, &last, start);
-    let both = async { tokio::try_join!(up, down).map(|_| ()) };
+    let both = async { tokio::try_join!(up, down) };
     let idle_watch = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
@@ -60,12 +61,13 @@ async fn pump<R, W>(
     counter: &IntCounter,
     last: &AtomicU64,
     start: Instant,
-) -> io::Result<()>
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUFFER];
+    let mut total = 0u64;
     loop {
         let n = match r.read(&mut buf).await {
             Ok(n) => n,
@@ -76,11 +78,12 @@ where
         if n == 0 {
             // Pass the half-close on; the peer may already be gone.
             let _ = w.shutdown().await;
-            return Ok(());
+            return Ok(total);
         }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
         counter.inc_by(n as u64);
+        total += n as u64;
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }

@@ -1,7 +1,7 @@
 //! The identity service's own metrics, in their own registry (it is a
 //! separate process from any sidecar).
 
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 use super::code::Code;
 
@@ -12,11 +12,13 @@ pub struct CaMetrics {
     pub tokenreview_duration: Histogram,
     pub issuer_expiry: Gauge,
     pub issuer_reloads: IntCounterVec,
+    /// `portcullis_ca_issuer_valid`: the newest issuer and bundle files are in use.
+    pub issuer_valid: IntGauge,
 }
 
 impl CaMetrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = crate::metrics::registry_with_process_metrics();
         let requests = IntCounterVec::new(
             Opts::new(
                 "portcullis_ca_requests_total",
@@ -30,9 +32,7 @@ impl CaMetrics {
                 "portcullis_ca_tokenreview_duration_seconds",
                 "Time taken by TokenReview calls to the Kubernetes API server.",
             )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            .buckets(crate::metrics::LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
         let issuer_expiry = Gauge::new(
@@ -62,7 +62,13 @@ impl CaMetrics {
         for result in ["ok", "error"] {
             issuer_reloads.with_label_values(&[result]);
         }
+        let issuer_valid = crate::metrics::validity_gauge(
+            &registry,
+            "portcullis_ca_issuer_valid",
+            "issuer and trust bundle",
+        );
         CaMetrics {
+            issuer_valid,
             registry,
             requests,
             tokenreview_duration,
