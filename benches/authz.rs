@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,12 +96,31 @@ fn rules_yaml(n: usize, app_port: u16) -> String {
     y
 }
 
+/// Writes a generated rule set as files of at most 2,000 rules each (a rule
+/// file may hold at most 1 MiB), named so they load in order; the paths.
+fn split_rule_files(dir: &Path, stem: &str, yaml: &str) -> Result<Vec<PathBuf>> {
+    let body = yaml.strip_prefix("rules:\n").unwrap_or(yaml);
+    let mut rules: Vec<String> = Vec::new();
+    for line in body.split_inclusive('\n') {
+        if line.starts_with("  - ") || rules.is_empty() {
+            rules.push(String::new());
+        }
+        rules.last_mut().expect("pushed above").push_str(line);
+    }
+    let mut files = Vec::new();
+    for (i, chunk) in rules.chunks(2_000).enumerate() {
+        let file = dir.join(format!("{stem}-{i:03}.yaml"));
+        std::fs::write(&file, format!("rules:\n{}", chunk.concat()))?;
+        files.push(file);
+    }
+    Ok(files)
+}
+
 /// Nanoseconds per `authorize` call: a request the last rule allows, and
 /// one that no rule matches (the full scan, then the default).
 fn evaluation(dir: &Path, n: usize) -> Result<(f64, f64)> {
-    let file = dir.join(format!("eval-{n}.yaml"));
-    std::fs::write(&file, rules_yaml(n, 8080))?;
-    let set = load_paths(&[file]).map_err(|e| anyhow!("{e}"))?;
+    let files = split_rule_files(dir, &format!("eval-{n}"), &rules_yaml(n, 8080))?;
+    let set = load_paths(&files).map_err(|e| anyhow!("{e}"))?;
     let td = TrustDomain::new("cluster.local").map_err(|e| anyhow!("{e}"))?;
     let peer = Peer::Mesh(SpiffeId::parse(CLIENT_ID).map_err(|e| anyhow!("{e}"))?);
     let headers = hyper::HeaderMap::new();
