@@ -11,7 +11,7 @@ mod policy;
 mod rewind;
 mod splice;
 
-pub use detect::{detect, sniff_http, AppProtocol, Detected};
+pub use detect::{classify_buffered, detect, sniff_http, AppProtocol, Detected};
 pub use http::AppClients;
 pub use inbound::Inbound;
 pub use orig_dst::original_destination;
