@@ -2,7 +2,7 @@
 //! listeners, protocol detection, original destinations and byte copying.
 
 mod detect;
-mod http;
+pub mod http;
 mod inbound;
 mod orig_dst;
 mod outbound;

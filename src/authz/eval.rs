@@ -7,6 +7,7 @@
 //! conditions never allows an opaque (non-HTTP) connection, and a `deny`
 //! rule with HTTP conditions denies one outright (fail closed).
 
+use super::matchers::Combine;
 use super::ruleset::Rule;
 use super::{Action, Connection, DecidedBy, Decision, DefaultPolicy, HttpRequest, Peer, RuleSet};
 use crate::identity::TrustDomain;
@@ -126,6 +127,16 @@ fn any<T>(list: &Option<Vec<T>>, f: impl Fn(&T) -> bool) -> bool {
 }
 
 impl Rule {
+    /// How header values are read: a `deny` or `audit` rule matches when any
+    /// value is listed, an `allow` rule only when every value is, so that
+    /// sending several values (or `a, b` in one line) never widens access.
+    pub(crate) fn combine(&self) -> Combine {
+        match self.action {
+            Action::Allow => Combine::Every,
+            Action::Deny | Action::Audit => Combine::Any,
+        }
+    }
+
     /// Whether every condition of the rule holds (cheapest first).
     pub(crate) fn matches(&self, conn: &Connection, http: Option<&HttpRequest>) -> bool {
         Field::ALL
@@ -186,10 +197,9 @@ impl Rule {
                 _ => true,
             },
             Field::Headers => match (h, http) {
-                (Some(h), Some(req)) => h
-                    .headers
-                    .as_ref()
-                    .map_or(true, |conds| conds.iter().all(|c| c.matches(req.headers))),
+                (Some(h), Some(req)) => h.headers.as_ref().map_or(true, |conds| {
+                    conds.iter().all(|c| c.matches(req.headers, self.combine()))
+                }),
                 _ => true,
             },
         }

@@ -221,11 +221,12 @@ fn why_not(rule: &Rule, field: Field, conn: &Connection, http: Option<&HttpReque
         (Field::Http, _) => {
             "the connection is not HTTP, and a rule with http conditions never allows (or audits) opaque TCP".into()
         }
-        _ => why_not_http(h, field, http),
+        _ => why_not_http(rule, h, field, http),
     }
 }
 
 fn why_not_http(
+    rule: &Rule,
     h: Option<&super::ruleset::HttpCond>,
     field: Field,
     http: Option<&HttpRequest>,
@@ -256,7 +257,7 @@ fn why_not_http(
                 .headers
                 .iter()
                 .flatten()
-                .filter(|c| !c.matches(req.headers))
+                .filter(|c| !c.matches(req.headers, rule.combine()))
                 .map(|c| {
                     let got: Vec<String> = req
                         .headers

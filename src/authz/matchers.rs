@@ -13,7 +13,7 @@ mod request;
 #[cfg(test)]
 mod tests;
 
-pub use request::{parse_header_name, HeaderCond, HeaderValue, HostPattern};
+pub use request::{parse_header_name, Combine, HeaderCond, HeaderValue, HostPattern};
 
 /// An inclusive port range; a single port is `lo == hi`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

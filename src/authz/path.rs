@@ -28,9 +28,14 @@ pub enum PathError {
     #[error("the path contains a '\\' or an encoded one (%5C)")]
     Backslash,
     /// Servers disagree on these: some cut the path at NUL, some decode
-    /// twice, Java servers read `..;` as `..`. Refused rather than guessed.
-    #[error("the path contains an ambiguous form (%00, a double-encoded '%25XX', or a '.'/'..' segment with ';' parameters)")]
+    /// twice. Refused rather than guessed.
+    #[error("the path contains an ambiguous form (%00 or a double-encoded '%25XX')")]
     Ambiguous,
+    /// Path parameters: many servers (Java, some routers) cut `;…` off a
+    /// segment before routing, so `/admin;x` reaches `/admin` while a rule
+    /// saw `/admin;x` (and `..;` climbs like `..`). Refused, encoded too.
+    #[error("the path contains ';' or an encoded one (%3B)")]
+    Semicolon,
 }
 
 /// Characters RFC 3986 calls unreserved: decoding them never changes meaning.
@@ -47,29 +52,29 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// `%00`, `%25` followed by two hex digits (a double encoding), or a
-/// segment that is `.` or `..` once its `;` parameters are cut off (after
-/// decoding `%2e`).
+/// `%00`, or `%25` followed by two hex digits (a double encoding).
 fn is_ambiguous(raw: &str) -> bool {
     let b = raw.as_bytes();
     let double_encoded = b.windows(5).any(|w| {
         w[0] == b'%' && w[1] == b'2' && w[2] == b'5' && hex(w[3]).is_some() && hex(w[4]).is_some()
     });
     let nul = b.windows(3).any(|w| w == b"%00");
-    let dot_params = raw.split('/').any(|seg| {
-        let Some((name, _)) = seg.split_once(';') else {
-            return false;
-        };
-        let name = name.replace("%2e", ".").replace("%2E", ".");
-        name == "." || name == ".."
-    });
-    nul || double_encoded || dot_params
+    nul || double_encoded
+}
+
+/// A `;` or `%3B` (any case) anywhere in the path.
+fn has_semicolon(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    b.contains(&b';')
+        || b.windows(3)
+            .any(|w| w[0] == b'%' && w[1] == b'3' && (w[2] | 0x20) == b'b')
 }
 
 /// Normalizes a request path: decodes percent-escapes of unreserved
 /// characters (other escapes are kept, with uppercase hex), removes `.` and
 /// `..` segments (`..` never climbs above `/`), and merges repeated slashes.
-/// A trailing slash is kept. An encoded `/` or a `\` (raw or encoded) is
+/// A trailing slash is kept. A `;` (path parameters), raw or encoded, is
+/// refused. An encoded `/` or a `\` (raw or encoded) is
 /// refused unless `allow_encoded_slash`, in which case it is kept encoded
 /// (`%2F`, `%5C`) and is part of its segment.
 pub fn normalize_path(raw: &str, allow_encoded_slash: bool) -> Result<String, PathError> {
@@ -81,6 +86,9 @@ pub fn normalize_path(raw: &str, allow_encoded_slash: bool) -> Result<String, Pa
     }
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if has_semicolon(raw) {
+        return Err(PathError::Semicolon);
     }
     if is_ambiguous(raw) {
         return Err(PathError::Ambiguous);

@@ -190,7 +190,11 @@ fn cases() -> Vec<Case> {
         c("fe", IP, 8081, Some(("GET", "/", Some("acme.example"), &[("x-tenant", "acme")])), A, false, "default", "implicit_deny", &[]),
         c("fe", IP, 8081, Some(("GET", "/", Some("api.example.com"), &[("x-tenant", "ACME")])), A, false, "default", "implicit_deny", &[]),
         c("fe", IP, 8081, Some(("GET", "/", Some("api.example.com"), &[])), A, false, "default", "implicit_deny", &[]),
-        c("fe", IP, 8081, Some(("GET", "/", Some("api.example.com"), &[("x-tenant", "other"), ("x-tenant", "acme")])), A, true, "tenant-acme", "allow", &[]),
+        // An allow rule needs every value listed: another value, in its own
+        // line or comma-joined, could be the one the app reads.
+        c("fe", IP, 8081, Some(("GET", "/", Some("api.example.com"), &[("x-tenant", "other"), ("x-tenant", "acme")])), A, false, "default", "implicit_deny", &[]),
+        c("fe", IP, 8081, Some(("GET", "/", Some("api.example.com"), &[("x-tenant", "acme, other")])), A, false, "default", "implicit_deny", &[]),
+        c("fe", IP, 8081, Some(("GET", "/", Some("api.example.com"), &[("x-tenant", "acme"), ("x-tenant", "acme,acme")])), A, true, "tenant-acme", "allow", &[]),
         c("fe", IP, 8081, Some(("GET", "/", None, &[("x-tenant", "acme")])), A, false, "default", "implicit_deny", &[]),
         c("fe", IP, 8081, None, DA, false, "default", "implicit_deny", &[]),
     ]

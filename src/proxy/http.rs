@@ -8,13 +8,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,16 +25,18 @@ use tracing::{debug, info};
 
 use super::policy::RequestFacts;
 use super::Shared;
-use crate::authz::{HttpRequest, Peer};
+use crate::authz::Peer;
+
+mod admit;
+
+pub use admit::{admit_head, AdmitSettings, Admitted, Refusal, XFCC};
+use admit::{is_upgrade, strip_hop_by_hop};
 
 /// The body of every response the proxy hands back.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The header that tells the app who called; callers cannot set it.
-const XFCC: &str = "x-forwarded-client-cert";
 
 /// Who is calling and where the connection was going.
 #[derive(Clone)]
@@ -73,7 +75,7 @@ async fn handle(shared: &Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -
     let started = Instant::now();
     let method = method_label(req.method());
     let port = conn.target.port();
-    let resp = match authorize_and_rewrite(shared, conn, req) {
+    let resp = match admit(shared, conn, req) {
         Ok(req) => forward(shared, conn, req).await,
         Err(resp) => *resp,
     };
@@ -91,138 +93,60 @@ async fn handle(shared: &Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -
     resp
 }
 
-/// Normalizes the path, asks the rules, and prepares the request for the app
-/// (normalized path, absolute URI, our `x-forwarded-client-cert`, no
-/// hop-by-hop headers). A refusal comes back as the response to send.
-fn authorize_and_rewrite(
+/// Runs [`admit_head`] with the current rules, records and logs the
+/// decision, and turns a refusal into the response to send.
+fn admit(
     shared: &Shared,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
-) -> Result<Request<Incoming>, Box<Response<Body>>> {
+    req: Request<Incoming>,
+) -> Result<Request<NoTrailers>, Box<Response<Body>>> {
     let policy = &shared.policy;
-    let raw_path = req.uri().path().to_string();
-    let path = match crate::authz::normalize_path(&raw_path, policy.allow_encoded_slash) {
-        Ok(p) => p,
-        Err(e) => {
-            info!(peer = %conn.peer, path = %raw_path, error = %e, "request refused: bad path");
-            return Err(Box::new(text(
-                StatusCode::BAD_REQUEST,
-                "bad request path\n",
-            )));
-        }
+    let (mut parts, body) = req.into_parts();
+    let rules = policy.rules.current();
+    let settings = AdmitSettings {
+        td: &policy.td,
+        default: policy.default,
+        allow_encoded_slash: policy.allow_encoded_slash,
     };
-    let host = match request_host(&req) {
-        Ok(h) => h,
-        Err(why) => {
-            info!(peer = %conn.peer, why, "request refused: bad host");
-            return Err(Box::new(text(StatusCode::BAD_REQUEST, "bad host\n")));
-        }
+    let admitted = admit_head(&mut parts, conn, &rules, settings);
+    let decision = match &admitted {
+        Ok(a) => Some(&a.decision),
+        Err(refusal) => refusal.decision(),
     };
-    let decision = policy.authorize_http(
-        conn,
-        &HttpRequest {
-            method: req.method().as_str(),
-            path: &path,
-            host: host.as_deref(),
-            headers: req.headers(),
-        },
-    );
-    if !decision.allowed {
-        info!(
-            peer = %conn.peer,
-            source = %conn.source.ip(),
-            port = conn.target.port(),
-            method = %req.method(),
-            path = %path,
-            rule = %decision.rule,
-            "request denied"
-        );
-        return Err(Box::new(denied(&req)));
+    if let Some(decision) = decision {
+        policy.record(conn, decision);
     }
-    let upgrade = is_upgrade(req.headers());
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    strip_client_cert_headers(req.headers_mut());
-    if req.version() >= Version::HTTP_2 {
-        // HTTP/2 names the host in `:authority`, which the rules saw; a
-        // `host` header the rules did not see must not reach the app.
-        req.headers_mut().remove(header::HOST);
-    }
-    if let Peer::Mesh(id) = conn.peer.as_ref() {
-        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-            req.headers_mut().insert(XFCC, v);
+    match admitted {
+        Ok(_) => Ok(Request::from_parts(parts, NoTrailers(body))),
+        Err(Refusal::Denied(decision)) => {
+            info!(
+                peer = %conn.peer,
+                source = %conn.source.ip(),
+                port = conn.target.port(),
+                method = %parts.method,
+                path = %parts.uri.path(),
+                rule = %decision.rule,
+                "request denied"
+            );
+            Err(Box::new(denied(&parts.headers)))
+        }
+        Err(refusal) => {
+            info!(peer = %conn.peer, error = %refusal, "request refused");
+            Err(Box::new(text(refusal.status(), refusal_body(&refusal))))
         }
     }
-    if let (Some(h), true) = (&host, req.version() < Version::HTTP_2) {
-        // The app must see the host the rules saw: for an absolute-form
-        // target that is the URI's authority, whatever `Host` said.
-        if let Ok(v) = HeaderValue::from_str(h) {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    }
-    let authority = host.unwrap_or_else(|| conn.target.to_string());
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let uri = format!("http://{authority}{path}{query}");
-    *req.uri_mut() = match uri.parse::<Uri>() {
-        Ok(u) => u,
-        Err(_) => {
-            return Err(Box::new(text(
-                StatusCode::BAD_REQUEST,
-                "bad request target\n",
-            )))
-        }
-    };
-    Ok(req)
 }
 
-/// The host the client asked for: HTTP/2 `:authority` (or an absolute-form
-/// target), else the one `Host` header. Forms servers read differently are
-/// refused: user information, a port that is not a number, two `Host`s.
-fn request_host(req: &Request<Incoming>) -> Result<Option<String>, &'static str> {
-    let value = match req.uri().authority() {
-        Some(a) => a.as_str().to_string(),
-        None => {
-            let mut hosts = req.headers().get_all(header::HOST).iter();
-            let Some(h) = hosts.next() else {
-                return Ok(None);
-            };
-            if hosts.next().is_some() {
-                return Err("more than one Host header");
-            }
-            h.to_str()
-                .map_err(|_| "a Host header that is not text")?
-                .to_string()
-        }
-    };
-    check_authority(&value).map(Some)
-}
-
-/// A host (with an optional numeric port) that every server reads alike.
-fn check_authority(value: &str) -> Result<String, &'static str> {
-    let authority: hyper::http::uri::Authority = value.parse().map_err(|_| "a malformed host")?;
-    if authority.as_str().contains('@') {
-        return Err("a host with user information");
-    }
-    let rest = &authority.as_str()[authority.host().len()..];
-    if !rest.is_empty() && authority.port_u16().is_none() {
-        return Err("a host whose port is not a number");
-    }
-    Ok(authority.as_str().to_string())
-}
-
-/// Removes every header that claims to say who called, including spellings
-/// with `_` that CGI-style gateways fold into the real name.
-fn strip_client_cert_headers(headers: &mut HeaderMap) {
-    let spoofs: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().replace('_', "-") == XFCC)
-        .cloned()
-        .collect();
-    for name in spoofs {
-        headers.remove(name);
+/// The short body of a refusal (what was wrong, never echoed input).
+fn refusal_body(refusal: &Refusal) -> &'static str {
+    match refusal {
+        Refusal::Method(_) => "bad method\n",
+        Refusal::Connect => "CONNECT is not served here\n",
+        Refusal::Target(_) => "bad request target\n",
+        Refusal::Path(_) => "bad request path\n",
+        Refusal::Host(_) => "bad host\n",
+        Refusal::Header(..) => "bad header value\n",
+        Refusal::Denied(_) => "access denied\n",
     }
 }
 
@@ -231,7 +155,7 @@ fn strip_client_cert_headers(headers: &mut HeaderMap) {
 async fn forward(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<NoTrailers>,
 ) -> Response<Body> {
     let upgrade = is_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -286,57 +210,6 @@ async fn forward(
     resp.map(|b| b.boxed())
 }
 
-/// Whether the request asks to switch protocols. `h2c` is never passed on:
-/// after it the app would read HTTP/2 requests that no rule has seen.
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    let to_h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
-        v.to_str()
-            .map_or(true, |s| s.to_ascii_lowercase().contains("h2c"))
-    });
-    headers.contains_key(header::UPGRADE)
-        && !to_h2c
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
-}
-
-/// Removes headers that describe one hop only (RFC 9110 §7.6.1), keeping
-/// `Connection: upgrade` and `Upgrade` when passing an upgrade on, and
-/// `te: trailers` (gRPC needs it).
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        if !(keep_upgrade && name == header::UPGRADE) {
-            headers.remove(name);
-        }
-    }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ] {
-        headers.remove(name);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
-    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
-        headers.remove(header::TE);
-    }
-}
-
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
@@ -353,9 +226,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 
 /// 403, or for gRPC a trailers-only response with `grpc-status: 7`
 /// (PERMISSION_DENIED), which gRPC clients understand.
-fn denied<B>(req: &Request<B>) -> Response<Body> {
-    let grpc = req
-        .headers()
+fn denied(headers: &HeaderMap) -> Response<Body> {
+    let grpc = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
@@ -390,10 +262,45 @@ pub fn method_label(m: &hyper::Method) -> &'static str {
     }
 }
 
+/// A request body passed on without its trailers. Request trailers are
+/// headers sent after the body, which no rule saw (the decision is made on
+/// the head) and which apps often merge into the headers: forged
+/// `x-forwarded-client-cert` or denied values would ride in them. No
+/// common protocol needs them (gRPC sends trailers only in responses,
+/// which pass unchanged), so they are dropped.
+pub struct NoTrailers(pub Incoming);
+
+impl hyper::body::Body for NoTrailers {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            match ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => {
+                    debug!("request trailers dropped");
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
 /// Pooled HTTP clients to the app, one per target address and protocol.
 #[derive(Default)]
 pub struct AppClients {
-    clients: Mutex<HashMap<(SocketAddr, bool), Client<FixedConnector, Incoming>>>,
+    clients: Mutex<HashMap<(SocketAddr, bool), Client<FixedConnector, NoTrailers>>>,
     connect_timeout: Duration,
 }
 
@@ -405,7 +312,7 @@ impl AppClients {
         }
     }
 
-    fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, Incoming> {
+    fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, NoTrailers> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry((target, h2))
@@ -413,6 +320,9 @@ impl AppClients {
                 Client::builder(TokioExecutor::new())
                     .http2_only(h2)
                     .pool_idle_timeout(Duration::from_secs(90))
+                    // `admit_head` sets `Host` whenever the rules saw one;
+                    // an HTTP/1.0 request without one reaches the app so.
+                    .set_host(false)
                     .build(FixedConnector {
                         target,
                         timeout: self.connect_timeout,
@@ -458,92 +368,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
-        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(names, ["te", "x-kept"]);
-
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::CONNECTION));
-
-        // h2c would hand the app HTTP/2 requests no rule has seen: dropped.
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
-        );
-        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        h.insert(
-            "http2-settings",
-            HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
-        );
-        assert!(!is_upgrade(&h));
-        strip_hop_by_hop(&mut h, false);
-        assert!(h.is_empty(), "{h:?}");
-    }
-
-    #[test]
-    fn hosts_servers_read_alike_only() {
-        let ok = ["api.example", "api.example:8080", "[::1]:80", "10.0.0.1"];
-        for h in ok {
-            assert_eq!(check_authority(h).as_deref(), Ok(h), "{h}");
-        }
-        for bad in [
-            "admin.internal:abc",
-            "x@admin.internal",
-            "admin.internal:",
-            "a b",
-            "",
-        ] {
-            assert!(check_authority(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn every_spelling_of_the_client_cert_header_is_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "x-forwarded-client-cert",
-            HeaderValue::from_static("URI=evil"),
-        );
-        h.insert(
-            "x_forwarded_client_cert",
-            HeaderValue::from_static("URI=evil"),
-        );
-        h.insert(
-            "x-forwarded_client-cert",
-            HeaderValue::from_static("URI=evil"),
-        );
-        h.insert("x-other", HeaderValue::from_static("1"));
-        strip_client_cert_headers(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-other"));
-    }
-
-    #[test]
     fn grpc_denials_use_grpc_status() {
-        let req = Request::builder()
-            .header("content-type", "application/grpc+proto")
-            .body(())
-            .unwrap();
-        let resp = denied(&req);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        let resp = denied(&h);
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["grpc-status"], "7");
-        let req = Request::builder().body(()).unwrap();
-        assert_eq!(denied(&req).status(), StatusCode::FORBIDDEN);
+        assert_eq!(denied(&HeaderMap::new()).status(), StatusCode::FORBIDDEN);
     }
 }

@@ -68,7 +68,7 @@ impl Policy {
         }
     }
 
-    fn record(&self, conn: &ConnInfo, decision: &Decision) {
+    pub(super) fn record(&self, conn: &ConnInfo, decision: &Decision) {
         self.rules.metrics().record(decision);
         for audit in &decision.audits {
             info!(peer = %conn.peer, port = conn.target.port(), rule = %audit, decision = decision.verdict(), "audit rule matched");

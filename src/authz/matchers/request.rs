@@ -88,8 +88,19 @@ pub enum HeaderValue {
     Present,
     /// `false`: must not be present.
     Absent,
-    /// One of these values (any of the header's values may match).
+    /// Values compared with the request's, see [`HeaderCond::matches`].
     OneOf(Vec<String>),
+}
+
+/// How a rule reads a header that has several values: several field
+/// lines, or one line of comma-separated elements (the two mean the same
+/// in HTTP, and apps pick one value in their own way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// `deny`, `audit`: any value listed is enough (denies more).
+    Any,
+    /// `allow`: every value must be listed (allows less).
+    Every,
 }
 
 /// A header condition with its (lowercased) name.
@@ -99,15 +110,50 @@ pub struct HeaderCond {
     pub value: HeaderValue,
 }
 
+/// A value without optional whitespace (space, tab) around it.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    let end = v.iter().rposition(|b| !matches!(b, b' ' | b'\t'));
+    match (start, end) {
+        (Some(s), Some(e)) => &v[s..=e],
+        _ => &[],
+    }
+}
+
+/// The comma-separated elements of a field line, trimmed, empty ones
+/// skipped (quoted strings are not interpreted).
+fn elements(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    line.split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|e| !e.is_empty())
+}
+
 impl HeaderCond {
-    pub fn matches(&self, headers: &http::HeaderMap) -> bool {
-        match &self.value {
-            HeaderValue::Present => headers.contains_key(&self.name),
-            HeaderValue::Absent => !headers.contains_key(&self.name),
-            HeaderValue::OneOf(values) => headers
-                .get_all(&self.name)
-                .iter()
-                .any(|v| values.iter().any(|want| v.as_bytes() == want.as_bytes())),
+    /// Whether the request's headers satisfy the condition. A field line
+    /// "is listed" when it equals a listed value exactly, or when each of
+    /// its comma-separated elements (trimmed, empty ones skipped) does.
+    /// With [`Combine::Any`] one listed line or element is enough; with
+    /// [`Combine::Every`] the header must be present and every line listed.
+    pub fn matches(&self, headers: &http::HeaderMap, combine: Combine) -> bool {
+        let values = match &self.value {
+            HeaderValue::Present => return headers.contains_key(&self.name),
+            HeaderValue::Absent => return !headers.contains_key(&self.name),
+            HeaderValue::OneOf(values) => values,
+        };
+        let listed = |v: &[u8]| values.iter().any(|want| want.as_bytes() == v);
+        let mut lines = headers.get_all(&self.name).iter().peekable();
+        match combine {
+            Combine::Any => lines.any(|line| {
+                listed(trim_ows(line.as_bytes())) || elements(line.as_bytes()).any(|e| listed(e))
+            }),
+            Combine::Every => {
+                lines.peek().is_some()
+                    && lines.all(|line| {
+                        listed(trim_ows(line.as_bytes()))
+                            || (elements(line.as_bytes()).next().is_some()
+                                && elements(line.as_bytes()).all(|e| listed(e)))
+                    })
+            }
         }
     }
 

@@ -52,13 +52,17 @@ fn normalization_table() {
         ("*", false, Err(NotAbsolute)),
         ("http://x/a", false, Err(NotAbsolute)),
         // Forms servers disagree on are refused.
-        ("/api/..;/secret", false, Err(PathError::Ambiguous)),
-        ("/api/%2e%2e;/secret", false, Err(PathError::Ambiguous)),
-        ("/api/.;x=1/secret", false, Err(PathError::Ambiguous)),
+        ("/api/..;/secret", false, Err(PathError::Semicolon)),
+        ("/api/%2e%2e;/secret", false, Err(PathError::Semicolon)),
+        ("/api/.;x=1/secret", false, Err(PathError::Semicolon)),
+        ("/api/admin;x", false, Err(PathError::Semicolon)),
+        ("/api/admin%3Bx", true, Err(PathError::Semicolon)),
+        ("/api/admin%3bx", false, Err(PathError::Semicolon)),
+        ("/api/admin%3", false, Err(PathError::InvalidEncoding)),
         ("/api/%252e%252e/secret", false, Err(PathError::Ambiguous)),
         ("/api/..%00/secret", false, Err(PathError::Ambiguous)),
-        // Matrix parameters on ordinary segments, and a literal %25, stay.
-        ("/api/items;v=2/x", false, Ok("/api/items;v=2/x")),
+        // Matrix parameters are refused everywhere; a literal %25 stays.
+        ("/api/items;v=2/x", false, Err(PathError::Semicolon)),
         ("/api/100%25", false, Ok("/api/100%25")),
     ];
     for (input, allow, want) in cases {
