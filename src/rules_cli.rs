@@ -189,10 +189,7 @@ fn explain_cmd(args: &ExplainArgs) -> Result<ExitCode, String> {
     let path = if is_http {
         match normalize_path(raw_path, args.allow_encoded_slash) {
             Ok(p) => p,
-            Err(e) => {
-                println!("decision: deny\nreason:   the sidecar answers 400 Bad Request: {e}");
-                return Ok(ExitCode::from(1));
-            }
+            Err(e) => return Ok(refuse(&format!("400 Bad Request: {e}"))),
         }
     } else {
         String::new()
@@ -203,8 +200,25 @@ fn explain_cmd(args: &ExplainArgs) -> Result<ExitCode, String> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
+    // The sidecar's own host and method checks, so the answer matches it.
+    let method = args.method.as_deref().unwrap_or("GET");
+    let refused = if method == "CONNECT" {
+        Some("405 Method Not Allowed: CONNECT is not served on an application port".to_string())
+    } else if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        Some("400 Bad Request: a method with lowercase letters".to_string())
+    } else {
+        None
+    };
+    let host = match host.map(|h| crate::proxy::http::normalize_host(h.as_bytes())) {
+        Some(Err(e)) => return Ok(refuse(&format!("400 Bad Request: bad host: {e}"))),
+        Some(Ok(h)) => Some(h),
+        None => None,
+    };
+    if let (Some(why), true) = (refused, is_http) {
+        return Ok(refuse(&why));
+    }
     let req = HttpRequest {
-        method: args.method.as_deref().unwrap_or("GET"),
+        method,
         path: &path,
         host: host.as_deref(),
         headers: &headers,
@@ -237,4 +251,10 @@ fn explain_cmd(args: &ExplainArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Prints that the sidecar refuses the request before any rule is asked.
+fn refuse(why: &str) -> ExitCode {
+    println!("decision: deny\nreason:   the sidecar answers {why}");
+    ExitCode::from(1)
 }

@@ -2,7 +2,7 @@
 //! sidecars over HTTP/1.1 (raw bytes, so nothing is cleaned up by a client
 //! library) and HTTP/2: odd host ports, `;` path parameters, request
 //! trailers, HTTP/2 field values with stray whitespace, comma-joined
-//! values, lowercase methods and `CONNECT`.
+//! values, lowercase methods, `CONNECT` and fragments.
 
 mod common;
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -420,6 +420,36 @@ async fn methods_are_exact_uppercase_tokens_and_connect_is_refused() {
         .unwrap();
     let (status, body) = send2(&mut c, connect).await;
     assert_eq!(status, 405, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_in_the_target_is_refused() {
+    let m = mesh().await;
+    let t = "x-tenant: good\r\n";
+    for target in ["/p#frag", "/api/admin#x", "/p?q=1#frag", "http://h/p#f"] {
+        let (status, body) = get1(&m, target, "h", t).await;
+        assert_eq!(status, 400, "{target} -> {body}");
+    }
+    // Keep-alive: a fragment in a later request on the same connection.
+    let mut s = TcpStream::connect(m.a.upstream()).await.unwrap();
+    let first =
+        format!("POST /p HTTP/1.1\r\nHost: h\r\n{t}Content-Length: 13\r\n\r\nGET /x#y HTTP");
+    s.write_all(first.as_bytes()).await.unwrap();
+    s.write_all(format!("GET /q#z HTTP/1.1\r\nHost: h\r\n{t}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "a '#' in a body is data: {text}"
+    );
+    assert!(text.contains("\r\n\r\nPOST /p "), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 400").count(), 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

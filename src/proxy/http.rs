@@ -28,9 +28,11 @@ use super::Shared;
 use crate::authz::Peer;
 
 mod admit;
+mod fragment;
 
-pub use admit::{admit_head, AdmitSettings, Admitted, Refusal, XFCC};
+pub use admit::{admit_head, normalize_host, AdmitSettings, Admitted, FragmentSeen, Refusal, XFCC};
 use admit::{is_upgrade, strip_hop_by_hop};
+use fragment::Fragments;
 
 /// The body of every response the proxy hands back.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -51,10 +53,12 @@ pub async fn serve<S>(shared: Arc<Shared>, io: S, conn: ConnInfo)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (io, fragments) = fragment::Watch::new(io);
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, &conn, req).await) }
+        let fragments = fragments.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, &conn, &fragments, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A client that never finishes its headers is closed (slowloris).
@@ -71,12 +75,23 @@ where
     }
 }
 
-async fn handle(shared: &Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    shared: &Arc<Shared>,
+    conn: &ConnInfo,
+    fragments: &Fragments,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
+    if req.version() < Version::HTTP_2 {
+        let target = req.uri().to_string();
+        if fragments.take(req.method().as_str(), &target) {
+            req.extensions_mut().insert(FragmentSeen);
+        }
+    }
     let method = method_label(req.method());
     let port = conn.target.port();
     let resp = match admit(shared, conn, req) {
-        Ok(req) => forward(shared, conn, req).await,
+        Ok(req) => forward(shared, conn, fragments, req).await,
         Err(resp) => *resp,
     };
     let port = port.to_string();
@@ -155,6 +170,7 @@ fn refusal_body(refusal: &Refusal) -> &'static str {
 async fn forward(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
+    fragments: &Fragments,
     mut req: Request<NoTrailers>,
 ) -> Response<Body> {
     let upgrade = is_upgrade(req.headers());
@@ -179,6 +195,8 @@ async fn forward(
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = client_side {
+            // What follows on the connection is no longer HTTP/1.
+            fragments.stop();
             let app_side = hyper::upgrade::on(&mut resp);
             let traffic = super::traffic(&shared.metrics, "inbound", conn.target.port());
             let (shared, conn) = (shared.clone(), conn.clone());

@@ -26,14 +26,6 @@ fn connection(conn: &ConnInfo) -> Connection<'_> {
 }
 
 impl Policy {
-    /// Decides one HTTP request.
-    pub fn authorize_http(&self, conn: &ConnInfo, req: &HttpRequest<'_>) -> Decision {
-        let rules = self.rules.current();
-        let decision = authorize(&rules, &self.td, self.default, &connection(conn), Some(req));
-        self.record(conn, &decision);
-        decision
-    }
-
     /// Decides an opaque (non-HTTP) connection.
     pub fn authorize_tcp(&self, conn: &ConnInfo) -> Decision {
         let rules = self.rules.current();
@@ -68,6 +60,7 @@ impl Policy {
         }
     }
 
+    /// Counts a decision and logs the audit rules that matched.
     pub(super) fn record(&self, conn: &ConnInfo, decision: &Decision) {
         self.rules.metrics().record(decision);
         for audit in &decision.audits {

@@ -144,14 +144,14 @@ impl HeaderCond {
         let mut lines = headers.get_all(&self.name).iter().peekable();
         match combine {
             Combine::Any => lines.any(|line| {
-                listed(trim_ows(line.as_bytes())) || elements(line.as_bytes()).any(|e| listed(e))
+                listed(trim_ows(line.as_bytes())) || elements(line.as_bytes()).any(&listed)
             }),
             Combine::Every => {
                 lines.peek().is_some()
                     && lines.all(|line| {
                         listed(trim_ows(line.as_bytes()))
                             || (elements(line.as_bytes()).next().is_some()
-                                && elements(line.as_bytes()).all(|e| listed(e)))
+                                && elements(line.as_bytes()).all(&listed))
                     })
             }
         }

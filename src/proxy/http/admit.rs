@@ -36,6 +36,11 @@ pub struct AdmitSettings<'a> {
     pub allow_encoded_slash: bool,
 }
 
+/// Marks a request whose target had a `#fragment`, which the HTTP parser
+/// removed before the URI was built (the connection reader saw it).
+#[derive(Debug, Clone, Copy)]
+pub struct FragmentSeen;
+
 /// A request the rules allow, already rewritten for the app.
 #[derive(Debug)]
 pub struct Admitted {
@@ -88,7 +93,8 @@ impl Refusal {
 /// Admits (or refuses) one request head and rewrites it for the app.
 ///
 /// Refused (see [`Refusal`]): `CONNECT` (405), a method with lowercase
-/// letters, a scheme other than http(s), a path [`normalize_path`] refuses,
+/// letters, a scheme other than http(s), a request marked [`FragmentSeen`]
+/// by the caller, a path [`normalize_path`] refuses,
 /// a host [`normalize_host`] refuses or a missing or doubled `Host`, a
 /// field value with whitespace at either end (400), and what the rules deny
 /// (403).
@@ -140,6 +146,9 @@ pub fn admit_head(
         .is_some_and(|s| s != "http" && s != "https")
     {
         return Err(Refusal::Target("a scheme other than http or https"));
+    }
+    if parts.extensions.get::<FragmentSeen>().is_some() {
+        return Err(Refusal::Path(PathError::Fragment));
     }
     let path = normalize_path(parts.uri.path(), settings.allow_encoded_slash)?;
     let host = request_host(parts).map_err(Refusal::Host)?;
@@ -315,12 +324,15 @@ pub fn normalize_host(value: &[u8]) -> Result<String, &'static str> {
 /// Removes every header that claims to say who called, including spellings
 /// with `_` that CGI-style gateways fold into the real name.
 pub(crate) fn strip_client_cert_headers(headers: &mut HeaderMap) {
-    let spoofs: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().replace('_', "-") == XFCC)
-        .cloned()
-        .collect();
-    for name in spoofs {
+    let spoof = |n: &HeaderName| {
+        n.as_str().len() == XFCC.len()
+            && n.as_str()
+                .bytes()
+                .zip(XFCC.bytes())
+                .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+    };
+    // Found without allocating; the common case removes nothing.
+    while let Some(name) = headers.keys().find(|n| spoof(n)).cloned() {
         headers.remove(name);
     }
 }
