@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
             let Ok(requested) = workload_id(&request.identity, &td) else {
                 return;
             };
-            assert_eq!(requested.to_string(), request.identity, "only canonical ids");
+            assert_eq!(
+                requested.to_string(),
+                request.identity,
+                "only canonical ids"
+            );
             let _ = check_csr(&request.csr, &requested);
         }
         1 => {

@@ -19,7 +19,7 @@ use http::{header, HeaderName, HeaderValue, Method, Version};
 use libfuzzer_sys::fuzz_target;
 use portcullis::authz::{compile, normalize_path, DefaultPolicy, Peer, RuleSet, Source};
 use portcullis::identity::{SpiffeId, TrustDomain};
-use portcullis::proxy::http::{admit_head, AdmitSettings, ConnInfo, XFCC};
+use portcullis::proxy::http::{admit_head, AdmitSettings, ConnInfo, FragmentSeen, XFCC};
 
 const RULES: &str = r#"
 rules:
@@ -66,8 +66,8 @@ fn fixed() -> &'static Fixed {
             source: "10.0.0.1:40000".parse().expect("an address"),
             target: "127.0.0.1:8080".parse().expect("an address"),
         };
-        let frontend = SpiffeId::parse("spiffe://cluster.local/ns/web/sa/frontend")
-            .expect("a valid id");
+        let frontend =
+            SpiffeId::parse("spiffe://cluster.local/ns/web/sa/frontend").expect("a valid id");
         Fixed {
             rules: compile(&[source]).expect("the fixed rules compile"),
             td: TrustDomain::new("cluster.local").expect("a valid trust domain"),
@@ -83,9 +83,10 @@ fn parts(data: &[u8]) -> Option<http::request::Parts> {
     let httparse::Status::Complete(_) = req.parse(data).ok()? else {
         return None;
     };
+    let target = req.path?;
     let mut b = http::Request::builder()
         .method(Method::from_bytes(req.method?.as_bytes()).ok()?)
-        .uri(req.path?)
+        .uri(target)
         .version(match req.version? {
             0 => Version::HTTP_10,
             _ => Version::HTTP_11,
@@ -95,6 +96,11 @@ fn parts(data: &[u8]) -> Option<http::request::Parts> {
             HeaderName::from_bytes(h.name.as_bytes()).ok()?,
             HeaderValue::from_bytes(h.value).ok()?,
         );
+    }
+    if target.contains('#') {
+        // The URI parser drops the fragment; the proxy's connection reader
+        // sees it in the bytes and marks the request (proxy/http/fragment.rs).
+        b = b.extension(FragmentSeen);
     }
     Some(b.body(()).ok()?.into_parts().0)
 }

@@ -10,7 +10,8 @@
 //! empty, `.` or `..` segment and no `\`, and normalizing it again changes
 //! nothing and is not refused (what the app receives must be what the rules
 //! saw, and a form refused as ambiguous must not come out of
-//! normalization). An admitted request carries the normalized path, and
+//! normalization). A normalized host is lowercase, a valid authority, and
+//! normalizing it again changes nothing. An admitted request carries the normalized path, and
 //! one host, the same in its target and its `Host` header, with no user
 //! information and a numeric port if any.
 #![no_main]
@@ -20,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use portcullis::authz::{normalize_path, DefaultPolicy, Peer, RuleSet};
 use portcullis::identity::TrustDomain;
-use portcullis::proxy::http::{admit_head, AdmitSettings, ConnInfo};
+use portcullis::proxy::http::{admit_head, normalize_host, AdmitSettings, ConnInfo};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -35,6 +36,9 @@ fuzz_target!(|data: &[u8]| {
         None => (text, None),
     };
     check_path(path, allow_encoded_slash);
+    if let Some(h) = host {
+        check_host(h);
+    }
     // Also as a path after a leading '/', which most inputs lack.
     check_path(&format!("/{path}"), allow_encoded_slash);
     check_admission(path, host, mode & 2 == 2, allow_encoded_slash);
@@ -59,6 +63,22 @@ fn check_path(raw: &str, allow_encoded_slash: bool) {
         Ok(again) => assert_eq!(again, path, "not idempotent for {raw:?}"),
         Err(e) => panic!("{raw:?} -> {path:?}, which is then refused: {e}"),
     }
+}
+
+fn check_host(raw: &str) {
+    let Ok(host) = normalize_host(raw.as_bytes()) else {
+        return;
+    };
+    assert!(!host.contains('@'), "{raw:?} -> {host:?}");
+    assert_eq!(host, host.to_ascii_lowercase(), "{raw:?} -> {host:?}");
+    match normalize_host(host.as_bytes()) {
+        Ok(again) => assert_eq!(again, host, "not idempotent for {raw:?}"),
+        Err(e) => panic!("{raw:?} -> {host:?}, which is then refused: {e}"),
+    }
+    let parsed: http::uri::Authority = host
+        .parse()
+        .unwrap_or_else(|e| panic!("{raw:?} -> {host:?}, not an authority: {e}"));
+    assert_eq!(parsed.as_str(), host);
 }
 
 struct Fixed {
@@ -102,16 +122,30 @@ fn check_admission(path: &str, host: Option<&str>, absolute: bool, allow_encoded
         return;
     }
     let want = normalize_path(&raw_path, allow_encoded_slash).expect("admitted, so it normalizes");
-    assert_eq!(parts.uri.path(), want, "the app gets the path the rules saw");
+    assert_eq!(
+        parts.uri.path(),
+        want,
+        "the app gets the path the rules saw"
+    );
     assert_eq!(parts.uri.scheme_str(), Some("http"));
     let authority = parts.uri.authority().expect("an absolute target").as_str();
-    assert!(!authority.contains('@'), "user information in {authority:?}");
-    if let Some((_, port)) = authority.rsplit_once(':').filter(|_| !authority.ends_with(']')) {
+    assert!(
+        !authority.contains('@'),
+        "user information in {authority:?}"
+    );
+    if let Some((_, port)) = authority
+        .rsplit_once(':')
+        .filter(|_| !authority.ends_with(']'))
+    {
         assert!(port.parse::<u16>().is_ok(), "port of {authority:?}");
     }
     if host.is_some() {
         let hosts: Vec<_> = parts.headers.get_all(http::header::HOST).iter().collect();
         assert_eq!(hosts.len(), 1, "one Host for the app");
-        assert_eq!(hosts[0].as_bytes(), authority.as_bytes(), "Host and target agree");
+        assert_eq!(
+            hosts[0].as_bytes(),
+            authority.as_bytes(),
+            "Host and target agree"
+        );
     }
 }

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::authz::{
-    authorize, compile, explain, lint, locate_rule, Connection, DefaultPolicy, Error,
-    HttpRequest, Peer, Source,
+    authorize, compile, explain, lint, locate_rule, Connection, DefaultPolicy, Error, HttpRequest,
+    Peer, Source,
 };
 use portcullis::identity::{SpiffeId, TrustDomain};
 
@@ -96,9 +96,15 @@ fn one_format(name: &str, text: &str) {
 /// and PS as line breaks too, so every one of them is counted here.
 fn check_location(e: &Error, text: &str) {
     if let Error::Invalid { at, .. } = e {
-        let breaks = text.replace("\r\n", "\n").matches(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}']).count();
+        let breaks = text
+            .replace("\r\n", "\n")
+            .matches(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'])
+            .count();
         let lines = breaks + 2;
-        assert!(at.line >= 1 && at.line <= lines.max(1), "{e} ({lines} lines)");
+        assert!(
+            at.line >= 1 && at.line <= lines.max(1),
+            "{e} ({lines} lines)"
+        );
         assert!(at.column >= 1);
     }
 }
