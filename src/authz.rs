@@ -30,7 +30,7 @@ pub use explain::{explain, Explanation, MatchedRule, Mismatch, NearMiss};
 pub use lint::{lint, Warning};
 pub use live::{LiveRules, ReloadError, ReloadOutcome, RulesStatus};
 pub(crate) use load::list_dir;
-pub use load::{check_paths, load_dir, load_paths, locate_rule, Location};
+pub use load::{check_paths, compile, load_dir, load_paths, locate_rule, Location, Source};
 pub use metrics::AuthzMetrics;
 pub use path::{normalize_path, PathError};
 pub use ruleset::{Rule, RuleSet};

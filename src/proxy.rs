@@ -12,7 +12,7 @@ mod policy;
 mod rewind;
 mod splice;
 
-pub use detect::{detect, sniff_http, AppProtocol, Detected};
+pub use detect::{classify_buffered, detect, sniff_http, AppProtocol, Detected};
 pub use http::AppClients;
 pub use inbound::{Inbound, PendingHandshakes};
 pub use orig_dst::original_destination;

@@ -46,9 +46,10 @@ impl serde::Serialize for Location {
 }
 
 /// One file's name and text, read before anything is parsed so that a
-/// reload can tell from the hash whether anything changed.
+/// reload can tell from the hash whether anything changed. Public so that
+/// [`compile`] can be driven from text in memory (the fuzz targets do).
 #[derive(Debug, Clone)]
-pub(crate) struct Source {
+pub struct Source {
     pub path: PathBuf,
     pub text: String,
 }
@@ -175,8 +176,10 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<RuleSet, Error> {
     compile(&read_sources(paths)?)
 }
 
-/// Parses every source and checks names are unique across all of them.
-pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, Error> {
+/// Parses every source (YAML unless the name ends in `.json`) and checks
+/// names are unique across all of them: the whole of loading, minus the
+/// file system. Public so that it can be fuzzed over text in memory.
+pub fn compile(sources: &[Source]) -> Result<RuleSet, Error> {
     let mut rules: Vec<Rule> = Vec::new();
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     for (si, src) in sources.iter().enumerate() {

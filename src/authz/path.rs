@@ -94,6 +94,11 @@ pub fn normalize_path(raw: &str, allow_encoded_slash: bool) -> Result<String, Pa
         return Err(PathError::Ambiguous);
     }
     let decoded = decode_unreserved(raw, allow_encoded_slash)?;
+    // Decoding can build a double encoding (`%25%34%31` -> `%2541`) that an
+    // app decoding twice reads as `/A`: refused like one sent as such.
+    if is_ambiguous(&decoded) {
+        return Err(PathError::Ambiguous);
+    }
     let mut out: Vec<&str> = Vec::new();
     let mut trailing = false;
     for seg in decoded[1..].split('/') {

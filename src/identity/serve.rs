@@ -13,7 +13,7 @@ mod judge;
 mod metrics;
 mod review;
 
-pub use api::{CertifyRequest, CertifyResponse, ErrorBody, MAX_BODY, MAX_TOKEN};
+pub use api::{workload_id, CertifyRequest, CertifyResponse, ErrorBody, MAX_BODY, MAX_TOKEN};
 pub use code::Code;
 pub use csr::{check_csr, CsrError};
 pub use judge::{judge, ReviewStatus, UserInfo, POD_NAME_EXTRA};

@@ -306,6 +306,20 @@ fn is_http1_request_line(line: &[u8]) -> bool {
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
 }
 
+/// The pure steps of [`detect`] and [`sniff_http`] over bytes already in
+/// hand, in the order `detect` takes them: the TLS record walk (see
+/// `records`), the ClientHello verdict on the whole records (or on all of
+/// `buf` when a record is longer than TLS allows), and the HTTP sniff.
+/// It exists so the parsers can be fuzzed and tested without a socket.
+pub fn classify_buffered(buf: &[u8]) -> (usize, Option<Detected>, Option<AppProtocol>) {
+    let (complete, next) = records(buf);
+    let hello = match next {
+        None => classify_hello(buf),
+        Some(_) => classify_hello(&buf[..complete]),
+    };
+    (complete, hello, classify_http(buf))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -305,8 +305,9 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token)
 }
 
-/// `identity` exactly as `spiffe://<td>/ns/<ns>/sa/<sa>` would print.
-fn workload_id(identity: &str, td: &TrustDomain) -> Result<SpiffeId, String> {
+/// `identity` exactly as `spiffe://<td>/ns/<ns>/sa/<sa>` would print
+/// (check 3 of a certify request). Public so that it can be fuzzed.
+pub fn workload_id(identity: &str, td: &TrustDomain) -> Result<SpiffeId, String> {
     let id = SpiffeId::parse(identity).map_err(|e| e.to_string())?;
     if id.trust_domain() != td {
         return Err(format!("{identity} is not in trust domain {td}"));
