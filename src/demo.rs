@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::app::{App, BoundAddrs};
 use crate::config::{Cli, Command, DemoArgs};
@@ -211,6 +212,9 @@ press Ctrl-C to stop"
 /// One sidecar running in this process, on its own thread named after it
 /// (`client`, `server`) with its own single-threaded runtime: every task
 /// it spawns runs there, so its log lines can be told apart by thread.
+/// Work it hands to a helper thread (parsing reloaded files) carries the
+/// span it was started from, so the sidecar also runs inside a span named
+/// after it ([`sidecar_span`]) and the log prefix finds it there.
 /// Dropping it begins its drain, so a failed `start` leaves nothing listening.
 struct Sidecar {
     drain: Drain,
@@ -227,6 +231,7 @@ impl Sidecar {
         let settings = args.settings().map_err(anyhow::Error::msg)?;
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let (done_tx, done) = tokio::sync::oneshot::channel();
+        let span = sidecar_span(name)?;
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
@@ -237,14 +242,17 @@ impl Sidecar {
                     Ok(rt) => rt,
                     Err(e) => return drop(bound_tx.send(Err(anyhow::Error::from(e)))),
                 };
-                rt.block_on(async move {
-                    let app = match App::bind(settings).await {
-                        Ok(app) => app,
-                        Err(e) => return drop(bound_tx.send(Err(e))),
-                    };
-                    let _ = bound_tx.send(Ok((app.addrs().clone(), app.drain())));
-                    let _ = done_tx.send(app.run().await);
-                });
+                rt.block_on(
+                    async move {
+                        let app = match App::bind(settings).await {
+                            Ok(app) => app,
+                            Err(e) => return drop(bound_tx.send(Err(e))),
+                        };
+                        let _ = bound_tx.send(Ok((app.addrs().clone(), app.drain())));
+                        let _ = done_tx.send(app.run().await);
+                    }
+                    .instrument(span),
+                );
             })
             .with_context(|| format!("starting the {name} sidecar's thread"))?;
         let (addrs, drain) = bound_rx.await.context("the sidecar's thread ended")??;
@@ -282,9 +290,44 @@ fn init_logs() -> Result<()> {
         .map_err(|e| anyhow!("logging: {e}"))
 }
 
+/// The span a demo sidecar runs in. Tasks it spawns do not inherit it (the
+/// thread name tells those apart), but spans created while it is entered
+/// have it as their parent, and helper threads enter those: its name is
+/// how [`SidecarPrefix`] attributes their lines.
+fn sidecar_span(name: &str) -> Result<tracing::Span> {
+    Ok(match name {
+        "client" => tracing::info_span!("client"),
+        "server" => tracing::info_span!("server"),
+        _ => bail!("no demo sidecar is called {name}"),
+    })
+}
+
 /// `[server] info request denied peer=... rule=...`: the sidecar's name
-/// (its thread's), the level, then the event's message and fields.
+/// (its thread's, or else its [`sidecar_span`]'s), the level, then the
+/// event's message and fields.
 struct SidecarPrefix;
+
+/// Which sidecar an event comes from: the thread it is logged on, or
+/// else the sidecar span it is logged in; `demo` for the demo's own lines.
+fn sidecar_of<S, N>(ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>) -> &'static str
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    let known = |n: &str| match n {
+        "client" => Some("client"),
+        "server" => Some("server"),
+        _ => None,
+    };
+    if let Some(n) = std::thread::current().name().and_then(known) {
+        return n;
+    }
+    ctx.event_scope()
+        .into_iter()
+        .flatten()
+        .find_map(|span| known(span.name()))
+        .unwrap_or("demo")
+}
 
 impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for SidecarPrefix
 where
@@ -297,10 +340,7 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let name = match std::thread::current().name() {
-            Some(n @ ("client" | "server")) => n.to_string(),
-            _ => "demo".to_string(),
-        };
+        let name = sidecar_of(ctx);
         let level = event.metadata().level().as_str().to_lowercase();
         write!(writer, "[{name}] {level} ")?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;

@@ -19,9 +19,12 @@ impl Drop for Child {
 }
 
 /// Waits (bounded) for a line from `rx` that satisfies `want`; returns it.
+/// On failure it says which line (`what`) it waited for and shows every
+/// line seen, the demo's stdout and stderr interleaved.
 fn line_where(
     rx: &mpsc::Receiver<String>,
     seen: &mut Vec<String>,
+    what: &str,
     want: impl Fn(&str) -> bool,
 ) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -39,7 +42,7 @@ fn line_where(
             Err(_) => break,
         }
     }
-    panic!("no such line; got:\n{}", seen.join("\n"));
+    panic!("no line {what} within 20s; got:\n{}", seen.join("\n"));
 }
 
 #[test]
@@ -73,15 +76,17 @@ fn demo_shows_the_sidecars_logs_by_name() {
         });
     }
     let mut seen = Vec::new();
-    line_where(&rx, &mut seen, |l| l == "press Ctrl-C to stop");
-    let loaded = line_where(&rx, &mut seen, |l| {
+    line_where(&rx, &mut seen, "ending the banner", |l| {
+        l == "press Ctrl-C to stop"
+    });
+    let loaded = line_where(&rx, &mut seen, "[server] rules loaded", |l| {
         l.starts_with("[server] info rules loaded")
     });
     // The banner's own GET /admin was denied by the server sidecar.
-    line_where(&rx, &mut seen, |l| {
+    line_where(&rx, &mut seen, "[server] request denied /admin", |l| {
         l.starts_with("[server] info request denied") && l.contains("path=/admin")
     });
-    line_where(&rx, &mut seen, |l| {
+    line_where(&rx, &mut seen, "[client] certificate issued", |l| {
         l.starts_with("[client] info certificate issued")
     });
     assert!(
@@ -103,7 +108,7 @@ fn demo_shows_the_sidecars_logs_by_name() {
     )
     .unwrap();
     std::fs::rename(&tmp, &file).unwrap();
-    line_where(&rx, &mut seen, |l| {
+    line_where(&rx, &mut seen, "[server] rules reloaded", |l| {
         l.starts_with("[server] info rules reloaded")
     });
 
@@ -112,6 +117,8 @@ fn demo_shows_the_sidecars_logs_by_name() {
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    line_where(&rx, &mut seen, |l| l.starts_with("demo stopped"));
+    line_where(&rx, &mut seen, "demo stopped", |l| {
+        l.starts_with("demo stopped")
+    });
     assert!(child.0.wait().unwrap().success());
 }
