@@ -72,7 +72,11 @@ fn normalization_table() {
         ("/%25%30%30", false, Err(PathError::Ambiguous)),
         ("/%252%30", false, Err(PathError::Ambiguous)),
         ("/%25%325", false, Err(PathError::Ambiguous)),
-        ("/public/%25%32%65%25%32%65/admin/x", false, Err(PathError::Ambiguous)),
+        (
+            "/public/%25%32%65%25%32%65/admin/x",
+            false,
+            Err(PathError::Ambiguous),
+        ),
         ("/a%25%7A", false, Ok("/a%25z")),
         ("/a%25%2D1", false, Ok("/a%25-1")),
         // Matrix parameters are refused everywhere; a literal %25 stays.

@@ -238,7 +238,9 @@ fn request_heads_are_refused_denied_or_rewritten() {
         ),
         (
             "underscore twin beside the real header",
-            get("/x").header("x-tenant", "good").header("x_tenant", "ok"),
+            get("/x")
+                .header("x-tenant", "good")
+                .header("x_tenant", "ok"),
             400,
         ),
         (
@@ -246,7 +248,11 @@ fn request_heads_are_refused_denied_or_rewritten() {
             get("/x").header("x_other", "1"),
             200,
         ),
-        ("underscore elsewhere", get("/x").header("x_ten_ant", "1"), 200),
+        (
+            "underscore elsewhere",
+            get("/x").header("x_ten_ant", "1"),
+            200,
+        ),
     ];
     for (what, req, want) in cases {
         assert_eq!(admit(DENIES, req).0.as_u16(), want, "{what}");
