@@ -2,9 +2,13 @@
 //! sidecars over HTTP/1.1 (raw bytes, so nothing is cleaned up by a client
 //! library) and HTTP/2: odd host ports, `;` path parameters, request
 //! trailers, HTTP/2 field values with stray whitespace, comma-joined
-//! values, lowercase methods, `CONNECT` and fragments.
+//! values, lowercase methods, `CONNECT` and fragments; and forms built
+//! from allowed parts (`assembled`).
 
 mod common;
+
+#[path = "http_bypass/assembled.rs"]
+mod assembled;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

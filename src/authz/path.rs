@@ -74,7 +74,9 @@ fn has_semicolon(raw: &str) -> bool {
 /// characters (other escapes are kept, with uppercase hex), removes `.` and
 /// `..` segments (`..` never climbs above `/`), and merges repeated slashes.
 /// A trailing slash is kept. A `;` (path parameters), raw or encoded, is
-/// refused. An encoded `/` or a `\` (raw or encoded) is
+/// refused, and so are `%00` and a double encoding (`%25` followed by two
+/// hex digits), whether written literally or built from encoded parts
+/// (`%25%36%31`), since decoding must not create a form refused as written. An encoded `/` or a `\` (raw or encoded) is
 /// refused unless `allow_encoded_slash`, in which case it is kept encoded
 /// (`%2F`, `%5C`) and is part of its segment.
 pub fn normalize_path(raw: &str, allow_encoded_slash: bool) -> Result<String, PathError> {
@@ -94,8 +96,12 @@ pub fn normalize_path(raw: &str, allow_encoded_slash: bool) -> Result<String, Pa
         return Err(PathError::Ambiguous);
     }
     let decoded = decode_unreserved(raw, allow_encoded_slash)?;
-    // Decoding can build a double encoding (`%25%34%31` -> `%2541`) that an
-    // app decoding twice reads as `/A`: refused like one sent as such.
+    // Decoding can assemble a refused form from encoded parts: `%25%36%31`
+    // becomes `%2561`, which an app that decodes twice reads as `a`. So the
+    // refusals hold on the decoded path too, whatever built it.
+    if has_semicolon(&decoded) {
+        return Err(PathError::Semicolon);
+    }
     if is_ambiguous(&decoded) {
         return Err(PathError::Ambiguous);
     }

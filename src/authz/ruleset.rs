@@ -114,6 +114,10 @@ pub struct RuleSet {
     audits: Vec<usize>,
     /// Merged, sorted ranges of ports that some `allow` rule covers.
     allow_ports: Vec<PortRange>,
+    /// Every header name some rule reads, sorted and deduplicated: as
+    /// written, and with `_` folded to `-` (see [`RuleSet::underscore_twin`]).
+    header_names: Vec<String>,
+    folded_header_names: Vec<String>,
     hash: String,
     loaded_at: SystemTime,
     files: Vec<PathBuf>,
@@ -151,12 +155,26 @@ impl RuleSet {
                 _ => allow_ports.push(r),
             }
         }
+        let mut header_names: Vec<String> = rules
+            .iter()
+            .filter_map(|r| r.http.as_ref()?.headers.as_ref())
+            .flatten()
+            .map(|c| c.name.as_str().to_owned())
+            .collect();
+        header_names.sort();
+        header_names.dedup();
+        let mut folded_header_names: Vec<String> =
+            header_names.iter().map(|n| fold_underscores(n)).collect();
+        folded_header_names.sort();
+        folded_header_names.dedup();
         RuleSet {
             rules,
             denies,
             allows,
             audits,
             allow_ports,
+            header_names,
+            folded_header_names,
             hash,
             loaded_at: SystemTime::now(),
             files,
@@ -197,6 +215,22 @@ impl RuleSet {
         self.allow_ports.get(i).is_some_and(|r| r.contains(port))
     }
 
+    /// Whether `name` is an underscore twin of a header some rule reads:
+    /// it contains `_`, is not spelled exactly as in the rule, and names the
+    /// rule's header once every `_` is read as `-` (CGI-style gateways fold
+    /// `x_tenant` into `x-tenant`, so the app could read a value no rule
+    /// saw). Names without `_` cost one byte scan.
+    pub fn underscore_twin(&self, name: &str) -> bool {
+        if self.header_names.is_empty() || !name.contains('_') {
+            return false;
+        }
+        let name = name.to_ascii_lowercase();
+        self.folded_header_names
+            .binary_search(&fold_underscores(&name))
+            .is_ok()
+            && self.header_names.binary_search(&name).is_err()
+    }
+
     pub(crate) fn denies(&self) -> impl Iterator<Item = &Rule> {
         self.denies.iter().map(|&i| &self.rules[i])
     }
@@ -208,6 +242,11 @@ impl RuleSet {
     pub(crate) fn audits(&self) -> impl Iterator<Item = &Rule> {
         self.audits.iter().map(|&i| &self.rules[i])
     }
+}
+
+/// `name` with every `_` replaced by `-`.
+fn fold_underscores(name: &str) -> String {
+    name.replace('_', "-")
 }
 
 impl Default for RuleSet {

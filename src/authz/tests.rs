@@ -337,3 +337,34 @@ fn explanation_names_the_failed_fields() {
     );
     assert_eq!(json["decision"], "deny");
 }
+
+/// (header name in a request, whether it is an underscore twin of a header
+/// that some deny, allow or audit rule reads)
+#[test]
+fn underscore_twins_of_rule_headers() {
+    let set = set_from_yaml(
+        r#"
+rules:
+  - {name: d, action: deny, http: {headers: {x-tenant: evil}}}
+  - {name: a, action: allow, http: {headers: {X-Team: [core]}}}
+  - {name: u, action: audit, http: {headers: {x-trace-id: true}}}
+  - {name: e, action: deny, http: {headers: {x_exact: "1"}}}
+"#,
+    );
+    for (name, twin) in [
+        ("x_tenant", true),
+        ("X_TENANT", true),
+        ("x_team", true),
+        ("x_trace_id", true),
+        ("x-trace_id", true),
+        ("x-tenant", false),
+        ("x_other", false),
+        ("x__tenant", false),
+        ("x_exact", false),
+        ("x-exact", false),
+        ("x-ex_act", false),
+    ] {
+        assert_eq!(set.underscore_twin(name), twin, "{name}");
+    }
+    assert!(!RuleSet::empty().underscore_twin("x_tenant"));
+}

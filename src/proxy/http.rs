@@ -160,6 +160,7 @@ fn refusal_body(refusal: &Refusal) -> &'static str {
         Refusal::Path(_) => "bad request path\n",
         Refusal::Host(_) => "bad host\n",
         Refusal::Header(..) => "bad header value\n",
+        Refusal::HeaderTwin(_) => "bad header name\n",
         Refusal::Denied(_) => "access denied\n",
     }
 }

@@ -66,6 +66,10 @@ pub enum Refusal {
     Host(&'static str),
     #[error("bad value of header {0}: {1}")]
     Header(HeaderName, &'static str),
+    /// A header spelled with `_` that names, once `_` is read as `-`, a
+    /// header the rules read (see [`RuleSet::underscore_twin`]).
+    #[error("header {0} is an underscore spelling of a header the rules read")]
+    HeaderTwin(HeaderName),
     /// The rules deny the request (the decision names the rule).
     #[error("denied by rule {}", .0.rule)]
     Denied(Decision),
@@ -96,8 +100,9 @@ impl Refusal {
 /// letters, a scheme other than http(s), a request marked [`FragmentSeen`]
 /// by the caller, a path [`normalize_path`] refuses,
 /// a host [`normalize_host`] refuses or a missing or doubled `Host`, a
-/// field value with whitespace at either end (400), and what the rules deny
-/// (403).
+/// field value with whitespace at either end, a header whose name is an
+/// underscore twin of one the rules read ([`RuleSet::underscore_twin`])
+/// (400), and what the rules deny (403).
 ///
 /// On `Ok`, `parts` is what the app must receive: its URI is absolute
 /// (`http://HOST/normalized-path?query`, `HOST` being the normalized host
@@ -158,6 +163,7 @@ pub fn admit_head(
     // The rules see the headers exactly as the app will receive them.
     let upgrade = is_upgrade(&parts.headers);
     rewrite_headers(parts, conn, host.as_deref(), upgrade);
+    check_header_twins(&parts.headers, rules)?;
     let decision = authorize(
         rules,
         settings.td,
@@ -248,6 +254,18 @@ fn check_header_values(headers: &HeaderMap) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// Refuses a header spelled with `_` where a rule reads the `-` spelling
+/// (`x_tenant` when a rule reads `x-tenant`): gateways that fold `_` into
+/// `-` would hand the app a value no rule saw, past a deny rule or beside
+/// the value an allow rule checked. Only names with `_` cost more than a
+/// byte scan, and nothing at all when no rule reads a header.
+fn check_header_twins(headers: &HeaderMap, rules: &RuleSet) -> Result<(), Refusal> {
+    match headers.keys().find(|n| rules.underscore_twin(n.as_str())) {
+        Some(name) => Err(Refusal::HeaderTwin(name.clone())),
+        None => Ok(()),
+    }
 }
 
 /// The host the client asked for, normalized by [`normalize_host`]: the

@@ -226,6 +226,33 @@ fn request_heads_are_refused_denied_or_rewritten() {
             get("/x").header("x-tenant", "good, other"),
             200,
         ),
+        (
+            "underscore twin of a rule header",
+            get("/x").header("x_tenant", "evil"),
+            400,
+        ),
+        (
+            "h2 underscore twin",
+            h2("GET", "http://h/x").header("X_Tenant", "evil"),
+            400,
+        ),
+        (
+            "underscore twin beside the real header",
+            get("/x")
+                .header("x-tenant", "good")
+                .header("x_tenant", "ok"),
+            400,
+        ),
+        (
+            "underscore in a header no rule reads",
+            get("/x").header("x_other", "1"),
+            200,
+        ),
+        (
+            "underscore elsewhere",
+            get("/x").header("x_ten_ant", "1"),
+            200,
+        ),
     ];
     for (what, req, want) in cases {
         assert_eq!(admit(DENIES, req).0.as_u16(), want, "{what}");
@@ -309,6 +336,15 @@ fn allow_rules_need_every_header_value_listed() {
     ] {
         assert_eq!(admit(yaml, get(values)).0.as_u16(), want, "{values:?}");
     }
+    // An allowed value beside an underscore spelling the app may read too.
+    let twin = get(&["acme"]).header("x_tenant", "other");
+    assert_eq!(admit(yaml, twin).0.as_u16(), 400);
+    // A rule that names the header with `_` reads that exact spelling.
+    let yaml = "rules:\n  - {name: t, action: allow, http: {headers: {x_tenant: [good]}}}\n";
+    let exact = http::Request::get("/x")
+        .header("host", "h")
+        .header("x_tenant", "good");
+    assert_eq!(admit(yaml, exact).0.as_u16(), 200);
 }
 
 #[test]
