@@ -270,15 +270,24 @@ fn classify_http(buf: &[u8]) -> Option<AppProtocol> {
     })
 }
 
-/// Whether `buf` can still grow into `METHOD SP target …`: an upper-case
+/// Whether `buf` can still grow into `METHOD SP target …`: a letters-only
 /// method, one space, then a target starting like an origin (`/`), an
 /// asterisk, an absolute URI or an authority. Deciding early keeps other
 /// client-first protocols from waiting for a line end that never comes.
 fn could_start_request_line(buf: &[u8]) -> bool {
     let method_len = buf
         .iter()
-        .take_while(|b| b.is_ascii_uppercase() || matches!(b, b'-' | b'_'))
+        .take_while(|b| b.is_ascii_alphabetic() || matches!(b, b'-' | b'_'))
         .count();
+    // A method with lowercase letters is still read as HTTP (and then
+    // refused), so that `get / HTTP/1.1` never reaches the app as opaque
+    // bytes; only the standard methods count, and only with a path or
+    // absolute-URI target, so lowercase text protocols (`ping 1`) are
+    // told apart at once.
+    let lowercase = buf[..method_len].iter().any(u8::is_ascii_lowercase);
+    if lowercase && !is_standard_method_prefix(&buf[..method_len]) {
+        return false;
+    }
     if method_len == buf.len() {
         return method_len <= 20;
     }
@@ -287,8 +296,19 @@ fn could_start_request_line(buf: &[u8]) -> bool {
     }
     match buf.get(method_len + 1) {
         None => true,
+        Some(b) if lowercase => matches!(b, b'/' | b'*' | b'h' | b'H'),
         Some(b) => *b == b'/' || *b == b'*' || b.is_ascii_alphanumeric() || *b == b'[',
     }
+}
+
+/// Whether `m` is the start of a standard method name, in any case.
+fn is_standard_method_prefix(m: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+    ];
+    METHODS
+        .iter()
+        .any(|full| full.len() >= m.len() && full[..m.len()].eq_ignore_ascii_case(m))
 }
 
 /// `METHOD SP request-target SP HTTP/1.x`
@@ -340,6 +360,10 @@ mod tests {
             (b"GET / HTTP/2.0\r\n", Some(AppProtocol::Opaque)),
             (b"*1\r\n$4\r\nPING\r\n", Some(AppProtocol::Opaque)),
             (b"ping 00000001", Some(AppProtocol::Opaque)),
+            (b"get / HTTP/1.1\r\n", Some(AppProtocol::Http1)),
+            (b"Delete /x HTTP/1.1\r\n", Some(AppProtocol::Http1)),
+            (b"get", None),
+            (b"get 1", Some(AppProtocol::Opaque)),
             (b"PING", None),
             (b"PING ", None),
             (b"PING  x", Some(AppProtocol::Opaque)),
