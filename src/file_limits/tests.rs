@@ -67,6 +67,59 @@ fn quotes_that_yaml_reads_as_text_do_not_hide_nesting() {
     assert!(!depth_ok(&format!("a: b 'c\nd: {open}\n"), false));
 }
 
+fn alias_at(text: &str) -> Option<(usize, usize)> {
+    match check_nesting(text, false, MAX_NESTING) {
+        Err(e) if e.alias => Some((e.line, e.column)),
+        _ => None,
+    }
+}
+
+#[test]
+fn anchors_and_aliases_are_refused_where_they_start_a_node() {
+    let cases = [
+        ("a: &x 1\nb: *x\n", (1, 4)),
+        ("rules:\n  - &r {name: r0}\n  - *r\n", (2, 5)),
+        ("- *r\n", (1, 3)),
+        ("*r\n", (1, 1)),
+        ("  &r a: 1\n", (1, 3)),
+        ("a: [1, *x]\n", (1, 8)),
+        ("a: [*x]\n", (1, 5)),
+        ("a: {k: *x}\n", (1, 8)),
+        ("a: {*x : 1}\n", (1, 5)),
+        ("? *x\n: 1\n", (1, 3)),
+        ("a: !!str &x 1\n", (1, 10)),
+        ("--- &x [1]\n", (1, 5)),
+        ("a: \"q\"\nb: [\n  *x]\n", (3, 3)),
+    ];
+    for (text, at) in cases {
+        assert_eq!(alias_at(text), Some(at), "{text:?}");
+    }
+    // The same file as JSON has no anchors: `*` and `&` are then text.
+    assert!(depth_ok(r#"{"a": ["*x", "&y"]}"#, true));
+}
+
+#[test]
+fn star_and_ampersand_inside_scalars_and_comments_are_text() {
+    let texts = [
+        "paths: [/api/**, /a*b, \"*\", '&x']\n",
+        "a: a&b\nb: x*y\n",
+        "a: b *c &d\n",
+        "a: \"*x\"\nb: '&y'\n",
+        "a: 1 # *x &y\n# &z\n",
+        "a: |\n  *x\n  &y\nb: 2\n",
+        "a: \"multi\n  *line\"\n",
+        "identities: [\"spiffe://cluster.local/ns/a/sa/*\"]\n",
+        "a: [x*, y&]\n",
+    ];
+    for t in texts {
+        assert_eq!(alias_at(t), None, "{t:?}");
+        assert!(
+            serde_norway::from_str::<serde_norway::Value>(t).is_ok(),
+            "{t:?}"
+        );
+    }
+}
+
 #[test]
 fn ordinary_rule_files_pass() {
     let text = "rules:\n  - name: web\n    action: allow\n    ports: [80, \"9000-9100\"]\n    from:\n      identities: [\"spiffe://cluster.local/ns/a/sa/*\"]\n    http:\n      - methods: [GET]\n        paths: [\"/api/**\"]\n        headers: {x-env: [prod]}\n";
@@ -163,14 +216,43 @@ fn value_depth(v: &serde_norway::Value) -> usize {
 /// Random texts of YAML's significant pieces: whenever the parser accepts
 /// one, the scan must count at least the depth the parser built.
 #[test]
-fn the_scan_never_counts_less_than_the_parser_builds() {
+fn the_scan_never_counts_less_than_the_parser_builds_nor_misses_an_alias() {
     use rand::{Rng, SeedableRng};
     const PIECES: &[&str] = &[
-        "[", "]", "{", "}", ", ", "'", "\"", " #", "\n", "a", "b", ": ", "- ", "|", ">", "  ",
-        "\n  ", "\n    ", "?", "&x ", "*x", "!t ", "\\", "''", ":",
+        "[",
+        "]",
+        "{",
+        "}",
+        ", ",
+        "'",
+        "\"",
+        " #",
+        "\n",
+        "a",
+        "b",
+        ": ",
+        "- ",
+        "|",
+        ">",
+        "  ",
+        "\n  ",
+        "\n    ",
+        "?",
+        "&x ",
+        "*x",
+        "!t ",
+        "\\",
+        "''",
+        ":",
+        "--- ",
+        "&x a",
+        "*x ",
+        "[&x a, *x]",
+        "- *x",
+        "&x a: *x",
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut parsed = 0;
+    let (mut parsed, mut aliased) = (0, 0);
     for _ in 0..30_000 {
         let n = rng.gen_range(1..60);
         let text: String = (0..n)
@@ -180,6 +262,15 @@ fn the_scan_never_counts_less_than_the_parser_builds() {
             continue;
         };
         parsed += 1;
+        // An alias the parser resolved (renaming its anchor breaks the
+        // text) is refused by the scan.
+        if serde_norway::from_str::<serde_norway::Value>(&text.replace("&x", "&y")).is_err() {
+            assert!(
+                check_nesting(&text, false, MAX_NESTING).is_err_and(|e| e.alias),
+                "the scan missed an alias in {text:?}"
+            );
+            aliased += 1;
+        }
         let depth = value_depth(&value);
         if depth > 0 {
             assert!(
@@ -189,4 +280,5 @@ fn the_scan_never_counts_less_than_the_parser_builds() {
         }
     }
     assert!(parsed > 1000, "only {parsed} texts parsed");
+    assert!(aliased > 20, "only {aliased} texts used an alias");
 }
