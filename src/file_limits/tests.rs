@@ -168,24 +168,40 @@ fn read_capped_refuses_large_files_naming_them() {
     assert_eq!(read_capped(&f, 101).unwrap().len(), 101);
 }
 
-#[tokio::test]
-async fn slot_runs_one_parse_at_a_time_with_a_deadline() {
-    let slot = ParseSlot::new();
-    assert_eq!(slot.run(Duration::from_secs(5), || 7).await, Ok(7));
-    let (release, wait) = std::sync::mpsc::channel::<()>();
-    let slow = slot.run(Duration::from_millis(50), move || {
+/// A parse that never ends until `wait` gets a message.
+fn stuck(wait: std::sync::mpsc::Receiver<()>) -> impl FnOnce() + Send + 'static {
+    move || {
         let _ = wait.recv();
-    });
+    }
+}
+
+#[tokio::test]
+async fn slot_starts_one_parse_beside_an_overrun_and_no_more() {
+    let slot = ParseSlot::new();
+    let short = Duration::from_millis(50);
+    assert_eq!(slot.run(Duration::from_secs(5), || 7).await, Ok(7));
+    let (release_a, wait_a) = std::sync::mpsc::channel::<()>();
     assert_eq!(
-        slow.await,
-        Err(SlotError::TimedOut(Duration::from_millis(50)))
+        slot.run(short, stuck(wait_a)).await,
+        Err(SlotError::TimedOut(short))
     );
+    // One overrun: the next parse still runs, beside it.
+    assert_eq!(slot.alive(), 1);
+    assert!(!slot.is_busy());
+    assert_eq!(slot.run(Duration::from_secs(5), || 1).await, Ok(1));
+    // A second overrun: now later parses wait.
+    let (release_b, wait_b) = std::sync::mpsc::channel::<()>();
+    assert_eq!(
+        slot.run(short, stuck(wait_b)).await,
+        Err(SlotError::TimedOut(short))
+    );
+    assert_eq!(slot.alive(), MAX_ALIVE);
     assert!(slot.is_busy());
     assert_eq!(
         slot.run(Duration::from_secs(5), || 1).await,
         Err(SlotError::Busy)
     );
-    release.send(()).unwrap();
+    release_a.send(()).unwrap();
     let start = std::time::Instant::now();
     while slot.is_busy() {
         assert!(
@@ -195,6 +211,7 @@ async fn slot_runs_one_parse_at_a_time_with_a_deadline() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(slot.run(Duration::from_secs(5), || 2).await, Ok(2));
+    release_b.send(()).unwrap();
 }
 
 /// The nesting of a parsed YAML value (a scalar is 0).
