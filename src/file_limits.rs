@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use nesting::{check_nesting, TooDeep};
-pub use slot::{ParseSlot, SlotError};
+pub use slot::{ParseSlot, SlotError, MAX_ALIVE};
 
 /// Largest rule file (`*.yaml`, `*.yml`, `*.json`) read.
 pub const RULE_FILE_MAX_BYTES: u64 = 1024 * 1024;
@@ -41,8 +41,8 @@ pub const TOKEN_FILE_MAX_BYTES: u64 = 64 * 1024;
 /// Largest injector configuration file read.
 pub const CONFIG_FILE_MAX_BYTES: u64 = 1024 * 1024;
 /// A reload whose parsing takes longer than this is refused (and the
-/// active version stays in use); the parse thread is left to finish and no
-/// other parse starts before it has.
+/// active version stays in use); the parse thread is left to finish, and at
+/// most one more parse starts beside it (see [`ParseSlot`]).
 pub const PARSE_DEADLINE: Duration = Duration::from_secs(5);
 /// A changed file is parsed once its modification time is at least this
 /// old, so that a file still being written is not read half-way.

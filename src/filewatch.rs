@@ -179,7 +179,9 @@ impl<T: Send + 'static> Reloader<T> {
                 (self.apply)(value);
             }
             Ok(Found::Bad(hash, msg)) => self.refuse(hash, &msg),
-            Err(SlotError::Busy) => debug!(what = self.what, "a previous parse is still running"),
+            Err(SlotError::Busy) => {
+                debug!(what = self.what, "two previous parses are still running")
+            }
             Err(e) => self.refuse("slot".into(), &e.to_string()),
         }
     }

@@ -140,6 +140,42 @@ fn check_applies_the_sidecars_file_limits() {
     assert!(!format!("{stdout}{stderr}").contains("MIGH"), "{stderr}");
 }
 
+/// An alias bomb gets the sidecar's refusal, at once and before parsing;
+/// `*` and `&` inside scalars are text.
+#[test]
+fn check_refuses_yaml_anchors_and_aliases_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bomb = dir.path().join("42-alias.yaml");
+    let paths = vec!["\"/a\""; 20_000].join(", ");
+    let mut yaml = format!(
+        "rules:\n  - &r {{name: r0, action: allow, ports: [1], http: {{paths: [{paths}]}}}}\n"
+    );
+    yaml.push_str(&"  - *r\n".repeat(4_000));
+    std::fs::write(&bomb, yaml).unwrap();
+    let started = std::time::Instant::now();
+    let out = portcullis(&["rules", "check", bomb.to_str().unwrap()]);
+    let took = started.elapsed();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:2:5: YAML anchors and aliases are not allowed in rule files; refused before parsing",
+            bomb.display()
+        )),
+        "{stderr}"
+    );
+    assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+
+    let fine = dir.path().join("fine.yaml");
+    std::fs::write(
+        &fine,
+        "rules:\n  - name: web\n    action: allow\n    ports: [80]\n    from: {identities: [\"spiffe://cluster.local/ns/a/sa/*\"]}\n    http: {paths: [/api/**, \"/v1/*\"], headers: {x-q: [a&b, '*']}}\n",
+    )
+    .unwrap();
+    let out = portcullis(&["rules", "check", fine.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+}
+
 const FRONTEND: &str = "spiffe://cluster.local/ns/web/sa/frontend";
 
 #[test]

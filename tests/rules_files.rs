@@ -251,6 +251,97 @@ async fn a_deeply_nested_or_oversized_rule_file_never_stalls_the_sidecar() {
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }
 
+/// The resident memory of a process, in KiB (`VmRSS` of /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A 148 KB file whose 4,000 aliases each repeat a rule of 20,000 paths:
+/// a parser that expands it builds 80 million strings.
+fn alias_bomb() -> String {
+    let paths = vec!["\"/a\""; 20_000].join(", ");
+    let mut s = format!(
+        "rules:\n  - &r {{name: r0, action: allow, ports: [1], http: {{paths: [{paths}]}}}}\n"
+    );
+    s.push_str(&"  - *r\n".repeat(4_000));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yaml_alias_bomb_is_refused_before_parsing_and_later_files_apply() {
+    let mut s = setup("127.0.0.1").await;
+    assert!(ping(&s.a).await, "the good rules let the client in");
+    let good_hash = s.b.rules().await["hash"].clone();
+    let pid = s.b.child.id();
+    let rss_before = rss_kib(pid);
+
+    let bomb = alias_bomb();
+    assert!(
+        bomb.len() > 140_000 && bomb.len() < 160_000,
+        "{}",
+        bomb.len()
+    );
+    let started = Instant::now();
+    write_atomic(&s.rules.join("42-alias.yaml"), bomb.as_bytes());
+    let b = &s.b;
+    eventually(
+        "the refusal in /rules",
+        Duration::from_secs(10),
+        || async move { b.rules().await["last_error"]["position"] == "42-alias.yaml:2:5" },
+    )
+    .await;
+    let refused_after = started.elapsed();
+    assert!(
+        refused_after < Duration::from_secs(2),
+        "refused after {refused_after:?}, not before parsing"
+    );
+    let status = s.b.rules().await;
+    assert_eq!(status["hash"], good_hash, "the good rules stay active");
+    let message = status["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.ends_with(
+            "42-alias.yaml:2:5: YAML anchors and aliases are not allowed in rule files; refused before parsing"
+        ),
+        "{message}"
+    );
+    // Nothing is parsing the bomb in the background: memory stays flat
+    // and probes and traffic carry on.
+    for _ in 0..5 {
+        let (live, _) = s.b.get("/live").await;
+        assert_eq!(live, 200, "/live did not answer within 1 s");
+        assert!(ping(&s.a).await, "traffic stopped");
+        let rss = rss_kib(pid);
+        assert!(rss < 200 * 1024, "RSS {rss} KiB (was {rss_before} KiB)");
+    }
+
+    // An emergency deny written next is applied promptly.
+    let deny = "rules:\n  - name: emergency\n    action: deny\n    from:\n      identities: [\"spiffe://cluster.local/ns/default/sa/client\"]\n";
+    std::fs::remove_file(s.rules.join("42-alias.yaml")).unwrap();
+    let started = Instant::now();
+    write_atomic(&s.rules.join("00-deny.yaml"), deny.as_bytes());
+    let a = &s.a;
+    eventually("the deny applied", Duration::from_secs(10), || async move {
+        !ping(a).await
+    })
+    .await;
+    let applied_after = started.elapsed();
+    assert!(
+        applied_after < Duration::from_secs(3),
+        "the deny took {applied_after:?}"
+    );
+    assert_ne!(s.b.rules().await["hash"], good_hash);
+    let rss = rss_kib(pid);
+    eprintln!(
+        "alias bomb refused after {refused_after:?}, deny applied after {applied_after:?}, \
+         RSS {rss_before} KiB before, {rss} KiB after"
+    );
+    assert!(rss < 200 * 1024, "RSS {rss} KiB");
+    let took = s.b.terminate(Duration::from_secs(5));
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+}
+
 /// A non-loopback address of this host, if it has one.
 fn local_ip() -> Option<IpAddr> {
     let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;

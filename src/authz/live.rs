@@ -108,8 +108,9 @@ struct Inner {
     required: bool,
     current: ArcSwap<RuleSet>,
     tx: watch::Sender<Arc<RuleSet>>,
-    /// Held for a whole reload, so reloads never interleave; `state` is
-    /// only held briefly, so `status` never waits for a parse.
+    /// Held while a reload reads the directory and while it applies its
+    /// result (not while it parses), so reads and swaps never interleave;
+    /// `state` is only held briefly, so `status` never waits for a parse.
     reloading: Mutex<()>,
     state: Mutex<State>,
     metrics: AuthzMetrics,
@@ -124,6 +125,9 @@ struct State {
     /// Hash of the content being parsed now, so a parse that overruns its
     /// deadline is refused (and logged) once under that hash.
     parsing: Option<String>,
+    /// Ticket of the newest read of the directory that supersedes parses
+    /// in flight (see [`LiveRules::reload`]).
+    newest: u64,
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {
@@ -234,57 +238,83 @@ impl LiveRules {
     /// and is valid. `force` (SIGHUP) re-validates even unchanged content.
     /// Blocking (it reads and parses files): the reloader task runs it on
     /// its own thread.
+    ///
+    /// The reload lock is held while the directory is read and while the
+    /// result is applied, not while the files are parsed: a parse that
+    /// overran its deadline must not keep a later reload from reading and
+    /// applying newer files. Each read of new content takes a ticket; a
+    /// parse applies its result only if no reload has read the directory
+    /// since (a late, stale result is dropped).
     pub fn reload(&self, force: bool) -> ReloadOutcome {
         let Some(dir) = &self.inner.dir else {
             return ReloadOutcome::Unchanged;
         };
-        let _one = self.inner.reloading.lock().expect("rules reload lock");
-        if !dir.is_dir() && self.inner.current.load().is_empty() {
-            // Never had rules from here (an optional directory that is absent): nothing to keep or change.
-            return ReloadOutcome::Unchanged;
-        }
-        let loaded = if dir.is_dir() {
-            settle(dir);
-            match read_consistent(dir) {
-                Some(loaded) => loaded,
-                None => {
-                    debug!("rule files changed while being read; reading again on the next change");
-                    return ReloadOutcome::Unchanged;
-                }
+        let (ticket, hash, sources) = {
+            let _one = self.inner.reloading.lock().expect("rules reload lock");
+            if !dir.is_dir() && self.inner.current.load().is_empty() {
+                // Never had rules from here (an optional directory that is absent): nothing to keep or change.
+                return ReloadOutcome::Unchanged;
             }
-        } else {
-            Err(Error::NoRules {
-                path: dir.clone(),
-                reason: "the rules directory is gone; keeping the active rules".into(),
-            })
-        };
-        let (hash, sources) = match loaded {
-            Ok(x) => x,
-            Err(e) => return self.refuse(e.to_string(), &e),
-        };
-        let active = self.inner.current.load_full();
-        {
+            let loaded = if dir.is_dir() {
+                settle(dir);
+                match read_consistent(dir) {
+                    Some(loaded) => loaded,
+                    None => {
+                        debug!(
+                            "rule files changed while being read; reading again on the next change"
+                        );
+                        return ReloadOutcome::Unchanged;
+                    }
+                }
+            } else {
+                Err(Error::NoRules {
+                    path: dir.clone(),
+                    reason: "the rules directory is gone; keeping the active rules".into(),
+                })
+            };
+            let (hash, sources) = match loaded {
+                Ok(x) => x,
+                Err(e) => {
+                    self.state().newest += 1;
+                    return self.refuse(e.to_string(), &e);
+                }
+            };
+            let active = self.inner.current.load_full();
             let mut state = self.state();
             if !force && hash == active.hash() {
+                // The active set is what the directory holds: any parse
+                // still running is of older content.
+                state.newest += 1;
                 state.refused_hash = None;
                 state.last_error = None;
                 return ReloadOutcome::Unchanged;
             }
             if !force && state.refused_hash.as_deref() == Some(hash.as_str()) {
+                // Refused already (or overran its deadline and is still
+                // being parsed: that parse may yet apply it).
                 return ReloadOutcome::Unchanged;
             }
+            state.newest += 1;
             state.parsing = Some(hash.clone());
-        }
-        if sources.is_empty() && self.inner.required {
-            let e = Error::NoRules {
+            (state.newest, hash, sources)
+        };
+        let result = if sources.is_empty() && self.inner.required {
+            Err(Error::NoRules {
                 path: dir.clone(),
                 reason: "no *.yaml, *.yml or *.json file left; keeping the active rules".into(),
-            };
-            return self.refuse(hash, &e);
+            })
+        } else {
+            compile(&sources)
+        };
+        let _one = self.inner.reloading.lock().expect("rules reload lock");
+        if self.state().newest != ticket {
+            debug!(%hash, "a newer read of the rules directory superseded this parse; dropped");
+            return ReloadOutcome::Unchanged;
         }
-        match compile(&sources) {
+        match result {
             Ok(set) => {
-                info!(hash = %set.hash(), rules = set.len(), previous = %active.hash(), "rules reloaded");
+                let previous = self.inner.current.load_full();
+                info!(hash = %set.hash(), rules = set.len(), previous = %previous.hash(), "rules reloaded");
                 self.inner.metrics.reloads.with_label_values(&["ok"]).inc();
                 self.inner.metrics.set_active(&set);
                 let set = Arc::new(set);
@@ -348,7 +378,7 @@ impl LiveRules {
         match slot.run(deadline, move || me.reload(force)).await {
             Ok(_) => {}
             Err(SlotError::Busy) => {
-                debug!("a previous rules parse is still running; retrying later");
+                debug!("two previous rules parses are still running; retrying later");
                 return false;
             }
             Err(e) => {

@@ -226,7 +226,8 @@ pub(crate) fn parse_text(path: &Path, text: &str) -> Result<Vec<super::model::Ru
 /// Refuses, before any parser sees it, a file that is PEM (a certificate
 /// or key in the rules directory by mistake: its content must never be
 /// echoed) or that nests deeper than [`MAX_NESTING`] levels (parsers take
-/// time that grows with the square of the depth).
+/// time that grows with the square of the depth), or that holds a YAML
+/// anchor or alias (aliases to aliases expand into gigabytes in the parser).
 fn precheck(path: &Path, text: &str) -> Result<(), Error> {
     let at = |line, column| Location {
         file: path.to_path_buf(),
@@ -241,7 +242,11 @@ fn precheck(path: &Path, text: &str) -> Result<(), Error> {
     }
     check_nesting(text, is_json(path), MAX_NESTING).map_err(|e| Error::Invalid {
         at: at(e.line, e.column),
-        message: format!("nested deeper than {MAX_NESTING} levels; refused before parsing"),
+        message: if e.alias {
+            "YAML anchors and aliases are not allowed in rule files; refused before parsing".into()
+        } else {
+            format!("nested deeper than {MAX_NESTING} levels; refused before parsing")
+        },
     })
 }
 

@@ -5,16 +5,38 @@
 //! quoted scalars, plain scalars, comments, block scalars, indentation and
 //! `- ` entries) to count nesting the way the parser will, and errs on the
 //! side of counting too much. Its cost is one pass over the text.
+//!
+//! It also refuses YAML anchors (`&name`) and aliases (`*name`): an alias
+//! repeats a whole subtree wherever it appears, so a small file of aliases
+//! to aliases expands into gigabytes inside the parser (a "billion laughs"
+//! file), and no rule file needs them. Only an `&` or `*` that starts a
+//! node is one (after indentation, `- `, `: `, `? `, `[`, `{` or `,`); in a
+//! plain scalar (`/api/**`, `a&b`), a quoted scalar or a comment it is text.
 
-/// Where the text first nests deeper than the limit (1-based).
+/// Where, and why, the scan refused the text (1-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooDeep {
     pub line: usize,
     pub column: usize,
+    /// Whether the refusal is for an anchor or alias rather than depth.
+    pub alias: bool,
 }
 
-/// Checks that `text` nests at most `limit` levels; `json` selects JSON
-/// (strings in `"` only, no comments, no indentation structure).
+impl TooDeep {
+    /// What was refused, in words, for an error message ("nested deeper
+    /// than 64 levels" or "YAML anchors and aliases are not allowed").
+    pub fn reason(&self, limit: usize) -> String {
+        if self.alias {
+            "YAML anchors and aliases are not allowed".into()
+        } else {
+            format!("nested deeper than {limit} levels")
+        }
+    }
+}
+
+/// Checks that `text` nests at most `limit` levels and, for YAML, holds no
+/// anchor or alias; `json` selects JSON (strings in `"` only, no comments,
+/// no indentation structure, no anchors).
 pub fn check_nesting(text: &str, json: bool, limit: usize) -> Result<(), TooDeep> {
     if json {
         scan_json(text, limit)
@@ -46,7 +68,11 @@ fn scan_json(text: &str, limit: usize) -> Result<(), TooDeep> {
             '[' | '{' => {
                 depth += 1;
                 if depth > limit {
-                    return Err(TooDeep { line, column });
+                    return Err(TooDeep {
+                        line,
+                        column,
+                        alias: false,
+                    });
                 }
             }
             ']' | '}' => depth = depth.saturating_sub(1),
@@ -114,7 +140,11 @@ impl Yaml {
 
     fn check(&self, depth: usize, line: usize, column: usize) -> Result<(), TooDeep> {
         if depth > self.limit {
-            return Err(TooDeep { line, column });
+            return Err(TooDeep {
+                line,
+                column,
+                alias: false,
+            });
         }
         Ok(())
     }
@@ -157,8 +187,18 @@ impl Yaml {
                     break;
                 }
             }
-            // `- - - x` nests one level per indicator on a single line.
+            // `- - - x` nests one level per indicator on a single line; a
+            // document start (`--- x`) is followed by a node.
             pos = indent;
+            if indent == 0
+                && chars.starts_with(&['-', '-', '-'])
+                && chars.get(3).map_or(true, |c| *c == ' ' || *c == '\t')
+            {
+                pos = 3;
+                while pos < chars.len() && (chars[pos] == ' ' || chars[pos] == '\t') {
+                    pos += 1;
+                }
+            }
             while is_entry(pos) {
                 // `? ` and `: ` (explicit key and value) belong to a mapping.
                 self.indents.push((pos, chars[pos] != '-'));
@@ -311,8 +351,15 @@ impl Yaml {
                     return Ok(());
                 }
                 '-' if token_start && space_or_end => {}
-                '&' | '!' if token_start => {
-                    // An anchor or a tag: the node follows after a space.
+                '&' | '*' if token_start => {
+                    return Err(TooDeep {
+                        line: lineno,
+                        column: pos,
+                        alias: true,
+                    });
+                }
+                '!' if token_start => {
+                    // A tag: the node follows after a space.
                     while pos < chars.len() && chars[pos] != ' ' {
                         pos += 1;
                     }

@@ -67,6 +67,59 @@ fn quotes_that_yaml_reads_as_text_do_not_hide_nesting() {
     assert!(!depth_ok(&format!("a: b 'c\nd: {open}\n"), false));
 }
 
+fn alias_at(text: &str) -> Option<(usize, usize)> {
+    match check_nesting(text, false, MAX_NESTING) {
+        Err(e) if e.alias => Some((e.line, e.column)),
+        _ => None,
+    }
+}
+
+#[test]
+fn anchors_and_aliases_are_refused_where_they_start_a_node() {
+    let cases = [
+        ("a: &x 1\nb: *x\n", (1, 4)),
+        ("rules:\n  - &r {name: r0}\n  - *r\n", (2, 5)),
+        ("- *r\n", (1, 3)),
+        ("*r\n", (1, 1)),
+        ("  &r a: 1\n", (1, 3)),
+        ("a: [1, *x]\n", (1, 8)),
+        ("a: [*x]\n", (1, 5)),
+        ("a: {k: *x}\n", (1, 8)),
+        ("a: {*x : 1}\n", (1, 5)),
+        ("? *x\n: 1\n", (1, 3)),
+        ("a: !!str &x 1\n", (1, 10)),
+        ("--- &x [1]\n", (1, 5)),
+        ("a: \"q\"\nb: [\n  *x]\n", (3, 3)),
+    ];
+    for (text, at) in cases {
+        assert_eq!(alias_at(text), Some(at), "{text:?}");
+    }
+    // The same file as JSON has no anchors: `*` and `&` are then text.
+    assert!(depth_ok(r#"{"a": ["*x", "&y"]}"#, true));
+}
+
+#[test]
+fn star_and_ampersand_inside_scalars_and_comments_are_text() {
+    let texts = [
+        "paths: [/api/**, /a*b, \"*\", '&x']\n",
+        "a: a&b\nb: x*y\n",
+        "a: b *c &d\n",
+        "a: \"*x\"\nb: '&y'\n",
+        "a: 1 # *x &y\n# &z\n",
+        "a: |\n  *x\n  &y\nb: 2\n",
+        "a: \"multi\n  *line\"\n",
+        "identities: [\"spiffe://cluster.local/ns/a/sa/*\"]\n",
+        "a: [x*, y&]\n",
+    ];
+    for t in texts {
+        assert_eq!(alias_at(t), None, "{t:?}");
+        assert!(
+            serde_norway::from_str::<serde_norway::Value>(t).is_ok(),
+            "{t:?}"
+        );
+    }
+}
+
 #[test]
 fn ordinary_rule_files_pass() {
     let text = "rules:\n  - name: web\n    action: allow\n    ports: [80, \"9000-9100\"]\n    from:\n      identities: [\"spiffe://cluster.local/ns/a/sa/*\"]\n    http:\n      - methods: [GET]\n        paths: [\"/api/**\"]\n        headers: {x-env: [prod]}\n";
@@ -115,24 +168,40 @@ fn read_capped_refuses_large_files_naming_them() {
     assert_eq!(read_capped(&f, 101).unwrap().len(), 101);
 }
 
-#[tokio::test]
-async fn slot_runs_one_parse_at_a_time_with_a_deadline() {
-    let slot = ParseSlot::new();
-    assert_eq!(slot.run(Duration::from_secs(5), || 7).await, Ok(7));
-    let (release, wait) = std::sync::mpsc::channel::<()>();
-    let slow = slot.run(Duration::from_millis(50), move || {
+/// A parse that never ends until `wait` gets a message.
+fn stuck(wait: std::sync::mpsc::Receiver<()>) -> impl FnOnce() + Send + 'static {
+    move || {
         let _ = wait.recv();
-    });
+    }
+}
+
+#[tokio::test]
+async fn slot_starts_one_parse_beside_an_overrun_and_no_more() {
+    let slot = ParseSlot::new();
+    let short = Duration::from_millis(50);
+    assert_eq!(slot.run(Duration::from_secs(5), || 7).await, Ok(7));
+    let (release_a, wait_a) = std::sync::mpsc::channel::<()>();
     assert_eq!(
-        slow.await,
-        Err(SlotError::TimedOut(Duration::from_millis(50)))
+        slot.run(short, stuck(wait_a)).await,
+        Err(SlotError::TimedOut(short))
     );
+    // One overrun: the next parse still runs, beside it.
+    assert_eq!(slot.alive(), 1);
+    assert!(!slot.is_busy());
+    assert_eq!(slot.run(Duration::from_secs(5), || 1).await, Ok(1));
+    // A second overrun: now later parses wait.
+    let (release_b, wait_b) = std::sync::mpsc::channel::<()>();
+    assert_eq!(
+        slot.run(short, stuck(wait_b)).await,
+        Err(SlotError::TimedOut(short))
+    );
+    assert_eq!(slot.alive(), MAX_ALIVE);
     assert!(slot.is_busy());
     assert_eq!(
         slot.run(Duration::from_secs(5), || 1).await,
         Err(SlotError::Busy)
     );
-    release.send(()).unwrap();
+    release_a.send(()).unwrap();
     let start = std::time::Instant::now();
     while slot.is_busy() {
         assert!(
@@ -142,6 +211,7 @@ async fn slot_runs_one_parse_at_a_time_with_a_deadline() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(slot.run(Duration::from_secs(5), || 2).await, Ok(2));
+    release_b.send(()).unwrap();
 }
 
 /// The nesting of a parsed YAML value (a scalar is 0).
@@ -163,14 +233,43 @@ fn value_depth(v: &serde_norway::Value) -> usize {
 /// Random texts of YAML's significant pieces: whenever the parser accepts
 /// one, the scan must count at least the depth the parser built.
 #[test]
-fn the_scan_never_counts_less_than_the_parser_builds() {
+fn the_scan_never_counts_less_than_the_parser_builds_nor_misses_an_alias() {
     use rand::{Rng, SeedableRng};
     const PIECES: &[&str] = &[
-        "[", "]", "{", "}", ", ", "'", "\"", " #", "\n", "a", "b", ": ", "- ", "|", ">", "  ",
-        "\n  ", "\n    ", "?", "&x ", "*x", "!t ", "\\", "''", ":",
+        "[",
+        "]",
+        "{",
+        "}",
+        ", ",
+        "'",
+        "\"",
+        " #",
+        "\n",
+        "a",
+        "b",
+        ": ",
+        "- ",
+        "|",
+        ">",
+        "  ",
+        "\n  ",
+        "\n    ",
+        "?",
+        "&x ",
+        "*x",
+        "!t ",
+        "\\",
+        "''",
+        ":",
+        "--- ",
+        "&x a",
+        "*x ",
+        "[&x a, *x]",
+        "- *x",
+        "&x a: *x",
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut parsed = 0;
+    let (mut parsed, mut aliased) = (0, 0);
     for _ in 0..30_000 {
         let n = rng.gen_range(1..60);
         let text: String = (0..n)
@@ -180,6 +279,15 @@ fn the_scan_never_counts_less_than_the_parser_builds() {
             continue;
         };
         parsed += 1;
+        // An alias the parser resolved (renaming its anchor breaks the
+        // text) is refused by the scan.
+        if serde_norway::from_str::<serde_norway::Value>(&text.replace("&x", "&y")).is_err() {
+            assert!(
+                check_nesting(&text, false, MAX_NESTING).is_err_and(|e| e.alias),
+                "the scan missed an alias in {text:?}"
+            );
+            aliased += 1;
+        }
         let depth = value_depth(&value);
         if depth > 0 {
             assert!(
@@ -189,4 +297,5 @@ fn the_scan_never_counts_less_than_the_parser_builds() {
         }
     }
     assert!(parsed > 1000, "only {parsed} texts parsed");
+    assert!(aliased > 20, "only {aliased} texts used an alias");
 }

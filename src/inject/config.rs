@@ -158,11 +158,14 @@ impl InjectorConfig {
         let cfg: InjectorConfig = if text.trim().is_empty() {
             InjectorConfig::default()
         } else {
-            // Refused before parsing when nested deeper than any real config.
+            // Refused before parsing when nested deeper than any real config or
+            // holding YAML anchors or aliases (an alias bomb expands in the parser).
             check_nesting(text, false, MAX_NESTING).map_err(|e| {
                 Error::Config(format!(
-                    "line {} column {}: nested deeper than {MAX_NESTING} levels; refused before parsing",
-                    e.line, e.column
+                    "line {} column {}: {}; refused before parsing",
+                    e.line,
+                    e.column,
+                    e.reason(MAX_NESTING)
                 ))
             })?;
             serde_norway::from_str(text).map_err(|e| Error::Config(scrub(&e.to_string())))?

@@ -147,6 +147,18 @@ fn config_files_over_the_limits_are_refused_without_parsing() {
         "{e}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    let bomb = format!(
+        "proxy: &p [{}]\nall: [{}]\n",
+        vec!["x"; 20_000].join(", "),
+        vec!["*p"; 4_000].join(", ")
+    );
+    let e = InjectorConfig::parse(&bomb).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "line 1 column 8: YAML anchors and aliases are not allowed; refused before parsing"
+        ),
+        "{e}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("config.yaml");

@@ -264,7 +264,7 @@ fn the_summary_hides_file_names_and_error_text() {
 }
 
 #[tokio::test]
-async fn a_reload_over_its_deadline_is_refused_once_and_holds_the_slot() {
+async fn a_reload_over_its_deadline_is_refused_once_and_two_overruns_fill_the_slot() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("a.yaml"), ALLOW_80).unwrap();
     let (registry, m) = metrics();
@@ -296,7 +296,14 @@ async fn a_reload_over_its_deadline_is_refused_once_and_holds_the_slot() {
         error.message
     );
     assert_eq!(rules.current().hash(), good);
-    // While it runs, no other parse starts.
+    // One more parse starts beside it (and, the lock still held, overruns
+    // too); then no other parse starts.
+    assert!(
+        !rules
+            .reload_within(&slot, false, Duration::from_millis(50))
+            .await
+    );
+    assert_eq!(slot.alive(), 2);
     assert!(
         !rules
             .reload_within(&slot, false, Duration::from_secs(5))
@@ -316,4 +323,54 @@ async fn a_reload_over_its_deadline_is_refused_once_and_holds_the_slot() {
             .reload_within(&slot, false, Duration::from_secs(5))
             .await
     );
+}
+
+/// About 900 KB of valid rules: a parse that takes a while.
+fn slow_rules() -> String {
+    let mut s = String::from("rules:\n");
+    for i in 0..9_000 {
+        s.push_str(&format!(
+            "  - name: r{i}\n    action: allow\n    ports: [81]\n    http: {{paths: [/a/{i}, /b]}}\n"
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn a_parse_over_its_deadline_does_not_block_the_next_file_nor_undo_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), ALLOW_80).unwrap();
+    let (_registry, m) = metrics();
+    let rules = LiveRules::load(dir.path(), true, DefaultPolicy::Deny, m).unwrap();
+    let slow = slow_rules();
+    assert!(slow.len() < crate::file_limits::RULE_FILE_MAX_BYTES as usize);
+    std::fs::write(dir.path().join("b.yaml"), &slow).unwrap();
+    let slot = ParseSlot::new();
+    assert!(
+        !rules
+            .reload_within(&slot, false, Duration::from_millis(1))
+            .await
+    );
+    // The slow file has been read and is being parsed.
+    eventually("the slow parse", || rules.state().parsing.is_some()).await;
+    let parsing_slowly = slot.alive() == 1;
+    std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+    std::fs::write(dir.path().join("a.yaml"), DENY_80).unwrap();
+    let started = Instant::now();
+    assert!(
+        rules
+            .reload_within(&slot, false, Duration::from_secs(5))
+            .await,
+        "the next file waited for the slow parse"
+    );
+    assert!(!allowed_on_80(&rules), "the deny applies");
+    eprintln!(
+        "deny applied after {:?}; slow parse alive when it started: {parsing_slowly}, now: {}",
+        started.elapsed(),
+        slot.alive()
+    );
+    // The slow parse ends; its stale result never replaces the deny.
+    eventually("the slow parse ended", || slot.alive() == 0).await;
+    assert!(!allowed_on_80(&rules));
+    assert_eq!(rules.current().len(), 1);
 }
