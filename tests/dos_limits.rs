@@ -82,15 +82,28 @@ async fn a_full_pending_set_evicts_its_oldest_stalled_hello_and_still_serves_pee
         held.push(stalled(b, &partial_hello()).await);
     }
     assert_eq!(overload(), 0.0);
-    // One more: the oldest stalled connection makes room, not the newcomer.
+    // One more: an older stalled connection makes room, not the newcomer.
+    // (Which one is the oldest of the least advanced: a connection whose
+    // bytes had not arrived when it was accepted counts as silent, which on
+    // a loaded machine can be any of them.)
     let mut extra = stalled(b, &partial_hello()).await;
-    assert!(
-        closed_within(&mut held[0], Duration::from_secs(10)).await,
-        "the oldest pending connection was closed"
+    eventually("an eviction counted", Duration::from_secs(10), || async {
+        overload() >= 1.0
+    })
+    .await;
+    let mut closed = Vec::new();
+    for (i, s) in held.iter_mut().enumerate() {
+        if closed_within(s, Duration::from_millis(20)).await {
+            closed.push(i);
+        }
+    }
+    assert_eq!(
+        closed.len(),
+        1,
+        "exactly one pending connection evicted: {closed:?}"
     );
-    assert!(overload() >= 1.0, "eviction counted");
+    assert_ne!(closed[0], CAP - 1, "the newest held connection stays");
     assert!(!closed_within(&mut extra, Duration::from_millis(200)).await);
-    assert!(!closed_within(&mut held[CAP - 1], Duration::from_millis(200)).await);
 
     // A good peer is served while the set is full of stalled clients, long
     // before they would time out (60 s).
