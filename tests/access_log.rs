@@ -94,16 +94,7 @@ fn server(dir: &std::path::Path, ca: &Ca, app: SocketAddr, extra: &[&str]) -> Se
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let listening = loop {
-        let line = lines
-            .next()
-            .expect("the sidecar logs \"listening\"")
-            .unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            break v;
-        }
-    };
+    let listening = await_log_line(&mut lines, "listening", |_| {});
     std::thread::spawn(move || for _ in lines {});
     let addr = |k: &str| listening[k].as_str().unwrap().parse().unwrap();
     Server {

@@ -209,16 +209,7 @@ async fn idle_flood_on_the_webhook_admin_port_does_not_block_probes() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let listening = loop {
-        let line = lines
-            .next()
-            .expect("the webhook logged 'listening'")
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            break v;
-        }
-    };
+    let listening = await_log_line(&mut lines, "listening", |_| {});
     let _webhook = Killed(child);
     std::thread::spawn(move || for _ in lines {});
     let admin = listening["admin"].as_str().unwrap().parse().unwrap();

@@ -63,17 +63,9 @@ impl Proc {
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let listening = loop {
-            let line = lines
-                .next()
-                .expect("the sidecar logged \"listening\"")
-                .unwrap();
-            log.lock().unwrap().push(line.clone());
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "listening" {
-                break v;
-            }
-        };
+        let listening = await_log_line(&mut lines, "listening", |line| {
+            log.lock().unwrap().push(line.to_string())
+        });
         let keep = log.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {

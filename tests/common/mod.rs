@@ -44,6 +44,30 @@ where
     }
 }
 
+/// Reads a JSON-logging child's stderr `lines` until the line whose message
+/// is `message` and returns its fields; `seen` is handed every line read.
+/// Panics if the child's stderr ends first.
+pub fn await_log_line<I>(
+    lines: &mut I,
+    message: &str,
+    mut seen: impl FnMut(&str),
+) -> serde_json::Value
+where
+    I: Iterator<Item = std::io::Result<String>>,
+{
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the child logged {message:?} before its stderr ended"))
+            .unwrap();
+        seen(&line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == message {
+            return v;
+        }
+    }
+}
+
 /// Writes a file atomically (temp file + rename), as editors and kubelet do.
 pub fn write_atomic(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp-write");
