@@ -27,6 +27,8 @@ pub struct BoundAddrs {
     pub outbound: Vec<SocketAddr>,
     pub upstreams: Vec<SocketAddr>,
     pub admin: SocketAddr,
+    /// The tunnel listener, when there is one.
+    pub tunnel: Option<SocketAddr>,
 }
 
 /// A bound, not yet running, sidecar.
@@ -37,6 +39,7 @@ pub struct App {
     tls: Arc<MeshTls>,
     drain: Drain,
     inbound: Inbound,
+    tunnel: Option<Inbound>,
     outbound: Outbound,
     admin: Admin,
     /// The mounted issuer (its file contents and itself), in issuer mode.
@@ -66,7 +69,11 @@ impl App {
         let tls = Arc::new(MeshTls::new(td.clone(), bundle));
 
         let drain = Drain::new();
-        let inbound_listener = bind_inbound(settings.inbound_listen)?;
+        let inbound_listener = bind_inbound("--inbound-listen", settings.inbound_listen)?;
+        let tunnel_listener = match settings.tunnel_listen {
+            Some(addr) => Some(bind_inbound("--tunnel-listen", addr)?),
+            None => None,
+        };
         let explicit = is_explicit(&settings);
         let mut transparent = Vec::new();
         if !explicit {
@@ -107,7 +114,17 @@ impl App {
                 .filter_map(|u| u.listener.local_addr().ok())
                 .collect(),
             admin: admin_listener.local_addr()?,
+            tunnel: match &tunnel_listener {
+                Some(l) => Some(l.local_addr()?),
+                None => None,
+            },
         };
+        let mut tunnel = settings.tunnel.clone();
+        tunnel.own_ports = [Some(addrs.inbound), Some(addrs.admin), addrs.tunnel]
+            .into_iter()
+            .flatten()
+            .map(|a| a.port())
+            .collect();
         let shared = Arc::new(Shared {
             tls: tls.clone(),
             metrics: metrics.clone(),
@@ -136,10 +153,14 @@ impl App {
             hello_timeout: settings.hello_timeout,
             detect_timeout: settings.detect_timeout,
             idle_timeout: settings.idle_timeout,
+            tunnel,
+            pool: proxy::tunnel::Pool::default(),
         });
         Ok(App {
             addrs,
             inbound: Inbound::new(inbound_listener, settings.inbound_target, shared.clone()),
+            tunnel: tunnel_listener
+                .map(|l| Inbound::tunnel(l, settings.inbound_target, shared.clone())),
             outbound: Outbound {
                 transparent,
                 upstreams,
@@ -286,6 +307,7 @@ impl App {
         tokio::spawn(rotator.run(exit.clone()));
         let admin = tokio::spawn(self.admin.run());
         let inbound = tokio::spawn(self.inbound.run());
+        let tunnel = self.tunnel.map(|t| tokio::spawn(t.run()));
         let outbound = tokio::spawn(self.outbound.run());
         if !is_explicit(s) && s.outbound.mesh_cidrs.is_empty() {
             warn!("no --mesh-cidrs: every outbound connection passes through in plaintext");
@@ -297,11 +319,15 @@ impl App {
             outbound = ?a.outbound,
             upstreams = ?a.upstreams,
             admin = %a.admin,
+            tunnel = ?a.tunnel,
             "listening"
         );
 
         self.drain.stopping().await;
         let _ = tokio::join!(inbound, outbound);
+        if let Some(tunnel) = tunnel {
+            let _ = tunnel.await;
+        }
         info!(open = self.drain.open(), timeout = ?s.drain_timeout, "draining");
         let left = self.drain.wait(s.drain_timeout).await;
         if left > 0 {
@@ -400,13 +426,14 @@ fn is_explicit(settings: &Settings) -> bool {
     settings.inbound_target.is_some() || !settings.upstreams.is_empty()
 }
 
-/// Binds the inbound listener; `[::]` falls back to `0.0.0.0` where IPv6 is off.
-fn bind_inbound(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    match proxy::bind("--inbound-listen", addr) {
+/// Binds an inbound (or tunnel) listener; `[::]` falls back to `0.0.0.0`
+/// where IPv6 is off.
+fn bind_inbound(flag: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    match proxy::bind(flag, addr) {
         Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() && is_no_ipv6(&e) => {
-            warn!("IPv6 is off; inbound listener falls back to IPv4 only");
+            warn!("IPv6 is off; {flag} falls back to IPv4 only");
             let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
-            Ok(proxy::bind("--inbound-listen", v4)?)
+            Ok(proxy::bind(flag, v4)?)
         }
         other => Ok(other?),
     }

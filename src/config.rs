@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod docs;
 mod run;
+mod tunnel;
 
 pub use docs::{completion, man_page};
+pub use tunnel::{TunnelArgs, TunnelClient, TunnelListen};
 
 pub use run::{CertSource, RunArgs, Settings, Upstream, DEFAULT_CA_TOKEN_FILE};
 

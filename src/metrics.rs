@@ -3,6 +3,7 @@
 //! sidecars in one process and read each one's numbers.
 
 pub mod peers;
+pub mod tunnel;
 
 use std::time::SystemTime;
 
@@ -82,6 +83,8 @@ pub struct Metrics {
     pub accept_errors: IntCounterVec,
     /// Admin connections closed or refused to keep the admin port answering.
     pub admin_connections_dropped: IntCounterVec,
+    /// The mesh tunnel's connections, streams, pool and fallbacks.
+    pub tunnel: tunnel::TunnelMetrics,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -152,6 +155,7 @@ impl Metrics {
         r.register(Box::new(http_request_duration.clone()))
             .expect("unique metric");
         Metrics {
+            tunnel: tunnel::TunnelMetrics::new(r),
             http_requests: counter(
                 r,
                 "portcullis_http_requests_total",

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 mod detect;
+mod dial;
 pub mod http;
 mod inbound;
 mod orig_dst;
@@ -11,10 +12,12 @@ mod plan;
 mod policy;
 mod rewind;
 mod splice;
+pub mod tunnel;
 
 pub use detect::{classify_buffered, detect, sniff_http, AppProtocol, Detected};
 pub use http::AppClients;
 pub use inbound::{Inbound, PendingHandshakes};
+pub use tunnel::TunnelSettings;
 pub use orig_dst::original_destination;
 pub use outbound::{Outbound, UpstreamListener};
 pub use plan::{plan, OutboundPolicy, Route};
@@ -72,6 +75,10 @@ pub struct Shared {
     pub hello_timeout: Duration,
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The mesh tunnel's settings (`--tunnel*`).
+    pub tunnel: TunnelSettings,
+    /// Pooled tunnel connections to peer sidecars.
+    pub pool: tunnel::Pool,
 }
 
 impl Shared {

@@ -9,7 +9,7 @@ mod verify;
 pub use bundle::{RootInfo, TrustBundle};
 pub use outcome::handshake_result;
 pub use state::{MeshTls, Snapshot, Unusable};
-pub use verify::{check_issuer, peer_identity, IdentityError, MeshVerifier};
+pub use verify::{chain_trusted, check_issuer, peer_identity, IdentityError, MeshVerifier};
 
 use std::sync::Arc;
 
@@ -17,6 +17,9 @@ use rustls::crypto::CryptoProvider;
 
 /// The ALPN protocol sidecars speak to each other.
 pub const ALPN: &[u8] = b"portcullis/1";
+/// The ALPN protocol of the mesh tunnel: HTTP/2, whose CONNECT streams each
+/// carry one app connection.
+pub const TUNNEL_ALPN: &[u8] = b"h2";
 
 /// Errors building TLS state.
 #[derive(Debug, thiserror::Error)]

@@ -233,6 +233,9 @@ pub struct RunArgs {
     pub file_poll_interval: Duration,
 
     #[command(flatten)]
+    pub tunnel: super::tunnel::TunnelArgs,
+
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -294,6 +297,9 @@ pub const DEFAULT_CA_TOKEN_FILE: &str = "/var/run/secrets/portcullis/token";
 /// Validated settings for `run`.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Where the tunnel listener binds (`None`: no tunnel listener).
+    pub tunnel_listen: Option<SocketAddr>,
+    pub tunnel: crate::proxy::TunnelSettings,
     /// How often the identity service's bundle is fetched (`--ca-url` only; zero: never).
     pub trust_bundle_refresh: Duration,
     pub id: SpiffeId,
@@ -388,7 +394,10 @@ impl RunArgs {
         if self.max_pending_handshakes_per_source == 0 {
             return Err("--max-pending-handshakes-per-source: must be at least 1".into());
         }
+        let (tunnel_listen, tunnel) = self.tunnel.settings(self.inbound_target.is_some())?;
         Ok(Settings {
+            tunnel_listen,
+            tunnel,
             trust_bundle_refresh: self.trust_bundle_refresh,
             id,
             cert_source,

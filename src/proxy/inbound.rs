@@ -21,7 +21,8 @@ use super::{
 use crate::authz::Peer;
 use crate::config::InboundMode;
 use crate::limits::{AcceptErrors, Eviction, EvictionSet, LogEvery, Slot};
-use crate::tls::{handshake_result, peer_identity};
+use super::tunnel::{ConnHealth, TunnelConn};
+use crate::tls::{handshake_result, peer_identity, TUNNEL_ALPN};
 
 /// On opaque ports a plaintext client may wait for the server to speak, so
 /// only this long is spent looking for a mesh ClientHello (a sidecar sends
@@ -59,9 +60,20 @@ impl PendingHandshakes {
     }
 }
 
-/// The bound inbound listener.
+/// Which inbound listener this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `--inbound-listen` (:15006): redirected connections, per-connection
+    /// mesh mTLS, plaintext in permissive mode, and tunnels in explicit mode.
+    Inbound,
+    /// `--tunnel-listen` (:15008): mesh mTLS with ALPN `h2` only.
+    Tunnel,
+}
+
+/// A bound inbound listener.
 pub struct Inbound {
     listener: TcpListener,
+    kind: Listener,
     /// Explicit mode target; `None` means use the original destination.
     target: Option<SocketAddr>,
     shared: Arc<Shared>,
@@ -71,6 +83,17 @@ impl Inbound {
     pub fn new(listener: TcpListener, target: Option<SocketAddr>, shared: Arc<Shared>) -> Self {
         Inbound {
             listener,
+            kind: Listener::Inbound,
+            target,
+            shared,
+        }
+    }
+
+    /// The tunnel listener: every connection must be mesh mTLS with `h2`.
+    pub fn tunnel(listener: TcpListener, target: Option<SocketAddr>, shared: Arc<Shared>) -> Self {
+        Inbound {
+            listener,
+            kind: Listener::Tunnel,
             target,
             shared,
         }
@@ -80,7 +103,11 @@ impl Inbound {
     pub async fn run(self) {
         let drain = self.shared.drain.clone();
         let accept_errors = self.shared.metrics.accept_errors.clone();
-        let mut errors = AcceptErrors::new("inbound", Some(accept_errors));
+        let name = match self.kind {
+            Listener::Inbound => "inbound",
+            Listener::Tunnel => "tunnel",
+        };
+        let mut errors = AcceptErrors::new(name, Some(accept_errors));
         loop {
             let (stream, source) = tokio::select! {
                 r = self.listener.accept() => match r {
@@ -108,8 +135,9 @@ impl Inbound {
             };
             let shared = self.shared.clone();
             let target = self.target;
+            let kind = self.kind;
             let span = tracing::info_span!("inbound", %source);
-            drain.spawn(serve(shared, stream, source, target, slot).instrument(span));
+            drain.spawn(serve(shared, stream, source, kind, target, slot).instrument(span));
         }
     }
 }
@@ -153,12 +181,16 @@ async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
     source: SocketAddr,
-    target: Option<SocketAddr>,
+    kind: Listener,
+    explicit: Option<SocketAddr>,
     mut slot: Slot,
 ) {
     let _ = stream.set_nodelay(true);
     let started = Instant::now();
-    let target = match target {
+    if kind == Listener::Tunnel {
+        return serve_tunnel_listener(shared, stream, source, explicit, slot).await;
+    }
+    let target = match explicit {
         Some(t) => t,
         None => match original_destination(&stream) {
             Ok(t) if shared.forward_to_localhost => localhost(t),
@@ -188,7 +220,12 @@ async fn serve(
         (Detected::MeshTls, _) => {
             slot.set_class(HANDSHAKING);
             let remaining = shared.handshake_timeout.saturating_sub(started.elapsed());
-            serve_mesh(shared, stream, source, target, remaining, slot).await;
+            let at = MeshAt {
+                kind,
+                target,
+                explicit,
+            };
+            serve_mesh(shared, stream, source, at, remaining, slot).await;
         }
         (Detected::Silent | Detected::Partial, InboundMode::Strict) => {
             refused(&shared, port, "timeout", "no whole TLS ClientHello in time")
@@ -213,18 +250,81 @@ async fn serve(
     }
 }
 
-/// Terminates mesh mTLS and hands the stream on with the peer's identity.
+/// Where a mesh connection arrived and where its bytes go.
+struct MeshAt {
+    kind: Listener,
+    /// The original destination (or the explicit target).
+    target: SocketAddr,
+    /// Explicit mode's target, for tunnel streams.
+    explicit: Option<SocketAddr>,
+}
+
+/// A connection on the tunnel listener: strict mTLS, then HTTP/2. A hello
+/// without our ALPN is let through to the handshake, which refuses it
+/// unless it offers `h2` (a tunnel client need not offer `portcullis/1`).
+async fn serve_tunnel_listener(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    source: SocketAddr,
+    explicit: Option<SocketAddr>,
+    mut slot: Slot,
+) {
+    let started = Instant::now();
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => return debug!(error = %e, "tunnel connection gone before it was served"),
+    };
+    let port = local.port();
+    let wait = shared.hello_timeout.min(shared.handshake_timeout);
+    let detected = tokio::select! {
+        r = detect(&stream, wait) => match r {
+            Ok(d) => d,
+            Err(e) => return debug!(error = %e, "tunnel connection failed before its first byte"),
+        },
+        why = slot.evicted() => return evicted(&shared, why),
+    };
+    match detected {
+        Detected::Closed => {}
+        Detected::MeshTls | Detected::OtherTls => {
+            slot.set_class(HANDSHAKING);
+            let remaining = shared.handshake_timeout.saturating_sub(started.elapsed());
+            let at = MeshAt {
+                kind: Listener::Tunnel,
+                target: local,
+                explicit,
+            };
+            serve_mesh(shared, stream, source, at, remaining, slot).await;
+        }
+        Detected::Silent | Detected::Partial => {
+            refused(&shared, port, "timeout", "no whole TLS ClientHello in time")
+        }
+        Detected::Plain => refused(
+            &shared,
+            port,
+            "plaintext_refused",
+            "the tunnel port accepts only mesh mTLS",
+        ),
+    }
+}
+
+/// Terminates mesh mTLS and hands the stream on with the peer's identity:
+/// to the tunnel when ALPN `h2` was agreed, else as one connection.
 async fn serve_mesh(
     shared: Arc<Shared>,
     stream: TcpStream,
     source: SocketAddr,
-    target: SocketAddr,
+    at: MeshAt,
     timeout: Duration,
     mut slot: Slot,
 ) {
+    let target = at.target;
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
-    let config = match snapshot.server_at(SystemTime::now()) {
+    let config = match at.kind {
+        Listener::Inbound => snapshot.server_at(SystemTime::now()),
+        Listener::Tunnel => snapshot.tunnel_server_at(SystemTime::now()),
+    };
+    let config = match config {
         Ok(config) => config,
         Err(why) => {
             handshakes
@@ -273,8 +373,40 @@ async fn serve_mesh(
         .with_label_values(&["inbound"])
         .observe(started.elapsed().as_secs_f64());
     handshakes.with_label_values(&["inbound", "ok"]).inc();
+    let tunnel = conn.alpn_protocol() == Some(TUNNEL_ALPN);
+    if !tunnel && at.kind == Listener::Tunnel {
+        // A client that offered no ALPN at all completes a handshake.
+        return refused(
+            &shared,
+            target.port(),
+            "no_alpn",
+            "the tunnel port speaks only h2",
+        );
+    }
+    let peer = Arc::new(Peer::Mesh(peer));
+    if tunnel {
+        let chain = conn.peer_certificates().unwrap_or_default();
+        let Some(health) = ConnHealth::new(chain, snapshot.bundle.clone(), None) else {
+            return info!("inbound connection refused: peer certificate unreadable");
+        };
+        let local = match at.kind {
+            Listener::Tunnel => target,
+            Listener::Inbound => match tls.get_ref().0.local_addr() {
+                Ok(a) => a,
+                Err(_) => return,
+            },
+        };
+        let conn = TunnelConn {
+            peer,
+            source,
+            local,
+            explicit_target: at.explicit,
+            health,
+        };
+        return super::tunnel::serve(shared, tls, conn).await;
+    }
     let conn = ConnInfo {
-        peer: Arc::new(Peer::Mesh(peer)),
+        peer,
         source,
         target,
     };
@@ -283,7 +415,7 @@ async fn serve_mesh(
 
 /// HTTP goes to the per-request path; anything else is authorized once as
 /// a connection and copied, and closed if a rule change denies it later.
-async fn serve_app<S>(shared: Arc<Shared>, mut io: S, conn: ConnInfo)
+pub(super) async fn serve_app<S>(shared: Arc<Shared>, mut io: S, conn: ConnInfo)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -291,7 +423,7 @@ where
     // permissive mode): refused connections are counted by
     // `portcullis_tls_handshakes_total{result}` alone, so a port scan cannot
     // grow the number of series.
-    let _guard = ConnGuard::new(&shared.metrics, "inbound", conn.target.port());
+    let guard = ConnGuard::new(&shared.metrics, "inbound", conn.target.port());
     let (protocol, prefix) = if shared.is_opaque(conn.target.port()) {
         (AppProtocol::Opaque, Bytes::new())
     } else {
@@ -320,6 +452,24 @@ where
             return info!(peer = %conn.peer, error = %e, "inbound connection dropped: app unreachable")
         }
     };
+    forward_opaque(&shared, io, app, &conn, decision.rule, guard).await;
+}
+
+/// Copies an allowed opaque connection to the app until either side ends,
+/// or until a rule change denies it; `guard` counts it open meanwhile.
+pub(super) async fn forward_opaque<S>(
+    shared: &Shared,
+    io: S,
+    app: tokio::net::TcpStream,
+    conn: &ConnInfo,
+    rule: String,
+    guard: ConnGuard,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _guard = guard;
+    let started = std::time::Instant::now();
+    let log = &shared.policy.access_log;
     debug!(peer = %conn.peer, target = %conn.target, "inbound connection forwarded");
     let traffic = traffic(&shared.metrics, "inbound", conn.target.port());
     tokio::select! {
@@ -327,10 +477,10 @@ where
             if let Err(e) = &r {
                 debug!(peer = %conn.peer, error = %e, "inbound connection ended with an error");
             }
-            log.write_with(|| tcp_entry(&conn, true, &decision.rule, started, r.ok()));
+            log.write_with(|| tcp_entry(conn, true, &rule, started, r.ok()));
         }
-        rule = shared.policy.denied_later(&conn, None) => {
-            log.write_with(|| tcp_entry(&conn, false, &rule, started, None));
+        rule = shared.policy.denied_later(conn, None) => {
+            log.write_with(|| tcp_entry(conn, false, &rule, started, None));
             info!(
                 peer = %conn.peer,
                 source = %conn.source.ip(),
@@ -344,7 +494,7 @@ where
 
 /// The loopback address of the same family and port, for apps that listen
 /// on localhost only.
-fn localhost(dest: SocketAddr) -> SocketAddr {
+pub(super) fn localhost(dest: SocketAddr) -> SocketAddr {
     let ip: std::net::IpAddr = if dest.is_ipv4() {
         std::net::Ipv4Addr::LOCALHOST.into()
     } else {

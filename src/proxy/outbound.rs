@@ -2,22 +2,18 @@
 //! upstreams carry them over mTLS to a known sidecar; the transparent
 //! listener forwards redirected connections to their original destination.
 
-use std::sync::Arc;
-use std::time::SystemTime;
-
-use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
 use tracing::{debug, info, Instrument};
 
+use super::dial::{dial, Alpn, DialError};
+use super::tunnel::{self, Failed, Link, FALLBACK_MEMORY};
 use super::{original_destination, plan, splice, traffic, ConnGuard, Route, Shared};
 use crate::config::Upstream;
 use crate::identity::SpiffeId;
 use crate::limits::AcceptErrors;
-use crate::tls::{handshake_result, peer_identity};
 
 /// An explicit upstream's listener.
 pub struct UpstreamListener {
@@ -70,81 +66,76 @@ async fn accept_loop(listener: TcpListener, upstream: Option<Upstream>, shared: 
         let span = tracing::info_span!("outbound", %source);
         match &upstream {
             Some(u) => {
-                drain.spawn(to_sidecar(shared, stream, u.dest, u.expect.clone()).instrument(span))
+                let (dest, expect) = (u.dest, u.expect.clone());
+                drain.spawn(to_sidecar(shared, stream, dest, expect, false).instrument(span))
             }
             None => drain.spawn(transparent(shared, stream).instrument(span)),
         }
     }
 }
 
-/// Carries one app connection over mesh mTLS to the sidecar at `dest`,
-/// requiring the server to be `expect` when given (else any identity of
-/// our trust domain).
+/// Carries one app connection to the sidecar at `dest` (explicit mode: the
+/// upstream; transparent mode: the original destination, whose sidecar
+/// listens on the tunnel port of the same address), requiring the server
+/// to be `expect` when given (else any identity of our trust domain).
+/// Through a pooled tunnel when it can; over a connection of its own when
+/// the peer has no tunnel or the tunnel is off.
 async fn to_sidecar(
     shared: Arc<Shared>,
     app: TcpStream,
     dest: SocketAddr,
     expect: Option<SpiffeId>,
+    transparent: bool,
 ) {
     let _ = app.set_nodelay(true);
     let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
-    let handshakes = &shared.metrics.tls_handshakes;
-    let snapshot = shared.tls.snapshot();
-    let config = match snapshot.client_at(SystemTime::now()) {
-        Ok(config) => config,
-        Err(why) => {
-            handshakes
-                .with_label_values(&["outbound", why.label()])
-                .inc();
-            return info!(%dest, result = why.label(), "outbound connection refused: {why}");
-        }
-    };
-    let tcp = match shared.connect(dest).await {
-        Ok(s) => s,
-        Err(e) => return info!(error = %e, "outbound connection failed"),
-    };
-    let started = Instant::now();
-    let connect = TlsConnector::from(config).connect(ServerName::IpAddress(dest.ip().into()), tcp);
-    let tls = match tokio::time::timeout(shared.handshake_timeout, connect).await {
-        Err(_) => {
-            handshakes.with_label_values(&["outbound", "timeout"]).inc();
-            return info!(%dest, "outbound handshake timed out");
-        }
-        Ok(Err(e)) => {
-            let result = handshake_result(&e);
-            handshakes.with_label_values(&["outbound", result]).inc();
-            return info!(%dest, result, error = %e, "outbound handshake failed");
-        }
-        Ok(Ok(tls)) => tls,
-    };
-    let (_, conn) = tls.get_ref();
-    let server = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| peer_identity(c, shared.tls.trust_domain()));
-    let Some(Ok(server)) = server else {
-        handshakes
-            .with_label_values(&["outbound", "bad_identity"])
-            .inc();
-        return info!(%dest, "outbound connection refused: server identity unreadable");
-    };
-    if let Some(want) = &expect {
-        if &server != want {
-            handshakes
-                .with_label_values(&["outbound", "wrong_identity"])
-                .inc();
-            return info!(%dest, got = %server, want = %want, "outbound connection refused: unexpected server identity");
+    let traffic = traffic(&shared.metrics, "outbound", dest.port());
+    if shared.tunnel.client {
+        let addr = if transparent {
+            SocketAddr::new(dest.ip(), shared.tunnel.peer_port)
+        } else {
+            dest
+        };
+        let fallbacks = &shared.metrics.tunnel.fallbacks;
+        if shared.pool.remembered_without_tunnel(addr, FALLBACK_MEMORY) {
+            fallbacks.with_label_values(&["remembered"]).inc();
+        } else {
+            match tunnel::connect(&shared, addr, dest, expect.as_ref(), transparent).await {
+                Ok(Link::Stream { io, slot }) => {
+                    let active = &shared.metrics.tunnel.streams_active;
+                    let active = active.with_label_values(&["outbound"]);
+                    active.inc();
+                    let r = splice(app, io, shared.idle_timeout, &traffic).await;
+                    active.dec();
+                    if let Err(e) = r {
+                        debug!(server = %slot.server(), error = %e, "outbound connection ended with an error");
+                    }
+                    return;
+                }
+                Ok(Link::Direct { tls, server }) => {
+                    fallbacks.with_label_values(&["no_h2"]).inc();
+                    shared.pool.remember_without_tunnel(addr);
+                    if let Err(e) = splice(app, tls, shared.idle_timeout, &traffic).await {
+                        debug!(%server, error = %e, "outbound connection ended with an error");
+                    }
+                    return;
+                }
+                Err(Failed::NoTunnel(reason)) => {
+                    fallbacks.with_label_values(&[reason]).inc();
+                    shared.pool.remember_without_tunnel(addr);
+                    info!(%addr, reason, "peer has no tunnel: using a connection of its own for a while");
+                }
+                Err(Failed::Refused) => return,
+            }
         }
     }
-    shared
-        .metrics
-        .tls_handshake_duration
-        .with_label_values(&["outbound"])
-        .observe(started.elapsed().as_secs_f64());
-    handshakes.with_label_values(&["outbound", "ok"]).inc();
-    let traffic = traffic(&shared.metrics, "outbound", dest.port());
-    if let Err(e) = splice(app, tls, shared.idle_timeout, &traffic).await {
-        debug!(%server, error = %e, "outbound connection ended with an error");
+    let dialed = match dial(&shared, dest, expect.as_ref(), Alpn::Link).await {
+        Ok(d) => d,
+        Err(DialError::Connect(e)) => return info!(%dest, error = %e, "outbound connection failed"),
+        Err(DialError::Refused) => return,
+    };
+    if let Err(e) = splice(app, dialed.tls, shared.idle_timeout, &traffic).await {
+        debug!(server = %dialed.server, error = %e, "outbound connection ended with an error");
     }
 }
 
@@ -158,7 +149,7 @@ async fn transparent(shared: Arc<Shared>, app: TcpStream) {
         Err(e) => return info!(error = %e, "outbound connection refused"),
     };
     if plan(dest, &shared.outbound) == Route::Mesh {
-        return to_sidecar(shared, app, dest, None).await;
+        return to_sidecar(shared, app, dest, None, true).await;
     }
     let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
     let remote = match shared.connect(dest).await {

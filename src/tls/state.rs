@@ -10,7 +10,7 @@ use rustls::client::Resumption;
 use rustls::server::NoServerSessionStorage;
 use rustls::{ClientConfig, ServerConfig};
 
-use super::{provider, Error, MeshVerifier, TrustBundle, ALPN};
+use super::{provider, Error, MeshVerifier, TrustBundle, ALPN, TUNNEL_ALPN};
 use crate::identity::{Leaf, TrustDomain};
 
 /// What new handshakes use right now.
@@ -20,6 +20,11 @@ pub struct Snapshot {
     /// `None` until the first leaf arrives.
     pub server: Option<Arc<ServerConfig>>,
     pub client: Option<Arc<ClientConfig>>,
+    /// The same, for the tunnel: the server offers ALPN `h2` only; the
+    /// client offers `h2` then `portcullis/1`, so a peer that has no tunnel
+    /// still completes the handshake as one per-connection link.
+    pub tunnel_server: Option<Arc<ServerConfig>>,
+    pub tunnel_client: Option<Arc<ClientConfig>>,
 }
 
 /// Why this sidecar takes part in no mesh handshake right now.
@@ -65,6 +70,18 @@ impl Snapshot {
         self.client.clone().ok_or(Unusable::NoCertificate)
     }
 
+    /// The tunnel listener's server config for a handshake starting `now`.
+    pub fn tunnel_server_at(&self, now: SystemTime) -> Result<Arc<ServerConfig>, Unusable> {
+        self.usable(now)?;
+        self.tunnel_server.clone().ok_or(Unusable::NoCertificate)
+    }
+
+    /// The tunnel client config for a handshake starting `now`.
+    pub fn tunnel_client_at(&self, now: SystemTime) -> Result<Arc<ClientConfig>, Unusable> {
+        self.usable(now)?;
+        self.tunnel_client.clone().ok_or(Unusable::NoCertificate)
+    }
+
     fn usable(&self, now: SystemTime) -> Result<(), Unusable> {
         match &self.leaf {
             None => Err(Unusable::NoCertificate),
@@ -88,6 +105,8 @@ impl MeshTls {
             bundle: Arc::new(bundle),
             server: None,
             client: None,
+            tunnel_server: None,
+            tunnel_client: None,
         };
         MeshTls {
             td,
@@ -120,19 +139,27 @@ impl MeshTls {
     }
 
     fn publish(&self, leaf: Option<Arc<Leaf>>, bundle: Arc<TrustBundle>) -> Result<(), Error> {
-        let (server, client) = match &leaf {
-            Some(leaf) => {
-                let (s, c) = build_configs(&self.td, leaf, &bundle)?;
-                (Some(Arc::new(s)), Some(Arc::new(c)))
-            }
-            None => (None, None),
-        };
-        self.current.store(Arc::new(Snapshot {
-            leaf,
+        let mut snapshot = Snapshot {
+            leaf: None,
             bundle,
-            server,
-            client,
-        }));
+            server: None,
+            client: None,
+            tunnel_server: None,
+            tunnel_client: None,
+        };
+        if let Some(leaf) = &leaf {
+            let (server, client) = build_configs(&self.td, leaf, &snapshot.bundle)?;
+            let mut tunnel_server = server.clone();
+            tunnel_server.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+            let mut tunnel_client = client.clone();
+            tunnel_client.alpn_protocols = vec![TUNNEL_ALPN.to_vec(), ALPN.to_vec()];
+            snapshot.server = Some(Arc::new(server));
+            snapshot.client = Some(Arc::new(client));
+            snapshot.tunnel_server = Some(Arc::new(tunnel_server));
+            snapshot.tunnel_client = Some(Arc::new(tunnel_client));
+        }
+        snapshot.leaf = leaf;
+        self.current.store(Arc::new(snapshot));
         Ok(())
     }
 }
@@ -149,7 +176,9 @@ fn build_configs(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(leaf.chain.clone(), leaf.key.clone_key())?;
-    server.alpn_protocols = vec![ALPN.to_vec()];
+    // A tunnel client offers `h2` first; an older client offers only
+    // `portcullis/1` and gets a connection of its own, as before.
+    server.alpn_protocols = vec![TUNNEL_ALPN.to_vec(), ALPN.to_vec()];
     server.send_tls13_tickets = 0;
     server.session_storage = Arc::new(NoServerSessionStorage {});
     let mut client = ClientConfig::builder_with_provider(provider())

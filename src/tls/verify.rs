@@ -235,3 +235,17 @@ fn check_own_leaf(
         .map_err(|e| e.to_string())?;
     Ok(())
 }
+
+/// Whether a peer's chain (leaf first), verified earlier, still chains to
+/// `roots` at `now`: a long-lived connection checks it when the trust
+/// bundle changes, so a peer verified only by a removed root is retired.
+pub fn chain_trusted(chain: &[CertificateDer<'_>], roots: &RootCertStore, now: UnixTime) -> bool {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return false;
+    };
+    let Ok(parsed) = ParsedCertificate::try_from(leaf) else {
+        return false;
+    };
+    let algs = super::provider().signature_verification_algorithms;
+    verify_server_cert_signed_by_trust_anchor(&parsed, roots, intermediates, now, algs.all).is_ok()
+}

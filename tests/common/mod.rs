@@ -200,6 +200,9 @@ impl Sidecar {
             "--outbound-listen",
             "127.0.0.1:0",
         ];
+        if !args.iter().any(|a| a.as_ref() == "--tunnel-listen") {
+            argv.extend(["--tunnel-listen", "127.0.0.1:0"]);
+        }
         argv.extend(args.iter().map(|a| a.as_ref()));
         let Command::Run(run) = Cli::try_parse_from(&argv).unwrap().command else {
             unreachable!()

@@ -1,0 +1,92 @@
+//! Metrics of the mesh tunnel (pooled HTTP/2 CONNECT between sidecars):
+//! enough to see that connections are reused, why streams were refused, and
+//! how often a peer without a tunnel made us fall back.
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// `direction` is `inbound` (we serve the tunnel) or `outbound` (our pool).
+pub struct TunnelMetrics {
+    pub connections_open: IntGaugeVec,
+    pub connections_opened: IntCounterVec,
+    pub streams: IntCounterVec,
+    pub streams_active: IntGaugeVec,
+    pub pool: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+/// Stream results, each a bounded label value (see docs/DESIGN.md).
+pub const STREAM_RESULTS: &[&str] = &[
+    "ok",
+    "denied",
+    "foreign_destination",
+    "bad_request",
+    "app_unreachable",
+    "peer_expired",
+    "refused",
+    "error",
+];
+
+impl TunnelMetrics {
+    pub fn new(r: &Registry) -> Self {
+        let m = TunnelMetrics {
+            connections_open: gauge(
+                r,
+                "portcullis_tunnel_connections_open",
+                "Tunnel (HTTP/2 over mesh mTLS) connections open now.",
+                &["direction"],
+            ),
+            connections_opened: counter(
+                r,
+                "portcullis_tunnel_connections_opened_total",
+                "Tunnel connections established (each one is one mTLS handshake).",
+                &["direction"],
+            ),
+            streams: counter(
+                r,
+                "portcullis_tunnel_streams_total",
+                "Tunnel streams (one per app connection) by result.",
+                &["direction", "result"],
+            ),
+            streams_active: gauge(
+                r,
+                "portcullis_tunnel_streams_active",
+                "Tunnel streams open now.",
+                &["direction"],
+            ),
+            pool: counter(
+                r,
+                "portcullis_tunnel_pool_requests_total",
+                "Outbound app connections that found a pooled tunnel connection with room (hit) or needed a new one (miss).",
+                &["result"],
+            ),
+            fallbacks: counter(
+                r,
+                "portcullis_tunnel_fallbacks_total",
+                "Outbound app connections sent over per-connection mTLS because the peer has no tunnel (refused: nothing listens on its tunnel port; no_h2: the peer does not speak it; remembered: a recent refusal).",
+                &["reason"],
+            ),
+        };
+        for direction in ["inbound", "outbound"] {
+            m.connections_open.with_label_values(&[direction]);
+            m.connections_opened.with_label_values(&[direction]);
+            m.streams_active.with_label_values(&[direction]);
+            m.streams.with_label_values(&[direction, "ok"]);
+        }
+        for result in ["hit", "miss"] {
+            m.pool.with_label_values(&[result]);
+        }
+        m
+    }
+}

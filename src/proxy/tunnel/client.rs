@@ -1,0 +1,154 @@
+//! Carrying one outbound app connection through the pool: take a stream's
+//! room on a pooled connection (or dial one, once per peer at a time), send
+//! `CONNECT` for the original destination, and report what happened.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tracing::info;
+
+use super::pool::{self, Key, Opened, StreamSlot};
+use super::stream::H2Stream;
+use crate::identity::SpiffeId;
+use crate::proxy::dial::{dial, Alpn, DialError};
+use crate::proxy::Shared;
+
+/// How many connections one app connection tries before giving up (a
+/// connection that went away between picking and sending counts once).
+const ATTEMPTS: usize = 3;
+
+/// The way an app connection reaches the peer sidecar.
+pub enum Link {
+    /// A stream on a pooled tunnel connection.
+    Stream { io: H2Stream, slot: StreamSlot },
+    /// The peer agreed to mesh mTLS but not to the tunnel (an older
+    /// sidecar): this connection is the app connection's own.
+    Direct {
+        tls: Box<TlsStream<TcpStream>>,
+        server: SpiffeId,
+    },
+}
+
+/// Why no link came up.
+pub enum Failed {
+    /// Nothing answers on the peer's tunnel port: per-connection mTLS to
+    /// the original destination may still work.
+    NoTunnel(&'static str),
+    /// Refused or failed after connecting (counted and logged already).
+    Refused,
+}
+
+fn count_stream(shared: &Shared, result: &str) {
+    shared
+        .metrics
+        .tunnel
+        .streams
+        .with_label_values(&["outbound", result])
+        .inc();
+}
+
+fn count_pool(shared: &Shared, result: &str) {
+    shared
+        .metrics
+        .tunnel
+        .pool
+        .with_label_values(&[result])
+        .inc();
+}
+
+/// A stream's room to the peer at `addr`, dialling a new connection only
+/// when none has room. `Err` ends the attempt with that outcome.
+async fn slot(
+    shared: &Arc<Shared>,
+    entry: &pool::Entry,
+    addr: SocketAddr,
+    expect: Option<&SpiffeId>,
+    transparent: bool,
+) -> Result<Result<StreamSlot, Link>, Failed> {
+    if let Some(slot) = entry.pick(shared) {
+        count_pool(shared, "hit");
+        return Ok(Ok(slot));
+    }
+    let _dialing = entry.dialing.lock().await;
+    if let Some(slot) = entry.pick(shared) {
+        count_pool(shared, "hit");
+        return Ok(Ok(slot));
+    }
+    count_pool(shared, "miss");
+    let dialed = match dial(shared, addr, expect, Alpn::Tunnel).await {
+        Ok(d) => d,
+        Err(DialError::Connect(e))
+            if transparent
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+                ) =>
+        {
+            return Err(Failed::NoTunnel(if e.kind() == std::io::ErrorKind::TimedOut {
+                "timeout"
+            } else {
+                "refused"
+            }));
+        }
+        Err(DialError::Connect(e)) => {
+            info!(%addr, error = %e, "outbound connection failed");
+            return Err(Failed::Refused);
+        }
+        Err(DialError::Refused) => return Err(Failed::Refused),
+    };
+    if !dialed.is_tunnel() {
+        return Ok(Err(Link::Direct {
+            server: dialed.server,
+            tls: Box::new(dialed.tls),
+        }));
+    }
+    match pool::start(shared, entry, dialed).await {
+        Some(slot) => Ok(Ok(slot)),
+        None => Err(Failed::Refused),
+    }
+}
+
+/// Carries a connection for `authority` to the peer sidecar at `addr`
+/// (its tunnel port in transparent mode, the explicit upstream otherwise).
+pub async fn connect(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    authority: SocketAddr,
+    expect: Option<&SpiffeId>,
+    transparent: bool,
+) -> Result<Link, Failed> {
+    let key = Key {
+        addr,
+        expect: expect.cloned(),
+    };
+    let entry = shared.pool.entry(&key);
+    let authority = authority.to_string();
+    for _ in 0..ATTEMPTS {
+        let slot = match slot(shared, &entry, addr, expect, transparent).await? {
+            Ok(slot) => slot,
+            Err(direct) => return Ok(direct),
+        };
+        match pool::open(shared, &slot, &authority).await {
+            Opened::Stream(io) => {
+                count_stream(shared, "ok");
+                return Ok(Link::Stream { io, slot });
+            }
+            Opened::Refused(status) => {
+                let result = match status {
+                    StatusCode::FORBIDDEN => "denied",
+                    StatusCode::SERVICE_UNAVAILABLE => "app_unreachable",
+                    _ => "error",
+                };
+                count_stream(shared, result);
+                info!(server = %slot.server(), %authority, %status, "outbound connection refused by the peer sidecar");
+                return Err(Failed::Refused);
+            }
+            Opened::Retry => count_stream(shared, "refused"),
+        }
+    }
+    info!(%addr, "outbound connection failed: no tunnel connection took the stream");
+    Err(Failed::Refused)
+}
