@@ -37,9 +37,10 @@ fn parse_listen(s: &str) -> Result<TunnelListen, String> {
 #[derive(Debug, Args)]
 pub struct TunnelArgs {
     /// Where peers' tunnels arrive: mesh mTLS with ALPN h2, one HTTP/2
-    /// CONNECT stream per app connection; `off` for none [default:
-    /// [::]:15008; with --inbound-target, off: tunnels arrive on
-    /// --inbound-listen].
+    /// CONNECT stream per app connection. The inbound listener takes
+    /// tunnels too (a client offering h2 there); `off` serves no tunnel at
+    /// all [default: [::]:15008; with --inbound-target, only the inbound
+    /// listener].
     #[arg(long, env = "PORTCULLIS_TUNNEL_LISTEN", value_name = "ADDR|off", value_parser = parse_listen)]
     pub tunnel_listen: Option<TunnelListen>,
     /// Whether outbound app connections travel as streams of pooled tunnel
@@ -90,6 +91,7 @@ impl TunnelArgs {
             listen,
             TunnelSettings {
                 client: self.tunnel == TunnelClient::On,
+                serve: self.tunnel_listen != Some(TunnelListen::Off),
                 max_streams: self.tunnel_max_streams,
                 idle_timeout: self.tunnel_idle_timeout,
                 peer_port,

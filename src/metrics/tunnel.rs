@@ -33,8 +33,8 @@ pub const STREAM_RESULTS: &[&str] = &[
     "foreign_destination",
     "bad_request",
     "app_unreachable",
-    "peer_expired",
-    "refused",
+    "stale",
+    "retried",
     "error",
 ];
 

@@ -320,9 +320,11 @@ async fn serve_mesh(
     let target = at.target;
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
+    let now = SystemTime::now();
     let config = match at.kind {
-        Listener::Inbound => snapshot.server_at(SystemTime::now()),
-        Listener::Tunnel => snapshot.tunnel_server_at(SystemTime::now()),
+        Listener::Inbound if shared.tunnel.serve => snapshot.server_at(now),
+        Listener::Inbound => snapshot.link_server_at(now),
+        Listener::Tunnel => snapshot.tunnel_server_at(now),
     };
     let config = match config {
         Ok(config) => config,
@@ -386,7 +388,7 @@ async fn serve_mesh(
     let peer = Arc::new(Peer::Mesh(peer));
     if tunnel {
         let chain = conn.peer_certificates().unwrap_or_default();
-        let Some(health) = ConnHealth::new(chain, snapshot.bundle.clone(), None) else {
+        let Some(health) = ConnHealth::for_server(chain, snapshot.bundle.clone()) else {
             return info!("inbound connection refused: peer certificate unreadable");
         };
         let local = match at.kind {

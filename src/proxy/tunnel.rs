@@ -38,6 +38,9 @@ pub const FALLBACK_MEMORY: Duration = Duration::from_secs(60);
 pub struct TunnelSettings {
     /// Send outbound connections through tunnels (`--tunnel on`).
     pub client: bool,
+    /// Serve tunnels (on the tunnel listener, and as ALPN `h2` on the
+    /// inbound listener); `--tunnel-listen off` turns it off.
+    pub serve: bool,
     /// Concurrent streams per tunnel connection, both ways.
     pub max_streams: u32,
     /// A pooled connection with no stream for this long is closed.
@@ -52,6 +55,7 @@ impl Default for TunnelSettings {
     fn default() -> Self {
         TunnelSettings {
             client: true,
+            serve: true,
             max_streams: 100,
             idle_timeout: Duration::from_secs(60),
             peer_port: DEFAULT_PORT,

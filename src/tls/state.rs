@@ -25,6 +25,9 @@ pub struct Snapshot {
     /// still completes the handshake as one per-connection link.
     pub tunnel_server: Option<Arc<ServerConfig>>,
     pub tunnel_client: Option<Arc<ClientConfig>>,
+    /// The inbound listener's config when this sidecar serves no tunnel
+    /// (`--tunnel-listen off`): ALPN `portcullis/1` only.
+    pub link_server: Option<Arc<ServerConfig>>,
 }
 
 /// Why this sidecar takes part in no mesh handshake right now.
@@ -82,6 +85,12 @@ impl Snapshot {
         self.tunnel_client.clone().ok_or(Unusable::NoCertificate)
     }
 
+    /// The inbound server config without the tunnel, for a handshake starting `now`.
+    pub fn link_server_at(&self, now: SystemTime) -> Result<Arc<ServerConfig>, Unusable> {
+        self.usable(now)?;
+        self.link_server.clone().ok_or(Unusable::NoCertificate)
+    }
+
     fn usable(&self, now: SystemTime) -> Result<(), Unusable> {
         match &self.leaf {
             None => Err(Unusable::NoCertificate),
@@ -107,6 +116,7 @@ impl MeshTls {
             client: None,
             tunnel_server: None,
             tunnel_client: None,
+            link_server: None,
         };
         MeshTls {
             td,
@@ -146,17 +156,21 @@ impl MeshTls {
             client: None,
             tunnel_server: None,
             tunnel_client: None,
+            link_server: None,
         };
         if let Some(leaf) = &leaf {
             let (server, client) = build_configs(&self.td, leaf, &snapshot.bundle)?;
             let mut tunnel_server = server.clone();
             tunnel_server.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+            let mut link_server = server.clone();
+            link_server.alpn_protocols = vec![ALPN.to_vec()];
             let mut tunnel_client = client.clone();
             tunnel_client.alpn_protocols = vec![TUNNEL_ALPN.to_vec(), ALPN.to_vec()];
             snapshot.server = Some(Arc::new(server));
             snapshot.client = Some(Arc::new(client));
             snapshot.tunnel_server = Some(Arc::new(tunnel_server));
             snapshot.tunnel_client = Some(Arc::new(tunnel_client));
+            snapshot.link_server = Some(Arc::new(link_server));
         }
         snapshot.leaf = leaf;
         self.current.store(Arc::new(snapshot));

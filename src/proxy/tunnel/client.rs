@@ -146,7 +146,7 @@ pub async fn connect(
                 info!(server = %slot.server(), %authority, %status, "outbound connection refused by the peer sidecar");
                 return Err(Failed::Refused);
             }
-            Opened::Retry => count_stream(shared, "refused"),
+            Opened::Retry => count_stream(shared, "retried"),
         }
     }
     info!(%addr, "outbound connection failed: no tunnel connection took the stream");

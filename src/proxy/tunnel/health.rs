@@ -13,9 +13,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::tls::{chain_trusted, MeshTls, TrustBundle};
 
 /// Never closer to a certificate's expiry than this when starting a stream
-/// (or a quarter of its lifetime, for very short-lived certificates): a
-/// stream started just before the deadline would outlive the certificate
-/// that authenticated it.
+/// (or a quarter of the time it had left when the connection was made, for
+/// very short-lived certificates): a stream started just before the
+/// deadline would reach the peer after the certificate expired.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
 
 /// Why a tunnel connection takes no new stream.
@@ -50,38 +50,50 @@ pub struct ConnHealth {
     checked_with: Mutex<Arc<TrustBundle>>,
 }
 
-/// When a certificate valid from `not_before` to `not_after` stops being
-/// used for new streams.
-fn deadline(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    not_after - EXPIRY_MARGIN.min(lifetime / 4)
+/// When a connection made at `made` with a certificate valid until
+/// `not_after` stops taking new streams. Not from the certificate's
+/// `notBefore`: issuers backdate it for clock skew, which would make a
+/// short-lived certificate look long-lived.
+fn deadline(made: SystemTime, not_after: SystemTime) -> SystemTime {
+    let left = not_after.duration_since(made).unwrap_or_default();
+    not_after - EXPIRY_MARGIN.min(left / 4)
 }
 
-/// A certificate's validity window, `None` if it does not parse.
-fn validity(cert: &CertificateDer<'_>) -> Option<(SystemTime, SystemTime)> {
+/// A certificate's `notAfter`, `None` if it does not parse.
+fn validity(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     let (_, x) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    let from = u64::try_from(x.validity().not_before.timestamp()).ok()?;
     let to = u64::try_from(x.validity().not_after.timestamp()).ok()?;
-    Some((
-        SystemTime::UNIX_EPOCH + Duration::from_secs(from),
-        SystemTime::UNIX_EPOCH + Duration::from_secs(to),
-    ))
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(to))
 }
 
 impl ConnHealth {
-    /// Facts of a connection whose peer presented `chain` (already
-    /// verified), checked against `bundle`; `own` is our leaf's validity on
-    /// the client side. `None` when the peer's certificate does not parse.
-    pub fn new(
+    /// The client side's view of a connection whose server presented
+    /// `chain` (already verified against `bundle`), made with our leaf
+    /// valid until `own_not_after`: it stops a margin before either expires, so no
+    /// stream it starts reaches the server after the expiry.
+    pub fn for_client(
         chain: &[CertificateDer<'static>],
         bundle: Arc<TrustBundle>,
-        own: Option<(SystemTime, SystemTime)>,
+        own_not_after: Option<SystemTime>,
     ) -> Option<Self> {
-        let (from, to) = validity(chain.first()?)?;
+        let to = validity(chain.first()?)?;
+        let made = SystemTime::now();
         Some(ConnHealth {
             peer_chain: chain.to_vec(),
-            peer_deadline: deadline(from, to),
-            own_deadline: own.map(|(from, to)| deadline(from, to)),
+            peer_deadline: deadline(made, to),
+            own_deadline: own_not_after.map(|to| deadline(made, to)),
+            checked_with: Mutex::new(bundle),
+        })
+    }
+
+    /// The server side's view: a client's stream is refused once its
+    /// certificate has expired (clients stop earlier, with a margin).
+    pub fn for_server(chain: &[CertificateDer<'static>], bundle: Arc<TrustBundle>) -> Option<Self> {
+        let to = validity(chain.first()?)?;
+        Some(ConnHealth {
+            peer_chain: chain.to_vec(),
+            peer_deadline: to,
+            own_deadline: None,
             checked_with: Mutex::new(bundle),
         })
     }
@@ -120,7 +132,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_margin_is_a_quarter_of_a_short_lifetime() {
+    fn the_margin_is_a_quarter_of_what_a_short_lived_certificate_had_left() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         assert_eq!(
             deadline(t0, t0 + Duration::from_secs(2)),

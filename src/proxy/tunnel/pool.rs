@@ -200,7 +200,7 @@ pub async fn start(
         .snapshot
         .leaf
         .as_ref()
-        .map(|l| (l.not_before, l.not_after));
+        .map(|l| l.not_after);
     let chain = dialed
         .tls
         .get_ref()
@@ -208,7 +208,7 @@ pub async fn start(
         .peer_certificates()
         .unwrap_or_default()
         .to_vec();
-    let health = ConnHealth::new(&chain, dialed.snapshot.bundle.clone(), own)?;
+    let health = ConnHealth::for_client(&chain, dialed.snapshot.bundle.clone(), own)?;
     let settings = &shared.tunnel;
     let mut builder = h2::client::Builder::new();
     builder
@@ -318,6 +318,12 @@ pub async fn open(shared: &Shared, slot: &StreamSlot, authority: &str) -> Opened
     match tokio::time::timeout(shared.connect_timeout, response).await {
         Ok(Ok(response)) if response.status() == StatusCode::OK => {
             Opened::Stream(H2Stream::new(stream, response.into_body()))
+        }
+        // The peer will not take it on this connection (its certificates
+        // or trust changed under it): another connection may.
+        Ok(Ok(response)) if response.status() == StatusCode::MISDIRECTED_REQUEST => {
+            conn.retire();
+            Opened::Retry
         }
         Ok(Ok(response)) => Opened::Refused(response.status()),
         // Not processed by the peer: safe to send again elsewhere.

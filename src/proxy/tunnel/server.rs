@@ -183,8 +183,11 @@ async fn stream(
         }
     };
     if let Err(stale) = conn.health.check(&shared.tls, SystemTime::now()) {
-        info!(peer = %conn.peer, reason = stale.label(), "tunnel stream refused: the connection's certificates no longer hold");
-        return refuse(&shared, respond, StatusCode::FORBIDDEN, "peer_expired");
+        // 421: this connection may not carry it, another may; the client
+        // retires the connection and retries (as when the peer rotated
+        // its trust bundle before we did).
+        debug!(peer = %conn.peer, reason = stale.label(), "tunnel stream refused: the connection's certificates no longer hold");
+        return refuse(&shared, respond, StatusCode::MISDIRECTED_REQUEST, "stale");
     }
     let info = ConnInfo {
         peer: conn.peer.clone(),

@@ -15,8 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const MAX_WRITE: usize = 256 * 1024;
 
 /// A tunnelled connection: the stream's DATA frames each way. Shutting down
-/// the write side sends END_STREAM (a half-close); dropping it before that
-/// resets the stream, which the other side sees as an aborted connection.
+/// the write side sends END_STREAM (a half-close). Dropping it ends the
+/// stream the way closing a TCP socket ends a connection: what was written
+/// is delivered, then the end of stream (a reset, which HTTP/2 would let
+/// overtake the queued data, is never the first thing sent).
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
@@ -44,6 +46,15 @@ fn io_error(e: h2::Error) -> io::Error {
         return e.into_io().unwrap_or_else(|| io::ErrorKind::Other.into());
     }
     io::Error::new(io::ErrorKind::ConnectionReset, e)
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !self.write_closed {
+            self.write_closed = true;
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
+    }
 }
 
 impl AsyncRead for H2Stream {

@@ -1,0 +1,216 @@
+//! The tunnel listener as an attacker or a misbehaving peer sees it: only
+//! mesh mTLS with h2, only CONNECT, only to this pod's own address and
+//! never to the sidecar's own ports; a rule change closes only the streams
+//! it denies. The "pod" is 127.0.0.2: the sidecar runs in transparent
+//! mode with its tunnel listener there, apps listen there too.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::common::*;
+use crate::support::*;
+
+const POD: &str = "127.0.0.2";
+
+struct Pod {
+    sidecar: Sidecar,
+    tunnel: std::net::SocketAddr,
+    ca: Ca,
+    rules: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn pod(extra: &[&str]) -> Pod {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let mut args = issuer_args(&ca, &ca.files.cert, "server");
+    args.extend(
+        [
+            "--tunnel-listen",
+            &format!("{POD}:0"),
+            "--rules-dir",
+            &rules.display().to_string(),
+            "--file-poll-interval",
+            "200ms",
+        ]
+        .map(String::from),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let sidecar = Sidecar::start(&args).await;
+    let tunnel = sidecar.addrs.tunnel.expect("a tunnel listener");
+    Pod {
+        sidecar,
+        tunnel,
+        ca,
+        rules,
+        _dir: dir,
+    }
+}
+
+fn inbound_streams(p: &Pod, result: &str) -> f64 {
+    p.sidecar.metric(
+        "portcullis_tunnel_streams_total",
+        &[("direction", "inbound"), ("result", result)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_connect_to_this_pod_is_served() {
+    let p = pod(&[]).await;
+    let app = echo_on(POD).await;
+    let elsewhere = echo_on("127.0.0.1").await;
+    let config = tunnel_client_config(p.ca.leaf("client"), &p.ca.cert_pem());
+    let send = h2_client(config, p.tunnel).await.unwrap();
+
+    let (status, io) = open_stream(&send, Method::CONNECT, &app.to_string()).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(echo_once(&mut io.unwrap(), b"to the pod").await);
+
+    // Another host's address: the tunnel is not an open proxy.
+    let (status, _) = open_stream(&send, Method::CONNECT, &elsewhere.to_string()).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // The sidecar's own ports would loop back into it.
+    let own = format!("{POD}:{}", p.tunnel.port());
+    let (status, _) = open_stream(&send, Method::CONNECT, &own).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(inbound_streams(&p, "foreign_destination"), 2.0);
+    // Not CONNECT.
+    let (status, _) = open_stream(&send, Method::GET, &app.to_string()).await.unwrap();
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    // Nothing listens there.
+    let closed = echo_on(POD).await;
+    drop(TcpStream::connect(closed).await);
+    let (status, io) = open_stream(&send, Method::CONNECT, &format!("{POD}:1")).await.unwrap();
+    assert!(status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE, "{status}");
+    drop(io);
+    assert_eq!(inbound_streams(&p, "bad_request"), 1.0);
+
+    // Refusals did not disturb the connection: it still carries streams.
+    let (status, io) = open_stream(&send, Method::CONNECT, &app.to_string()).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(echo_once(&mut io.unwrap(), b"still fine").await);
+}
+
+/// A TLS client config that presents `leaf` with the tunnel's ALPN.
+fn as_peer(ca: &Ca, leaf: portcullis::identity::Leaf) -> std::sync::Arc<rustls::ClientConfig> {
+    tunnel_client_config(leaf, &ca.cert_pem())
+}
+
+async fn refused(config: std::sync::Arc<rustls::ClientConfig>, addr: std::net::SocketAddr) -> bool {
+    match h2_client(config, addr).await {
+        Err(_) => true,
+        // TLS 1.3 client auth failures arrive after the client's handshake.
+        Ok(send) => open_stream(&send, Method::CONNECT, "127.0.0.2:9").await.is_err(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_are_refused_and_counted_and_others_keep_working() {
+    let p = pod(&[]).await;
+    let app = echo_on(POD).await;
+    let good = as_peer(&p.ca, p.ca.leaf("client"));
+    let send = h2_client(good.clone(), p.tunnel).await.unwrap();
+    let (_, io) = open_stream(&send, Method::CONNECT, &app.to_string()).await.unwrap();
+    let mut held = io.unwrap();
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let foreign = Ca::root(other_dir.path(), "foreign", TD);
+    let elsewhere = Ca::root(other_dir.path(), "elsewhere", "other.example");
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let wrong_td = elsewhere.custom_leaf(
+        &["spiffe://other.example/ns/default/sa/client"],
+        now - hour,
+        now + hour,
+    );
+    let cases: Vec<(&str, std::sync::Arc<rustls::ClientConfig>)> = vec![
+        ("foreign CA", tunnel_client_config(foreign.leaf("client"), &p.ca.cert_pem())),
+        ("wrong trust domain", {
+            let bundle = [p.ca.cert_pem(), elsewhere.cert_pem()].concat();
+            tunnel_client_config(wrong_td, &bundle)
+        }),
+        ("no client certificate", no_client_cert(&p.ca.cert_pem())),
+    ];
+    for (what, config) in cases {
+        assert!(refused(config, p.tunnel).await, "{what} was served");
+    }
+    // Plaintext, and an HTTP/2 preface without TLS.
+    let mut s = TcpStream::connect(p.tunnel).await.unwrap();
+    let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    assert!(closed_soon(s).await, "plaintext h2 was served");
+
+    let failed = p.sidecar.metric(
+        "portcullis_tls_handshakes_total",
+        &[("direction", "inbound")],
+    ) - p.sidecar.metric(
+        "portcullis_tls_handshakes_total",
+        &[("direction", "inbound"), ("result", "ok")],
+    );
+    assert!(failed >= 4.0, "only {failed} refusals counted");
+    assert!(echo_once(&mut held, b"unaffected").await, "the good peer's stream");
+}
+
+fn no_client_cert(bundle_pem: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let bundle = portcullis::tls::TrustBundle::from_pem(Path::new("b"), bundle_pem).unwrap();
+    for c in bundle.certs {
+        roots.add(c).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+async fn closed_soon(mut s: TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_change_closes_only_the_streams_it_denies() {
+    let stays = echo_on(POD).await;
+    let goes = echo_on(POD).await;
+    let opaque = format!("{},{}", stays.port(), goes.port());
+    let p = pod(&["--opaque-ports", &opaque]).await;
+    let config = tunnel_client_config(p.ca.leaf("client"), &p.ca.cert_pem());
+    let send = h2_client(config, p.tunnel).await.unwrap();
+    let (_, a) = open_stream(&send, Method::CONNECT, &stays.to_string()).await.unwrap();
+    let (_, b) = open_stream(&send, Method::CONNECT, &goes.to_string()).await.unwrap();
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+    assert!(echo_once(&mut a, b"a").await && echo_once(&mut b, b"b").await);
+
+    let deny = format!(
+        "rules:\n  - name: close-{port}\n    action: deny\n    ports: [{port}]\n",
+        port = goes.port()
+    );
+    write_atomic(&p.rules.join("deny.yaml"), deny.as_bytes());
+    // Within the reload (poll 200 ms) the stream ends; each try is one echo.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while echo_once(&mut b, b"b").await {
+        assert!(tokio::time::Instant::now() < deadline, "the denied stream stays open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(echo_once(&mut a, b"a again").await, "the allowed stream stays");
+    // New streams to the denied port get 403; the connection carries on.
+    let (status, _) = open_stream(&send, Method::CONNECT, &goes.to_string()).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(inbound_streams(&p, "denied"), 1.0);
+    assert!(echo_once(&mut a, b"a once more").await);
+}

@@ -1,0 +1,90 @@
+//! Connection reuse: many app connections, few handshakes; many at once,
+//! as many tunnel connections as the stream limit needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::common::*;
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sequential_connections_cost_a_handful_of_handshakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let pair = Pair::start(&ca, &ca.files.cert, &[], &[]).await;
+    for i in 0..1_000 {
+        let mut s = TcpStream::connect(pair.a.upstream()).await.unwrap();
+        assert!(echo_once(&mut s, b"ping").await, "connection {i}");
+    }
+    let handshakes = pair.a.metric(
+        "portcullis_tls_handshakes_total",
+        &[("direction", "outbound"), ("result", "ok")],
+    );
+    assert!(
+        (1.0..=3.0).contains(&handshakes),
+        "{handshakes} handshakes for 1,000 connections"
+    );
+    assert_eq!(
+        pair.b.metric(
+            "portcullis_tunnel_streams_total",
+            &[("direction", "inbound"), ("result", "ok")]
+        ),
+        1_000.0
+    );
+    assert!(pair.a.metric("portcullis_tunnel_pool_requests_total", &[("result", "hit")]) >= 997.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_connections_respect_the_stream_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let pair = Pair::start(
+        &ca,
+        &ca.files.cert,
+        &["--tunnel-max-streams", "100"],
+        &["--tunnel-max-streams", "100"],
+    )
+    .await;
+    let upstream = pair.a.upstream();
+    // Every connection stays open until all 500 have echoed once, so all
+    // are in flight together.
+    let all_up = Arc::new(tokio::sync::Barrier::new(500));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let all_up = all_up.clone();
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(upstream).await.ok()?;
+            let first = echo_once(&mut s, b"one").await;
+            tokio::time::timeout(Duration::from_secs(30), all_up.wait())
+                .await
+                .ok()?;
+            let second = echo_once(&mut s, b"two").await;
+            Some(first && second)
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        if r.unwrap() == Some(true) {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 500, "every connection echoed twice");
+    let opened = pair.a.metric(
+        "portcullis_tunnel_connections_opened_total",
+        &[("direction", "outbound")],
+    );
+    assert!(
+        (5.0..=7.0).contains(&opened),
+        "500 streams at 100 per connection took {opened} connections"
+    );
+    assert_eq!(
+        pair.a.metric(
+            "portcullis_tunnel_streams_total",
+            &[("direction", "outbound"), ("result", "retried")]
+        ),
+        0.0,
+        "no stream was sent past a connection's limit"
+    );
+}
