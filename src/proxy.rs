@@ -17,13 +17,13 @@ pub mod tunnel;
 pub use detect::{classify_buffered, detect, sniff_http, AppProtocol, Detected};
 pub use http::AppClients;
 pub use inbound::{Inbound, PendingHandshakes};
-pub use tunnel::TunnelSettings;
 pub use orig_dst::original_destination;
 pub use outbound::{Outbound, UpstreamListener};
 pub use plan::{plan, OutboundPolicy, Route};
 pub use policy::Policy;
 pub use rewind::Rewind;
 pub use splice::{splice, Traffic};
+pub use tunnel::TunnelSettings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

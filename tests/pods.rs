@@ -80,6 +80,14 @@ fn handshakes(pod: &Pod, direction: &str, result: &str) -> f64 {
     pod.metric(HANDSHAKES, &[("direction", direction), ("result", result)])
 }
 
+/// Streams the pod's tunnel carried (`outbound`: sent, `inbound`: served).
+fn tunnel_streams(pod: &Pod, direction: &str) -> f64 {
+    pod.metric(
+        "portcullis_tunnel_streams_total",
+        &[("direction", direction), ("result", "ok")],
+    )
+}
+
 /// How many copies of the outbound redirect `backend` shows in the pod:
 /// one set of rules is one copy with nft (an `inet` table) and two with
 /// iptables (one per family).
@@ -134,6 +142,10 @@ fn meshed_pods_talk_only_mtls(backend: &'static str, test: &str) {
             handshakes(&a, "outbound", "ok"),
             handshakes(&b, "inbound", "ok"),
         );
+        let (a_streams, b_streams) = (
+            tunnel_streams(&a, "outbound"),
+            tunnel_streams(&b, "inbound"),
+        );
         let reply = post(&a.ns, b.ip(v6), HTTP_PORT, &secret);
         assert!(reply.ok(), "{fam}: a → b: {reply:?}");
         assert!(reply.body.starts_with("pod=b "), "{fam}: {reply:?}");
@@ -144,6 +156,25 @@ fn meshed_pods_talk_only_mtls(backend: &'static str, test: &str) {
         assert!(b.app_log().contains(&secret), "{fam}: b's app got it");
         assert_eq!(handshakes(&a, "outbound", "ok"), a_ok + 1.0, "{fam}: a");
         assert_eq!(handshakes(&b, "inbound", "ok"), b_ok + 1.0, "{fam}: b");
+        // Through the tunnel (a → b's :15008), one stream each way.
+        assert_eq!(
+            tunnel_streams(&a, "outbound"),
+            a_streams + 1.0,
+            "{fam}: a's tunnel"
+        );
+        assert_eq!(
+            tunnel_streams(&b, "inbound"),
+            b_streams + 1.0,
+            "{fam}: b's tunnel"
+        );
+        // A second request reuses the tunnel connection: no handshake.
+        let reply = post(&a.ns, b.ip(v6), HTTP_PORT, &marker("again", v6));
+        assert!(reply.ok(), "{fam}: a → b again: {reply:?}");
+        assert_eq!(
+            handshakes(&a, "outbound", "ok"),
+            a_ok + 1.0,
+            "{fam}: reused"
+        );
 
         // c has no sidecar: its plaintext crosses the wire and is refused.
         let refused_before = handshakes(&b, "inbound", "plaintext_refused");
@@ -362,11 +393,59 @@ fn server_first_protocol_greets_through_both_sidecars_fast() {
         let (ms, line) = greeting(&a.ns, b.ip(v6), GREET_PORT)
             .unwrap_or_else(|e| panic!("{fam}: no greeting: {e}"));
         assert_eq!(line, "HELLO from b", "{fam}");
+        assert!(
+            tunnel_streams(&b, "inbound") >= 1.0,
+            "{fam}: over the tunnel"
+        );
         eprintln!("{fam}: greeting after {ms} ms");
         assert!(ms < 100.0, "{fam}: first byte after {ms} ms");
         assert_eq!(handshakes(&a, "outbound", "ok"), a_ok + 1.0, "{fam}: a");
         assert_eq!(handshakes(&b, "inbound", "ok"), b_ok + 1.0, "{fam}: b");
     }
+}
+
+/// Rolling upgrade: b's sidecar serves no tunnel (as an older release):
+/// a falls back to per-connection mTLS to the original destination,
+/// counts it, and remembers it.
+#[test]
+fn a_peer_without_a_tunnel_is_reached_over_per_connection_mtls() {
+    if skip(
+        "a_peer_without_a_tunnel_is_reached_over_per_connection_mtls",
+        &tools(&[]),
+    ) {
+        return;
+    }
+    let node = Node::new();
+    let a = node.meshed_pod("a", A, &Sidecar::default());
+    let old = Sidecar {
+        run: strings(&["--tunnel-listen", "off"]),
+        ..Sidecar::default()
+    };
+    let b = node.meshed_pod("b", B, &old);
+    for v6 in [false, true] {
+        let fam = family(v6);
+        for round in 0..2 {
+            let reply = post(&a.ns, b.ip(v6), HTTP_PORT, &marker("old peer", v6));
+            assert!(reply.ok(), "{fam} {round}: a → b: {reply:?}");
+            assert!(
+                reply.body.contains(A_XFCC),
+                "{fam}: a's identity: {reply:?}"
+            );
+        }
+    }
+    let fallbacks = a.metric("portcullis_tunnel_fallbacks_total", &[]);
+    assert_eq!(
+        fallbacks, 4.0,
+        "every connection to b went without a tunnel"
+    );
+    assert!(
+        a.metric(
+            "portcullis_tunnel_fallbacks_total",
+            &[("reason", "remembered")]
+        ) >= 2.0,
+        "the second connection of each family remembered it"
+    );
+    assert_eq!(tunnel_streams(&b, "inbound"), 0.0);
 }
 
 /// Scenario 7: a pod calling its own pod IP reaches its own app.

@@ -4,6 +4,8 @@
 mod common;
 #[path = "tunnel/data.rs"]
 mod data;
+#[path = "tunnel/drain.rs"]
+mod drain;
 #[path = "tunnel/edge.rs"]
 mod edge;
 #[path = "tunnel/mixed.rs"]

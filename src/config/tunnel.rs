@@ -64,10 +64,7 @@ pub struct TunnelArgs {
 impl TunnelArgs {
     /// The tunnel listener's address (`None`: no tunnel listener) and the
     /// settings; `explicit` is explicit mode (`--inbound-target`).
-    pub fn settings(
-        &self,
-        explicit: bool,
-    ) -> Result<(Option<SocketAddr>, TunnelSettings), String> {
+    pub fn settings(&self, explicit: bool) -> Result<(Option<SocketAddr>, TunnelSettings), String> {
         if self.tunnel_idle_timeout.is_zero() {
             return Err("--tunnel-idle-timeout: must be more than zero".into());
         }

@@ -26,18 +26,6 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     g
 }
 
-/// Stream results, each a bounded label value (see docs/DESIGN.md).
-pub const STREAM_RESULTS: &[&str] = &[
-    "ok",
-    "denied",
-    "foreign_destination",
-    "bad_request",
-    "app_unreachable",
-    "stale",
-    "retried",
-    "error",
-];
-
 impl TunnelMetrics {
     pub fn new(r: &Registry) -> Self {
         let m = TunnelMetrics {

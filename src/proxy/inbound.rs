@@ -14,6 +14,7 @@ use tracing::{debug, info, Instrument};
 
 use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
+use super::tunnel::{ConnHealth, TunnelConn};
 use super::{
     detect, original_destination, sniff_http, splice, traffic, AppProtocol, ConnGuard, Detected,
     Rewind, Shared,
@@ -21,7 +22,6 @@ use super::{
 use crate::authz::Peer;
 use crate::config::InboundMode;
 use crate::limits::{AcceptErrors, Eviction, EvictionSet, LogEvery, Slot};
-use super::tunnel::{ConnHealth, TunnelConn};
 use crate::tls::{handshake_result, peer_identity, TUNNEL_ALPN};
 
 /// On opaque ports a plaintext client may wait for the server to speak, so

@@ -219,4 +219,18 @@ pub async fn sigkill_and_restart() {
         down.iter().all(|(_, ok)| !ok),
         "no ping succeeded while the server was down"
     );
+    // Traffic went through a tunnel before and after: the dead peer's
+    // connection was dropped from the pool and a new one was handshaken
+    // with the restarted peer.
+    let opened = a.metric(
+        "portcullis_tunnel_connections_opened_total",
+        &[("direction", "outbound")],
+    );
+    assert!(opened >= 2.0, "{opened} tunnel connections");
+    assert!(
+        a.metric(
+            "portcullis_tunnel_streams_total",
+            &[("direction", "outbound"), ("result", "ok")]
+        ) >= 10.0
+    );
 }

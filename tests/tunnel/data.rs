@@ -61,7 +61,11 @@ async fn sixty_four_mib_each_way_through_one_stream_arrive_intact() {
         .expect("the echo finishes");
     let sent = writer.await.unwrap();
     assert_eq!(total, BULK, "every byte came back");
-    assert_eq!(got.finish().as_ref(), sent.as_ref(), "SHA-256 of what came back");
+    assert_eq!(
+        got.finish().as_ref(),
+        sent.as_ref(),
+        "SHA-256 of what came back"
+    );
     // It went through the tunnel: one stream, one handshake.
     assert_eq!(
         pair.b.metric(

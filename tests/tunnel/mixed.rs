@@ -17,9 +17,16 @@ async fn a_client_with_the_tunnel_off_uses_a_connection_per_app_connection() {
         assert!(pair.ping(b"old client").await);
     }
     let handshakes = [("direction", "inbound"), ("result", "ok")];
-    assert_eq!(metric(&pair.b, "portcullis_tls_handshakes_total", &handshakes), 3.0);
     assert_eq!(
-        metric(&pair.b, "portcullis_tunnel_connections_opened_total", &[("direction", "inbound")]),
+        metric(&pair.b, "portcullis_tls_handshakes_total", &handshakes),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &pair.b,
+            "portcullis_tunnel_connections_opened_total",
+            &[("direction", "inbound")]
+        ),
         0.0
     );
 }
@@ -33,12 +40,20 @@ async fn a_server_without_a_tunnel_gets_per_connection_mtls_and_the_fallback_is_
         assert!(pair.ping(b"old server").await);
     }
     let fallbacks = |reason| {
-        metric(&pair.a, "portcullis_tunnel_fallbacks_total", &[("reason", reason)])
+        metric(
+            &pair.a,
+            "portcullis_tunnel_fallbacks_total",
+            &[("reason", reason)],
+        )
     };
     assert_eq!(fallbacks("no_h2"), 1.0, "the first connection learns it");
     assert_eq!(fallbacks("remembered"), 2.0, "the next ones remember it");
     assert_eq!(
-        metric(&pair.b, "portcullis_tunnel_connections_opened_total", &[("direction", "inbound")]),
+        metric(
+            &pair.b,
+            "portcullis_tunnel_connections_opened_total",
+            &[("direction", "inbound")]
+        ),
         0.0
     );
     // The first connection was the fallback handshake itself: three app

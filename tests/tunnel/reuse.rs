@@ -33,7 +33,12 @@ async fn a_thousand_sequential_connections_cost_a_handful_of_handshakes() {
         ),
         1_000.0
     );
-    assert!(pair.a.metric("portcullis_tunnel_pool_requests_total", &[("result", "hit")]) >= 997.0);
+    assert!(
+        pair.a.metric(
+            "portcullis_tunnel_pool_requests_total",
+            &[("result", "hit")]
+        ) >= 997.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

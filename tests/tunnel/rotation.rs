@@ -46,7 +46,10 @@ async fn two_second_certificates_under_steady_new_connections_lose_nothing() {
         "portcullis_tls_handshakes_total",
         &[("direction", "outbound"), ("result", "ok")],
     );
-    assert!(handshakes >= 8.0, "only {handshakes} handshakes in 20 s of 2 s certificates");
+    assert!(
+        handshakes >= 8.0,
+        "only {handshakes} handshakes in 20 s of 2 s certificates"
+    );
     // ...and the server never saw a stream on a connection whose client
     // certificate had expired.
     assert_eq!(
@@ -82,7 +85,8 @@ async fn a_trust_bundle_rotation_retires_connections_only_the_old_root_vouches_f
             &[("direction", "outbound"), ("result", "ok")],
         )
     };
-    let reloads = |s: &Sidecar| s.metric("portcullis_trust_bundle_reloads_total", &[("result", "ok")]);
+    let reloads =
+        |s: &Sidecar| s.metric("portcullis_trust_bundle_reloads_total", &[("result", "ok")]);
     assert!(pair.ping(b"r1").await);
     assert_eq!(handshakes(&pair), 1.0);
 
@@ -90,9 +94,11 @@ async fn a_trust_bundle_rotation_retires_connections_only_the_old_root_vouches_f
     let both = [r1.cert_pem(), r2.cert_pem()].concat();
     let before = (reloads(&pair.a), reloads(&pair.b));
     write_atomic(&bundle, &both);
-    eventually("both sidecars load R1+R2", Duration::from_secs(10), || async {
-        reloads(&pair.a) > before.0 && reloads(&pair.b) > before.1
-    })
+    eventually(
+        "both sidecars load R1+R2",
+        Duration::from_secs(10),
+        || async { reloads(&pair.a) > before.0 && reloads(&pair.b) > before.1 },
+    )
     .await;
     assert!(pair.ping(b"r1+r2").await);
     assert_eq!(handshakes(&pair), 1.0, "the tunnel stays");
@@ -101,9 +107,11 @@ async fn a_trust_bundle_rotation_retires_connections_only_the_old_root_vouches_f
     let rotations = |s: &Sidecar| s.metric("portcullis_cert_rotations_total", &[("result", "ok")]);
     let before = (rotations(&pair.a), rotations(&pair.b));
     swap_issuer(&issuer, &r2);
-    eventually("both sidecars hold R2 leaves", Duration::from_secs(10), || async {
-        rotations(&pair.a) > before.0 && rotations(&pair.b) > before.1
-    })
+    eventually(
+        "both sidecars hold R2 leaves",
+        Duration::from_secs(10),
+        || async { rotations(&pair.a) > before.0 && rotations(&pair.b) > before.1 },
+    )
     .await;
     assert!(pair.ping(b"r2 leaves").await);
     assert_eq!(handshakes(&pair), 1.0, "still the connection R1 verified");

@@ -54,11 +54,7 @@ pub async fn open_stream(
     } else {
         format!("http://{authority}/")
     };
-    let request = Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(())
-        .unwrap();
+    let request = Request::builder().method(method).uri(uri).body(()).unwrap();
     let (response, stream) = send.send_request(request, false)?;
     let response = response.await?;
     let status = response.status();

@@ -87,11 +87,13 @@ async fn slot(
                     std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
                 ) =>
         {
-            return Err(Failed::NoTunnel(if e.kind() == std::io::ErrorKind::TimedOut {
-                "timeout"
-            } else {
-                "refused"
-            }));
+            return Err(Failed::NoTunnel(
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    "timeout"
+                } else {
+                    "refused"
+                },
+            ));
         }
         Err(DialError::Connect(e)) => {
             info!(%addr, error = %e, "outbound connection failed");
@@ -100,6 +102,13 @@ async fn slot(
         Err(DialError::Refused) => return Err(Failed::Refused),
     };
     if !dialed.is_tunnel() {
+        if transparent {
+            // A connection to the peer's tunnel port that a sidecar without
+            // a tunnel took (its own interception redirected it): carrying
+            // app bytes on it would deliver them to that port, not to the
+            // original destination. Go to the original destination instead.
+            return Err(Failed::NoTunnel("no_h2"));
+        }
         return Ok(Err(Link::Direct {
             server: dialed.server,
             tls: Box::new(dialed.tls),

@@ -107,10 +107,7 @@ impl ConnHealth {
             return Err(Stale::OwnExpiring);
         }
         let current = tls.snapshot().bundle.clone();
-        let mut checked = self
-            .checked_with
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut checked = self.checked_with.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&checked, &current) {
             return Ok(());
         }

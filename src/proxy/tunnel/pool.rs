@@ -196,11 +196,7 @@ pub async fn start(
     entry: &Entry,
     dialed: crate::proxy::dial::Dialed,
 ) -> Option<StreamSlot> {
-    let own = dialed
-        .snapshot
-        .leaf
-        .as_ref()
-        .map(|l| l.not_after);
+    let own = dialed.snapshot.leaf.as_ref().map(|l| l.not_after);
     let chain = dialed
         .tls
         .get_ref()
@@ -218,8 +214,7 @@ pub async fn start(
         .max_send_buffer_size(super::SEND_BUFFER)
         .enable_push(false);
     let handshake = builder.handshake::<_, Bytes>(dialed.tls);
-    let (send, connection) = match tokio::time::timeout(shared.handshake_timeout, handshake).await
-    {
+    let (send, connection) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
             info!(server = %dialed.server, error = %e, "tunnel connection failed: HTTP/2 handshake");
@@ -326,9 +321,11 @@ pub async fn open(shared: &Shared, slot: &StreamSlot, authority: &str) -> Opened
             Opened::Retry
         }
         Ok(Ok(response)) => Opened::Refused(response.status()),
-        // Not processed by the peer: safe to send again elsewhere.
-        Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => Opened::Retry,
-        Ok(Err(e)) if e.is_go_away() || e.is_io() => {
+        // Not processed by the peer (it is draining, or full): safe to
+        // send again, on another connection.
+        Ok(Err(e))
+            if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() || e.is_io() =>
+        {
             conn.retire();
             Opened::Retry
         }

@@ -74,7 +74,9 @@ where
         Ok(Err(e)) => {
             return info!(peer = %conn.peer, error = %e, "tunnel connection refused: not HTTP/2")
         }
-        Err(_) => return info!(peer = %conn.peer, "tunnel connection refused: no HTTP/2 preface in time"),
+        Err(_) => {
+            return info!(peer = %conn.peer, "tunnel connection refused: no HTTP/2 preface in time")
+        }
     };
     metrics
         .connections_opened
@@ -98,6 +100,12 @@ where
             Some(Err(e)) => {
                 debug!(peer = %conn.peer, error = %e, "tunnel connection ended with an error");
                 break;
+            }
+            Some(Ok((_, mut respond))) if draining => {
+                // Sent before our GOAWAY reached the peer: not processed,
+                // so the peer may send it again on another connection.
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                count(&shared, "draining");
             }
             Some(Ok((request, respond))) => {
                 let span = tracing::info_span!("stream", id = ?respond.stream_id());
@@ -157,8 +165,7 @@ fn destination(
     }
     // Not an open proxy: only this pod's own address, and never one of
     // the sidecar's own ports (that would loop back into it).
-    if !same_host(named.ip(), conn.local.ip()) || shared.tunnel.own_ports.contains(&named.port())
-    {
+    if !same_host(named.ip(), conn.local.ip()) || shared.tunnel.own_ports.contains(&named.port()) {
         return Err((StatusCode::FORBIDDEN, "foreign_destination"));
     }
     Ok(if shared.forward_to_localhost {
@@ -231,11 +238,7 @@ async fn stream(
 }
 
 /// Answers 200 and turns the stream into a byte stream.
-fn accept(
-    shared: &Shared,
-    mut respond: SendResponse<Bytes>,
-    body: RecvStream,
-) -> Option<H2Stream> {
+fn accept(shared: &Shared, mut respond: SendResponse<Bytes>, body: RecvStream) -> Option<H2Stream> {
     let response = Response::builder()
         .status(StatusCode::OK)
         .body(())

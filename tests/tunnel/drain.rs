@@ -1,0 +1,60 @@
+//! Shutdown with tunnels open: the server says GOAWAY, streams already open
+//! finish, and no new stream is sent on the draining connection.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::common::*;
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_finishes_open_streams_and_gets_no_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let pair = Pair::start(&ca, &ca.files.cert, &[], &["--drain-timeout", "20s"]).await;
+    let mut open = TcpStream::connect(pair.a.upstream()).await.unwrap();
+    assert!(echo_once(&mut open, b"before").await);
+    let streams = |s: &Sidecar, direction| {
+        s.metric(
+            "portcullis_tunnel_streams_total",
+            &[("direction", direction), ("result", "ok")],
+        )
+    };
+    assert_eq!(streams(&pair.b, "inbound"), 1.0);
+
+    pair.b.drain.begin();
+    // The open stream keeps working through the drain.
+    assert!(echo_once(&mut open, b"during the drain").await);
+
+    // A new app connection is not sent on the draining connection: the
+    // client tries a new connection (which the stopped listener refuses).
+    let misses = pair.a.metric(
+        "portcullis_tunnel_pool_requests_total",
+        &[("result", "miss")],
+    );
+    let s = TcpStream::connect(pair.a.upstream()).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), round_trip(s, b"new")).await;
+    assert_eq!(
+        streams(&pair.b, "inbound"),
+        1.0,
+        "no stream reached the draining server"
+    );
+    assert!(
+        pair.a.metric(
+            "portcullis_tunnel_pool_requests_total",
+            &[("result", "miss")]
+        ) > misses,
+        "the client went to another connection"
+    );
+
+    // When the last stream ends, the server is done well before its timeout.
+    open.shutdown().await.unwrap();
+    drop(open);
+    let exited = tokio::time::timeout(Duration::from_secs(10), pair.b.task).await;
+    assert!(
+        matches!(exited, Ok(Ok(Ok(())))),
+        "the drained server exits: {exited:?}"
+    );
+}
