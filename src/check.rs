@@ -54,6 +54,10 @@ pub struct CheckArgs {
     /// The port outbound connections must be redirected to (the sidecar's outbound listener).
     #[arg(long, default_value_t = 15001, value_name = "PORT")]
     pub outbound_port: u16,
+    /// The sidecar's tunnel port, where peer sidecars open their mTLS
+    /// tunnels: inbound connections to it must not be redirected.
+    #[arg(long, default_value_t = 15008, value_name = "PORT")]
+    pub tunnel_port: u16,
     /// The UID the sidecar runs as, whose connections must not be redirected
     /// [default: the owner of the socket listening on --outbound-port, else 1500].
     #[arg(long, value_name = "UID")]
@@ -238,6 +242,7 @@ fn collect(args: &CheckArgs) -> Vec<Finding> {
             inbound_port: args.inbound_port,
             outbound_port: args.outbound_port,
             admin_port: admin.port(),
+            tunnel_port: args.tunnel_port,
             proxy_uid: args.proxy_uid.or(sidecar_uid).unwrap_or(DEFAULT_PROXY_UID),
         };
         out.push(netfilter::check(&expected, &listeners));

@@ -356,7 +356,7 @@ fn conflicts(pod: &Value, cfg: &InjectorConfig) -> Vec<String> {
                 ));
             }
             for p in c["ports"].as_array().into_iter().flatten() {
-                if let Some(port @ (15001 | 15006 | 15020)) = p["containerPort"].as_u64() {
+                if let Some(port @ (15001 | 15006 | 15008 | 15020)) = p["containerPort"].as_u64() {
                     out.push(format!(
                         "container {name} uses port {port}, which the sidecar uses"
                     ));

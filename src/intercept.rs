@@ -85,13 +85,16 @@ pub struct InitArgs {
         default_value = "*"
     )]
     pub include_inbound_ports: Vec<String>,
-    /// Inbound ports that go straight to the app (default: the admin port).
+    /// Inbound ports that are never redirected (default: the sidecar's
+    /// tunnel port 15008 and admin port 15020, which peers, the kubelet and
+    /// Prometheus reach directly). A value given here replaces the default,
+    /// so keep 15008 and 15020 in it.
     #[arg(
         long,
         env = "PORTCULLIS_EXCLUDE_INBOUND_PORTS",
         value_delimiter = ',',
         value_name = "PORTS",
-        default_value = "15020"
+        default_value = "15008,15020"
     )]
     pub exclude_inbound_ports: Vec<String>,
     /// Destination ports the app reaches directly, without the sidecar.

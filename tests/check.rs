@@ -327,6 +327,17 @@ fn interception_in_a_pod_namespace() {
     );
     assert_fails(&report, "interception", "redirected to :16006");
 
+    // Only the admin port excluded: peers' tunnels to :15008 would land on
+    // the inbound listener.
+    ns.ok(&[BIN, "init", "--exclude-inbound-ports", "15020"]);
+    let (code, report) = check(&[], &[]);
+    assert_eq!(code, 1, "{report:#}");
+    assert_fails(
+        &report,
+        "interception",
+        "the tunnel port :15008 is redirected",
+    );
+
     ns.ok(&[BIN, "init"]);
     let (code, report) = check(&[], &[]);
     assert_eq!(code, 0, "{report:#}");
@@ -334,9 +345,12 @@ fn interception_in_a_pod_namespace() {
     for f in report["checks"].as_array().unwrap() {
         assert_eq!(f["status"], "ok", "{report:#}");
     }
-    assert!(finding(&report, "interception")
-        .1
-        .contains("outbound → :15001"));
+    let detail = finding(&report, "interception").1;
+    assert!(detail.contains("outbound → :15001"), "{detail}");
+    assert!(
+        detail.contains("tunnel :15008 and admin :15020 not redirected"),
+        "{detail}"
+    );
 
     let nobody = [
         "setpriv",

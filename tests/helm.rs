@@ -367,6 +367,27 @@ fn example_app_validates_and_its_rules_check() {
         let init = &d["spec"]["template"]["spec"]["initContainers"];
         assert_eq!(init[0]["name"], "portcullis-init", "{}", name(d));
         assert_eq!(init[1]["name"], "portcullis-proxy", "{}", name(d));
+        // Peer sidecars' tunnels: declared on the proxy, never redirected.
+        let tunnel =
+            serde_json::json!({"name": "tunnel", "containerPort": 15008, "protocol": "TCP"});
+        assert!(
+            init[1]["ports"].as_array().unwrap().contains(&tunnel),
+            "{}: {}",
+            name(d),
+            init[1]["ports"]
+        );
+        let excluded = init[0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PORTCULLIS_EXCLUDE_INBOUND_PORTS")
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_default();
+        assert!(
+            excluded.starts_with("15008,15020"),
+            "{}: {excluded:?}",
+            name(d)
+        );
     }
 }
 

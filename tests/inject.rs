@@ -63,6 +63,7 @@ const WARNINGS: &[(&str, &str)] = &[
     ("invalid-label", "portcullis.io/inject=\"yes\""),
     ("conflicts", "runs as UID 1500"),
     ("conflicts", "uses port 15001"),
+    ("conflicts", "uses port 15008"),
     ("bad-annotations", "proxy-memory-limit"),
     ("bad-annotations", "inbound-mode"),
     ("bad-annotations", "unknown annotation"),

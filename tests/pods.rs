@@ -334,9 +334,11 @@ fn excluded_ports_and_cidrs_bypass_the_sidecars() {
     };
     let a = node.meshed_pod("a", A, &a_sidecar);
     let b_sidecar = Sidecar {
+        // A list given here replaces the default: keep the tunnel and
+        // admin ports in it.
         init: strings(&[
             "--exclude-inbound-ports",
-            "15020",
+            "15008,15020",
             "--exclude-inbound-ports",
             &other,
         ]),

@@ -23,6 +23,9 @@ pub struct Expected {
     pub inbound_port: u16,
     pub outbound_port: u16,
     pub admin_port: u16,
+    /// Where peer sidecars open their mTLS tunnels: it must reach the
+    /// sidecar's tunnel listener, so it must not be redirected.
+    pub tunnel_port: u16,
     pub proxy_uid: u32,
 }
 
@@ -115,19 +118,31 @@ pub fn compare(installed: Option<&Installed>, listeners: &[Listener], exp: &Expe
         ));
         fixes.push(init_fix.clone());
     }
-    let admin_excluded = rules
-        .inbound_excluded
-        .iter()
-        .any(|(a, b)| *a <= exp.admin_port && exp.admin_port <= *b);
-    if inbound && !admin_excluded {
+    let excluded = |port: u16| {
+        rules
+            .inbound_excluded
+            .iter()
+            .any(|(a, b)| *a <= port && port <= *b)
+    };
+    // One fix for both ports: a list given to --exclude-inbound-ports
+    // replaces the default, so naming only one would drop the other.
+    let exclusion_fix = format!(
+        "re-run `portcullis init` with --exclude-inbound-ports {},{} (plus any ports of your own)",
+        exp.tunnel_port, exp.admin_port
+    );
+    if inbound && !excluded(exp.tunnel_port) {
+        problems.push(format!(
+            "the tunnel port :{} is redirected too, so peer sidecars' tunnels reach the inbound listener instead of the tunnel listener",
+            exp.tunnel_port
+        ));
+        fixes.push(exclusion_fix.clone());
+    }
+    if inbound && !excluded(exp.admin_port) {
         problems.push(format!(
             "the admin port :{} is redirected too, so probes reach the inbound listener",
             exp.admin_port
         ));
-        fixes.push(format!(
-            "re-run `portcullis init` with --exclude-inbound-ports {}",
-            exp.admin_port
-        ));
+        fixes.push(exclusion_fix);
     }
     if !rules.uid_exempt.contains(&exp.proxy_uid) {
         problems.push(format!(
@@ -168,8 +183,8 @@ pub fn compare(installed: Option<&Installed>, listeners: &[Listener], exp: &Expe
         return Finding::ok(
             NAME,
             format!(
-                "{} rules: {inbound_text}, outbound → :{}, UID {} and admin :{} exempt",
-                rules.backend, exp.outbound_port, exp.proxy_uid, exp.admin_port
+                "{} rules: {inbound_text}, outbound → :{}, UID {} exempt, tunnel :{} and admin :{} not redirected",
+                rules.backend, exp.outbound_port, exp.proxy_uid, exp.tunnel_port, exp.admin_port
             ),
         );
     }

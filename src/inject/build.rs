@@ -12,6 +12,9 @@ pub const PROXY_NAME: &str = "portcullis-proxy";
 /// The binary's path in the image (the postStart hook and `command` use it).
 pub const BINARY: &str = "/usr/local/bin/portcullis";
 pub const ADMIN_PORT: u16 = 15020;
+/// Where peer sidecars open their mTLS tunnels (pooled HTTP/2 `CONNECT`):
+/// declared on the proxy container and never redirected by `init`.
+pub const TUNNEL_PORT: u16 = 15008;
 pub const TOKEN_VOLUME: &str = "portcullis-token";
 pub const TRUST_VOLUME: &str = "portcullis-trust";
 pub const RULES_VOLUME: &str = "portcullis-rules";
@@ -55,11 +58,13 @@ fn resources(cpu_req: &str, cpu_lim: &str, mem_req: &str, mem_lim: &str) -> Valu
 /// `portcullis-init`: installs the interception rules. Root, because
 /// netfilter needs it, but with only NET_ADMIN and NET_RAW and a read-only
 /// root filesystem; `/run` is a small emptyDir for the xtables lock file.
+/// The tunnel and admin ports always lead the inbound exclusions (the list
+/// replaces `init`'s default, so leaving them out would redirect them).
 pub fn init_container(cfg: &InjectorConfig, s: &PodSettings) -> Value {
     let inbound = if s.skip_inbound_ports.is_empty() {
-        ADMIN_PORT.to_string()
+        format!("{TUNNEL_PORT},{ADMIN_PORT}")
     } else {
-        format!("{ADMIN_PORT},{}", s.skip_inbound_ports)
+        format!("{TUNNEL_PORT},{ADMIN_PORT},{}", s.skip_inbound_ports)
     };
     let mut envs = vec![
         env("PORTCULLIS_PROXY_UID", &cfg.proxy.uid.to_string()),
@@ -147,7 +152,10 @@ pub fn proxy_container(
         "command": [BINARY],
         "args": ["run"],
         "env": envs,
-        "ports": [{"name": "proxy-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "proxy-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            {"name": "tunnel", "containerPort": TUNNEL_PORT, "protocol": "TCP"},
+        ],
         "resources": resources(&s.cpu_request, &s.cpu_limit, &s.memory_request, &s.memory_limit),
         "securityContext": {
             "runAsUser": cfg.proxy.uid,

@@ -173,3 +173,56 @@ fn config_files_over_the_limits_are_refused_without_parsing() {
         .to_string();
     assert!(!e.contains(&secret[..40]), "{e}");
 }
+
+/// Every injected pod declares the tunnel port on its proxy and keeps it
+/// (and the admin port) out of interception, ahead of the exclusions the
+/// config and the pod's annotations add, in both layouts.
+#[test]
+fn tunnel_port_is_declared_and_never_redirected() {
+    let cfg = InjectorConfig::parse("init: {excludeInboundPorts: ['9000']}").unwrap();
+    for native in ["true", "false"] {
+        let pod = json!({
+            "metadata": {"name": "p", "annotations": {
+                "config.portcullis.io/skip-inbound-ports": "22",
+                "config.portcullis.io/native-sidecar": native,
+            }},
+            "spec": {"containers": [{"name": "app", "image": "x"}]},
+        });
+        let ns = labels(&[(INJECT_LABEL, "enabled")]);
+        let req = Request {
+            kind: "Pod",
+            operation: "CREATE",
+            sub_resource: "",
+            namespace: "shop",
+            namespace_labels: &ns,
+            pod: &pod,
+            job: false,
+        };
+        let mut doc = pod.clone();
+        patch::apply(&mut doc, &inject(&req, &cfg).unwrap().patch).unwrap();
+        let all: Vec<&Value> = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|f| doc["spec"][f].as_array().unwrap())
+            .collect();
+        let by_name = |n: &str| *all.iter().find(|c| c["name"] == n).unwrap();
+        let init = by_name(build::INIT_NAME);
+        let excluded = init["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PORTCULLIS_EXCLUDE_INBOUND_PORTS")
+            .map(|e| e["value"].clone());
+        assert_eq!(
+            excluded,
+            Some(json!("15008,15020,9000,22")),
+            "native={native}"
+        );
+        let ports = &by_name(build::PROXY_NAME)["ports"];
+        assert!(
+            ports.as_array().unwrap().contains(
+                &json!({"name": "tunnel", "containerPort": build::TUNNEL_PORT, "protocol": "TCP"})
+            ),
+            "native={native}: {ports}"
+        );
+    }
+}

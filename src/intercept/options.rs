@@ -198,7 +198,7 @@ impl Default for InitOptions {
             proxy_uid: 1500,
             proxy_gid: 1500,
             include_inbound_ports: InboundPorts::All,
-            exclude_inbound_ports: vec![PortRange::single(15020)],
+            exclude_inbound_ports: vec![PortRange::single(15008), PortRange::single(15020)],
             exclude_outbound_ports: vec![],
             exclude_inbound_cidrs: vec![],
             exclude_outbound_cidrs: vec![],

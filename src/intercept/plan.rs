@@ -6,7 +6,10 @@
 //!
 //! - **inbound** (from PREROUTING): connections arriving from outside the
 //!   pod. Excluded sources and ports return; the rest is redirected to the
-//!   inbound listener.
+//!   inbound listener. The default exclusions are the sidecar's own
+//!   tunnel port (15008: peer sidecars open their pooled mTLS tunnels
+//!   there, and it must reach the tunnel listener, not the inbound one) and
+//!   its admin port (15020: probes and Prometheus).
 //! - **outbound** (from OUTPUT): connections the pod itself opens.
 //!   1. The sidecar's own UID/GID return first: its upstream connections
 //!      (and its forwarding to the app) must never come back to it.
@@ -126,7 +129,7 @@ pub fn plan(opts: &InitOptions) -> RulePlan {
                 None,
                 vec![Match::Dport(opts.exclude_inbound_ports.clone())],
                 Verdict::Return,
-                "excluded inbound ports (--exclude-inbound-ports, e.g. the admin port) go straight to the app"
+                "excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected"
                     .into(),
             ));
         }
@@ -276,7 +279,7 @@ mod tests {
             Case {
                 name: "defaults",
                 opts: InitOptions::default(),
-                inbound: &["dport=15020 return", "redirect:15006"],
+                inbound: &["dport=15008,15020 return", "redirect:15006"],
                 outbound: base_out,
             },
             Case {
@@ -317,7 +320,7 @@ mod tests {
                 inbound: &[
                     "IPv4 src=10.0.0.0/8 return",
                     "IPv6 src=fd00::/8 return",
-                    "dport=15020 return",
+                    "dport=15008,15020 return",
                     "dport=8080,9000-9100 redirect:15006",
                 ],
                 outbound: &[
@@ -339,7 +342,7 @@ mod tests {
                     exclude_outbound_cidrs: cidrs(&["fd01::/16"]),
                     ..InitOptions::default()
                 },
-                inbound: &["dport=15020 return", "redirect:15006"],
+                inbound: &["dport=15008,15020 return", "redirect:15006"],
                 outbound: &[
                     "uid=1500 return",
                     "gid=1500 return",
@@ -369,6 +372,133 @@ mod tests {
                 assert!(!r.comment.contains(['"', '\'']), "{}", r.comment);
                 assert!(r.comment.len() < 250, "{}", r.comment);
             }
+        }
+    }
+
+    /// What the inbound chain does with a new connection to `dport` from
+    /// `src`, walking the plan as the kernel walks the chain: the first
+    /// matching rule decides, and falling off the end leaves it alone.
+    fn inbound_verdict(p: &RulePlan, src: &str, dport: u16) -> Verdict {
+        let src = Cidr::parse(src).unwrap();
+        let family = src.family();
+        for r in &p.inbound {
+            if r.family.is_some_and(|f| f != family) || !p.families().contains(&family) {
+                continue;
+            }
+            let hit = r.matches.iter().all(|m| match m {
+                Match::Saddr(c) => c.iter().any(|c| c.contains(&src)),
+                Match::Dport(ports) => ports.iter().any(|r| r.first <= dport && dport <= r.last),
+                _ => false,
+            });
+            if hit {
+                return r.verdict;
+            }
+        }
+        Verdict::Return
+    }
+
+    /// Peer sidecars open their tunnels to <pod ip>:15008: that port must
+    /// reach the sidecar's tunnel listener, never the inbound redirect, in
+    /// both families, even when the inbound capture list names it.
+    #[test]
+    fn tunnel_and_admin_ports_are_never_redirected_by_default() {
+        let some_ports = InitOptions {
+            include_inbound_ports: InboundPorts::Only(vec![PortRange {
+                first: 15000,
+                last: 15030,
+            }]),
+            ..InitOptions::default()
+        };
+        let v4_only = InitOptions {
+            ipv6: false,
+            ..InitOptions::default()
+        };
+        let to_sidecar = Verdict::Redirect(15006);
+        let cases: &[(&str, &InitOptions, &str, u16, Verdict)] = &[
+            (
+                "defaults",
+                &InitOptions::default(),
+                "10.1.2.3",
+                15008,
+                Verdict::Return,
+            ),
+            (
+                "defaults",
+                &InitOptions::default(),
+                "fd00::3",
+                15008,
+                Verdict::Return,
+            ),
+            (
+                "defaults",
+                &InitOptions::default(),
+                "10.1.2.3",
+                15020,
+                Verdict::Return,
+            ),
+            (
+                "defaults",
+                &InitOptions::default(),
+                "fd00::3",
+                15020,
+                Verdict::Return,
+            ),
+            (
+                "defaults",
+                &InitOptions::default(),
+                "10.1.2.3",
+                15007,
+                to_sidecar,
+            ),
+            (
+                "defaults",
+                &InitOptions::default(),
+                "fd00::3",
+                15009,
+                to_sidecar,
+            ),
+            (
+                "defaults",
+                &InitOptions::default(),
+                "10.1.2.3",
+                8080,
+                to_sidecar,
+            ),
+            (
+                "defaults",
+                &InitOptions::default(),
+                "fd00::3",
+                8080,
+                to_sidecar,
+            ),
+            (
+                "capture list",
+                &some_ports,
+                "10.1.2.3",
+                15008,
+                Verdict::Return,
+            ),
+            (
+                "capture list",
+                &some_ports,
+                "fd00::3",
+                15008,
+                Verdict::Return,
+            ),
+            ("capture list", &some_ports, "fd00::3", 15010, to_sidecar),
+            (
+                "capture list",
+                &some_ports,
+                "10.1.2.3",
+                8080,
+                Verdict::Return,
+            ),
+            ("ipv4 only", &v4_only, "10.1.2.3", 15008, Verdict::Return),
+            ("ipv4 only", &v4_only, "10.1.2.3", 8080, to_sidecar),
+        ];
+        for (name, opts, src, dport, want) in cases {
+            let got = inbound_verdict(&plan(opts), src, *dport);
+            assert_eq!(got, *want, "{name}: from {src} to port {dport}");
         }
     }
 

@@ -106,6 +106,14 @@ pub fn injected_pod(case: &str, before: &Value, after: &Value, bundle: &str) {
         Some(&Value::from(want)),
         "{case}: PORTCULLIS_ALLOW_SHUTDOWN"
     );
+    // The tunnel port: declared on the proxy, and never redirected by the
+    // init container (it leads the exclusions, before the pod's own).
+    assert!(
+        proxy["ports"].as_array().into_iter().flatten().any(|p| *p
+            == serde_json::json!({"name": "tunnel", "containerPort": 15008, "protocol": "TCP"})),
+        "{case}: proxy ports {}",
+        proxy["ports"]
+    );
     assert_eq!(
         proxy["readinessProbe"]["httpGet"]["path"], "/ready",
         "{case}"
@@ -128,6 +136,13 @@ pub fn injected_pod(case: &str, before: &Value, after: &Value, bundle: &str) {
         .iter()
         .find(|c| c["name"] == "portcullis-init")
         .unwrap();
+    let excluded = env(init, "PORTCULLIS_EXCLUDE_INBOUND_PORTS")
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_default();
+    assert!(
+        excluded == "15008,15020" || excluded.starts_with("15008,15020,"),
+        "{case}: init's inbound exclusions {excluded:?}"
+    );
     let isc = &init["securityContext"];
     assert_eq!(isc["runAsUser"], 0, "{case}");
     assert_eq!(isc["readOnlyRootFilesystem"], true, "{case}");

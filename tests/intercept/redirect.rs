@@ -1,5 +1,6 @@
 //! The rules really redirect, and really exempt the proxy UID, for IPv4
-//! and IPv6 connections between two namespaces.
+//! and IPv6 connections between two namespaces; the tunnel and admin ports
+//! really reach their own listeners.
 
 use super::backend::*;
 use super::netns::{skip, Netns, Process};
@@ -90,6 +91,7 @@ fn redirects_and_exempts_the_proxy(b: Backend, test: &str) {
             "127.0.0.1,15001,outbound",
             "::1,15001,outbound",
             "::,15006,inbound",
+            "::,15008,tunnel",
             "::,15020,admin",
         ],
     );
@@ -165,7 +167,39 @@ fn redirects_and_exempts_the_proxy(b: Backend, test: &str) {
             "10.99.0.1",
             15020,
             "admin",
-            "the admin port is excluded",
+            "the admin port is excluded (IPv4)",
+        ),
+        (
+            &peer,
+            None,
+            "fd99::1",
+            15020,
+            "admin",
+            "the admin port is excluded (IPv6)",
+        ),
+        (
+            &peer,
+            None,
+            "10.99.0.1",
+            15008,
+            "tunnel",
+            "a peer sidecar's tunnel reaches :15008 itself (IPv4)",
+        ),
+        (
+            &peer,
+            None,
+            "fd99::1",
+            15008,
+            "tunnel",
+            "a peer sidecar's tunnel reaches :15008 itself (IPv6)",
+        ),
+        (
+            &peer,
+            None,
+            "10.99.0.1",
+            15009,
+            "inbound",
+            "the port next to the tunnel port is captured",
         ),
     ];
     for (ns, uid, addr, port, want, what) in cases {

@@ -33,6 +33,7 @@ const EXP: Expected = Expected {
     inbound_port: 15006,
     outbound_port: 15001,
     admin_port: 15020,
+    tunnel_port: 15008,
     proxy_uid: 1500,
 };
 
@@ -48,10 +49,12 @@ fn init_defaults_read_back_from_both_renderers() {
         assert_eq!(rules.inbound_redirects.first(), Some(&15006), "{rules:?}");
         assert_eq!(rules.outbound_redirects.first(), Some(&15001), "{rules:?}");
         assert!(rules.uid_exempt.contains(&1500), "{rules:?}");
-        assert!(
-            rules.inbound_excluded.contains(&(15020, 15020)),
-            "{rules:?}"
-        );
+        for port in [15008, 15020] {
+            assert!(
+                rules.inbound_excluded.contains(&(port, port)),
+                "{port}: {rules:?}"
+            );
+        }
         assert!(rules.hooked_inbound && rules.hooked_outbound, "{rules:?}");
         let f = compare(Some(&rules), &sidecar(), &EXP);
         assert_eq!(f.status, Status::Ok, "{f:?}");
@@ -60,11 +63,20 @@ fn init_defaults_read_back_from_both_renderers() {
 
 #[test]
 fn mismatches_fail_with_a_fix() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--inbound-port", "16006"], "redirected to :16006"),
         (&["--outbound-port", "16001"], "redirected to :16001"),
         (&["--proxy-uid", "1501"], "UID 1500 is not exempt"),
         (&["--exclude-inbound-ports", "9000"], "admin port :15020"),
+        (&["--exclude-inbound-ports", "9000"], "tunnel port :15008"),
+        (
+            &["--exclude-inbound-ports", "15020,9000"],
+            "tunnel port :15008",
+        ),
+        (
+            &["--exclude-inbound-ports", "15008,9000"],
+            "admin port :15020",
+        ),
         (&["--exclude-inbound-ports", "15000-15030,9000"], ""),
     ];
     for (args, want) in cases {
@@ -79,6 +91,47 @@ fn mismatches_fail_with_a_fix() {
             assert!(f.fix.is_some());
         }
     }
+}
+
+/// Rules from an `init` that predates the tunnel (only the admin port
+/// excluded) fail, and the fix keeps both ports: a list given to
+/// --exclude-inbound-ports replaces the default.
+#[test]
+fn redirected_tunnel_port_fails_with_a_fix_naming_both_ports() {
+    for rules in [
+        via_nft(&["--exclude-inbound-ports", "15020"]),
+        via_iptables(&["--exclude-inbound-ports", "15020"]),
+    ] {
+        let f = compare(Some(&rules), &sidecar(), &EXP);
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        assert!(
+            f.detail
+                .contains("the tunnel port :15008 is redirected too"),
+            "{f:?}"
+        );
+        assert!(!f.detail.contains("admin port"), "{f:?}");
+        assert!(
+            f.fix
+                .as_deref()
+                .is_some_and(|fix| fix.contains("--exclude-inbound-ports 15008,15020")),
+            "{f:?}"
+        );
+    }
+    // Both missing: two problems, one fix.
+    let f = compare(
+        Some(&via_nft(&["--exclude-inbound-ports", "9000"])),
+        &sidecar(),
+        &EXP,
+    );
+    assert_eq!(
+        f.fix.as_deref().unwrap().matches("re-run").count(),
+        1,
+        "{f:?}"
+    );
+    // Not capturing inbound at all: nothing is redirected, nothing to say.
+    let rules = via_nft(&["--include-inbound-ports", "", "--exclude-inbound-ports", ""]);
+    let f = compare(Some(&rules), &sidecar(), &EXP);
+    assert_eq!(f.status, Status::Ok, "{f:?}");
 }
 
 #[test]

@@ -19,7 +19,7 @@ table inet portcullis {
 		meta l4proto tcp jump outbound comment "portcullis: outbound TCP interception"
 	}
 	chain inbound {
-		tcp dport 15020 return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, e.g. the admin port) go straight to the app"
+		tcp dport { 15008, 15020 } return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected"
 		meta l4proto tcp redirect to :15006 comment "portcullis: all other inbound TCP goes to the sidecar inbound listener"
 	}
 	chain outbound {
@@ -48,7 +48,7 @@ table inet portcullis {
 	}
 	chain inbound {
 		ip saddr { 10.0.0.0/8, 192.168.0.0/16 } return comment "portcullis: excluded source networks (--exclude-inbound-cidrs) go straight to the app"
-		tcp dport { 22, 15020 } return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, e.g. the admin port) go straight to the app"
+		tcp dport { 22, 15008, 15020 } return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected"
 		tcp dport { 8080, 9000-9100 } redirect to :7006 comment "portcullis: inbound TCP to --include-inbound-ports goes to the sidecar inbound listener"
 	}
 	chain outbound {
@@ -114,7 +114,11 @@ fn scripts() {
                         last: 9100,
                     },
                 ]),
-                exclude_inbound_ports: vec![PortRange::single(22), PortRange::single(15020)],
+                exclude_inbound_ports: vec![
+                    PortRange::single(22),
+                    PortRange::single(15008),
+                    PortRange::single(15020),
+                ],
                 exclude_outbound_ports: vec![
                     PortRange::single(53),
                     PortRange {
