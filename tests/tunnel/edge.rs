@@ -247,3 +247,65 @@ async fn a_rule_change_closes_only_the_streams_it_denies() {
     assert_eq!(inbound_streams(&p, "denied"), 1.0);
     assert!(echo_once(&mut a, b"a once more").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flood_is_held_to_the_limit_and_others_keep_working() {
+    let p = pod(&["--tunnel-max-streams", "50"]).await;
+    let app = echo_on(POD).await;
+    let authority = app.to_string();
+    let flooder = h2_client(as_peer(&p.ca, p.ca.leaf("flooder")), p.tunnel)
+        .await
+        .unwrap();
+    // Hold every stream the connection may have, and ask for more.
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let (status, io) = open_stream(&flooder, Method::CONNECT, &authority)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        held.push(io.unwrap());
+    }
+    let extra = {
+        let flooder = flooder.clone();
+        let authority = authority.clone();
+        tokio::spawn(async move { open_stream(&flooder, Method::CONNECT, &authority).await })
+    };
+    let active = || {
+        p.sidecar.metric(
+            "portcullis_tunnel_streams_active",
+            &[("direction", "inbound")],
+        )
+    };
+    assert_eq!(active(), 50.0);
+    // Open-and-cancel as fast as the client can: the server is never
+    // made to hold more than the limit.
+    for _ in 0..500 {
+        let Ok(ready) = flooder.clone().ready().await else {
+            break;
+        };
+        let mut ready = ready;
+        let request = http::Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.as_str())
+            .body(())
+            .unwrap();
+        if ready.send_request(request, false).is_err() {
+            break;
+        }
+        assert!(active() <= 50.0, "{} streams active", active());
+    }
+    assert!(!extra.is_finished(), "a stream past the limit was served");
+
+    // Another peer is served as usual meanwhile.
+    let other = h2_client(as_peer(&p.ca, p.ca.leaf("other")), p.tunnel)
+        .await
+        .unwrap();
+    let (status, io) = open_stream(&other, Method::CONNECT, &authority)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(echo_once(&mut io.unwrap(), b"unaffected").await);
+    // And the flooder's held streams still work.
+    assert!(echo_once(&mut held[0], b"held").await);
+    extra.abort();
+}
