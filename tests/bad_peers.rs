@@ -36,55 +36,6 @@ async fn tls_refused(config: Arc<rustls::ClientConfig>, addr: std::net::SocketAd
     }
 }
 
-/// A client that offers TLS 1.2 only, with the mesh ALPN.
-fn tls12_client() -> Arc<rustls::ClientConfig> {
-    #[derive(Debug)]
-    struct AcceptAnything;
-    impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider()
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS12])
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AcceptAnything))
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"portcullis/1".to_vec()];
-    Arc::new(config)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_are_refused_and_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,7 +84,10 @@ async fn bad_peers_are_refused_and_counted() {
     );
     count("plaintext_refused", 2.0).await;
 
-    assert!(tls_refused(tls12_client(), b).await, "TLS 1.2 client");
+    assert!(
+        tls_refused(tls12_client(b"portcullis/1"), b).await,
+        "TLS 1.2 client"
+    );
     count("protocol", 1.0).await;
 
     let roots = portcullis::tls::TrustBundle::from_pem(std::path::Path::new("bundle"), &bundle)

@@ -154,6 +154,7 @@ async fn bad_peers_are_refused_and_counted_and_others_keep_working() {
             tunnel_client_config(wrong_td, &bundle)
         }),
         ("no client certificate", no_client_cert(&p.ca.cert_pem())),
+        ("TLS 1.2", tls12_client(b"h2")),
     ];
     for (what, config) in cases {
         assert!(refused(config, p.tunnel).await, "{what} was served");
@@ -170,7 +171,7 @@ async fn bad_peers_are_refused_and_counted_and_others_keep_working() {
         "portcullis_tls_handshakes_total",
         &[("direction", "inbound"), ("result", "ok")],
     );
-    assert!(failed >= 4.0, "only {failed} refusals counted");
+    assert!(failed >= 5.0, "only {failed} refusals counted");
     assert!(
         echo_once(&mut held, b"unaffected").await,
         "the good peer's stream"

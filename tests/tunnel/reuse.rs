@@ -93,3 +93,29 @@ async fn five_hundred_concurrent_connections_respect_the_stream_limit() {
         "no stream was sent past a connection's limit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_connections_share_one_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let pair = Pair::start(&ca, &ca.files.cert, &[], &[]).await;
+    let upstream = pair.a.upstream();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(upstream).await.ok()?;
+            Some(echo_once(&mut s, b"first").await)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.unwrap(), Some(true));
+    }
+    assert_eq!(
+        pair.a.metric(
+            "portcullis_tls_handshakes_total",
+            &[("direction", "outbound"), ("result", "ok")]
+        ),
+        1.0,
+        "50 connections racing to a new peer made one handshake"
+    );
+}
