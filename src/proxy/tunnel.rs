@@ -24,10 +24,10 @@ pub const DEFAULT_PORT: u16 = 15008;
 /// HTTP/2 flow-control windows and frame size: large enough that one bulk
 /// stream is not held back by window updates on a fast link, bounded so a
 /// slow reader cannot make us buffer much.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-const MAX_FRAME: u32 = 64 * 1024;
-const SEND_BUFFER: usize = 1024 * 1024;
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+const MAX_FRAME: u32 = 1024 * 1024;
+const SEND_BUFFER: usize = 4 * 1024 * 1024;
 
 /// How long a peer whose tunnel port refused us is sent per-connection
 /// mTLS without trying its tunnel again.
