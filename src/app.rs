@@ -14,6 +14,7 @@ use crate::config::{CertSource, Settings};
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
 use crate::identity::{CaFiles, Issuer, LeafRequest, LeafSource, RemoteCa, Rotator};
+use crate::limits::LogEveryByKind;
 use crate::metrics::Metrics;
 use crate::proxy::{
     self, AppClients, Inbound, Outbound, PendingHandshakes, Policy, Shared, UpstreamListener,
@@ -136,6 +137,7 @@ impl App {
             hello_timeout: settings.hello_timeout,
             detect_timeout: settings.detect_timeout,
             idle_timeout: settings.idle_timeout,
+            refusal_logs: LogEveryByKind::new(proxy::REFUSAL_LOG_INTERVAL),
         });
         Ok(App {
             addrs,

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, Instrument};
 
-use super::{original_destination, plan, splice, traffic, ConnGuard, Route, Shared};
+use super::{original_destination, plan, splice, ConnGuard, Route, Shared};
+use crate::authz::Peer;
 use crate::config::Upstream;
 use crate::identity::SpiffeId;
 use crate::limits::AcceptErrors;
@@ -87,7 +88,6 @@ async fn to_sidecar(
     expect: Option<SpiffeId>,
 ) {
     let _ = app.set_nodelay(true);
-    let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
     let handshakes = &shared.metrics.tls_handshakes;
     let snapshot = shared.tls.snapshot();
     let config = match snapshot.client_at(SystemTime::now()) {
@@ -96,24 +96,37 @@ async fn to_sidecar(
             handshakes
                 .with_label_values(&["outbound", why.label()])
                 .inc();
-            return info!(%dest, result = why.label(), "outbound connection refused: {why}");
+            return shared.log_refusal(("outbound", why.label()), |count| {
+                info!(%dest, result = why.label(), count, "outbound connection refused: {why}")
+            });
         }
     };
     let tcp = match shared.connect(dest).await {
         Ok(s) => s,
-        Err(e) => return info!(error = %e, "outbound connection failed"),
+        Err(e) => {
+            return shared.log_refusal(
+                ("outbound", "connect_failed"),
+                |count| info!(error = %e, count, "outbound connection failed"),
+            )
+        }
     };
     let started = Instant::now();
     let connect = TlsConnector::from(config).connect(ServerName::IpAddress(dest.ip().into()), tcp);
     let tls = match tokio::time::timeout(shared.handshake_timeout, connect).await {
         Err(_) => {
             handshakes.with_label_values(&["outbound", "timeout"]).inc();
-            return info!(%dest, "outbound handshake timed out");
+            return shared.log_refusal(
+                ("outbound", "timeout"),
+                |count| info!(%dest, count, "outbound handshake timed out"),
+            );
         }
         Ok(Err(e)) => {
             let result = handshake_result(&e);
             handshakes.with_label_values(&["outbound", result]).inc();
-            return info!(%dest, result, error = %e, "outbound handshake failed");
+            return shared.log_refusal(
+                ("outbound", result),
+                |count| info!(%dest, result, error = %e, count, "outbound handshake failed"),
+            );
         }
         Ok(Ok(tls)) => tls,
     };
@@ -126,14 +139,19 @@ async fn to_sidecar(
         handshakes
             .with_label_values(&["outbound", "bad_identity"])
             .inc();
-        return info!(%dest, "outbound connection refused: server identity unreadable");
+        return shared.log_refusal(
+            ("outbound", "bad_identity"),
+            |count| info!(%dest, count, "outbound connection refused: server identity unreadable"),
+        );
     };
     if let Some(want) = &expect {
         if &server != want {
             handshakes
                 .with_label_values(&["outbound", "wrong_identity"])
                 .inc();
-            return info!(%dest, got = %server, want = %want, "outbound connection refused: unexpected server identity");
+            return shared.log_refusal(("outbound", "wrong_identity"), |count| {
+                info!(%dest, got = %server, want = %want, count, "outbound connection refused: unexpected server identity")
+            });
         }
     }
     shared
@@ -142,7 +160,11 @@ async fn to_sidecar(
         .with_label_values(&["outbound"])
         .observe(started.elapsed().as_secs_f64());
     handshakes.with_label_values(&["outbound", "ok"]).inc();
-    let traffic = traffic(&shared.metrics, "outbound", dest.port());
+    // Counted once the server is verified, under its identity (failed
+    // handshakes are counted by `portcullis_tls_handshakes_total` alone).
+    let server = Peer::Mesh(server);
+    let guard = ConnGuard::new(&shared.metrics, "outbound", dest.port(), &server);
+    let traffic = guard.traffic(&shared.metrics);
     if let Err(e) = splice(app, tls, shared.idle_timeout, &traffic).await {
         debug!(%server, error = %e, "outbound connection ended with an error");
     }
@@ -155,17 +177,33 @@ async fn transparent(shared: Arc<Shared>, app: TcpStream) {
     let _ = app.set_nodelay(true);
     let dest = match original_destination(&app) {
         Ok(d) => d,
-        Err(e) => return info!(error = %e, "outbound connection refused"),
+        Err(e) => {
+            return shared.log_refusal(
+                ("outbound", "no_original_destination"),
+                |count| info!(error = %e, count, "outbound connection refused"),
+            )
+        }
     };
     if plan(dest, &shared.outbound) == Route::Mesh {
         return to_sidecar(shared, app, dest, None).await;
     }
-    let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
+    // Plain TCP outside the mesh: nobody was verified.
+    let guard = ConnGuard::new(
+        &shared.metrics,
+        "outbound",
+        dest.port(),
+        &Peer::Unauthenticated,
+    );
     let remote = match shared.connect(dest).await {
         Ok(s) => s,
-        Err(e) => return info!(error = %e, "outbound connection failed"),
+        Err(e) => {
+            return shared.log_refusal(
+                ("outbound", "connect_failed"),
+                |count| info!(error = %e, count, "outbound connection failed"),
+            )
+        }
     };
-    let traffic = traffic(&shared.metrics, "outbound", dest.port());
+    let traffic = guard.traffic(&shared.metrics);
     if let Err(e) = splice(app, remote, shared.idle_timeout, &traffic).await {
         debug!(%dest, error = %e, "outbound connection ended with an error");
     }
