@@ -14,6 +14,7 @@ use crate::config::{CertSource, Settings};
 use crate::drain::Drain;
 use crate::filewatch::{read_all, Reloader};
 use crate::identity::{CaFiles, Issuer, LeafRequest, LeafSource, RemoteCa, Rotator};
+use crate::limits::LogEveryByKind;
 use crate::metrics::Metrics;
 use crate::proxy::{
     self, AppClients, Inbound, Outbound, PendingHandshakes, Policy, Shared, UpstreamListener,
@@ -155,6 +156,7 @@ impl App {
             idle_timeout: settings.idle_timeout,
             tunnel,
             pool: proxy::tunnel::Pool::default(),
+            refusal_logs: LogEveryByKind::new(proxy::REFUSAL_LOG_INTERVAL),
         });
         Ok(App {
             addrs,

@@ -15,6 +15,7 @@ pub use admin::{
 };
 pub use evict::{Eviction, EvictionSet, Slot, SlotHandle, PROTECTED};
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -161,6 +162,38 @@ impl LogEvery {
     }
 }
 
+/// A [`LogEvery`] per kind of event (a refusal's cause, a handshake
+/// failure's reason): a flood of one kind costs one line per interval,
+/// with the count, and does not hide the first event of another kind.
+/// Kinds are pairs of fixed words from the code (`("inbound", "untrusted")`),
+/// so the map stays small.
+pub struct LogEveryByKind {
+    interval: Duration,
+    kinds: Mutex<HashMap<LogKind, LogEvery>>,
+}
+
+/// A kind of logged event: where (`inbound`, `outbound`) and what.
+pub type LogKind = (&'static str, &'static str);
+
+impl LogEveryByKind {
+    pub fn new(interval: Duration) -> Self {
+        LogEveryByKind {
+            interval,
+            kinds: Mutex::default(),
+        }
+    }
+
+    /// Records one event of `kind`; `Some(events of that kind since its
+    /// last line)` when a line is due now.
+    pub fn tick(&self, kind: LogKind) -> Option<u64> {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds
+            .entry(kind)
+            .or_insert_with(|| LogEvery::new(self.interval))
+            .tick()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +208,23 @@ mod tests {
         let chatty = LogEvery::new(Duration::ZERO);
         assert_eq!(chatty.tick(), Some(1));
         assert_eq!(chatty.tick(), Some(1), "each line counts its own events");
+    }
+
+    #[test]
+    fn log_every_by_kind_limits_each_kind_on_its_own() {
+        let logs = LogEveryByKind::new(Duration::from_secs(3600));
+        assert_eq!(logs.tick(("inbound", "untrusted")), Some(1));
+        for _ in 0..199 {
+            assert_eq!(logs.tick(("inbound", "untrusted")), None);
+        }
+        assert_eq!(
+            logs.tick(("inbound", "plaintext")),
+            Some(1),
+            "another kind is not hidden"
+        );
+        assert_eq!(logs.tick(("outbound", "untrusted")), Some(1));
+        let chatty = LogEveryByKind::new(Duration::ZERO);
+        assert_eq!(chatty.tick(("inbound", "untrusted")), Some(1));
+        assert_eq!(chatty.tick(("inbound", "untrusted")), Some(1));
     }
 }

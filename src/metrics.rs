@@ -21,6 +21,24 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Buckets of the HTTP body size histograms, in bytes: 0 (no body) on its
+/// own, then powers of four from 64 B to 64 MiB.
+pub const SIZE_BUCKETS: &[f64] = &[
+    0.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+    67108864.0,
+];
+
+/// The labels of the TCP connection and byte metrics: the direction, the
+/// app's port, and the peer (inbound: the caller; outbound: the server
+/// identity the sidecar verified).
+pub const CONN_LABELS: [&str; 5] = [
+    "direction",
+    "port",
+    PEER_LABELS[0],
+    PEER_LABELS[1],
+    PEER_LABELS[2],
+];
+
 /// A registry holding the `process_*` metrics of this process (CPU seconds,
 /// resident memory, open and maximum descriptors, start time), read from
 /// procfs at every scrape. Each server (sidecar, `ca serve`, webhook) makes
@@ -79,12 +97,36 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    /// `portcullis_http_request_size_bytes{direction, port}`: request body
+    /// bytes passed to the app.
+    pub http_request_size: HistogramVec,
+    /// `portcullis_http_response_size_bytes{direction, port}`: response
+    /// body bytes sent to the peer.
+    pub http_response_size: HistogramVec,
     /// Failed accepts by listener and reason (`fd_limit`: out of descriptors).
     pub accept_errors: IntCounterVec,
     /// Admin connections closed or refused to keep the admin port answering.
     pub admin_connections_dropped: IntCounterVec,
     /// The mesh tunnel's connections, streams, pool and fallbacks.
     pub tunnel: tunnel::TunnelMetrics,
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -104,7 +146,7 @@ impl Metrics {
                 "portcullis_tcp_connections_open",
                 "TCP connections open now.",
             ),
-            &["direction", "port"],
+            &CONN_LABELS,
         )
         .expect("valid metric");
         r.register(Box::new(connections_open.clone()))
@@ -171,6 +213,20 @@ impl Metrics {
                 ],
             ),
             http_request_duration,
+            http_request_size: histogram(
+                r,
+                "portcullis_http_request_size_bytes",
+                "Request body bytes passed to the app (0 for a request answered by the sidecar itself, whose body is not read).",
+                SIZE_BUCKETS,
+                &["direction", "port"],
+            ),
+            http_response_size: histogram(
+                r,
+                "portcullis_http_response_size_bytes",
+                "Response body bytes sent to the peer.",
+                SIZE_BUCKETS,
+                &["direction", "port"],
+            ),
             trust_bundle_valid: validity_gauge(
                 r,
                 "portcullis_trust_bundle_valid",
@@ -180,7 +236,7 @@ impl Metrics {
             peers: peers::PeerLabels::new({
                 let c = prometheus::IntCounter::new(
                     "portcullis_metrics_peers_overflow_total",
-                    "Times a peer was counted as \"other\" because --metrics-max-peers distinct peers already have their own series.",
+                    "Connections whose peer was counted as \"other\" because --metrics-max-peers distinct peers already have their own series.",
                 )
                 .expect("valid metric");
                 r.register(Box::new(c.clone())).expect("unique metric");
@@ -207,26 +263,26 @@ impl Metrics {
             connections_opened: counter(
                 r,
                 "portcullis_tcp_connections_opened_total",
-                "TCP connections accepted.",
-                &["direction", "port"],
+                "TCP connections accepted (inbound: once the peer is accepted; outbound: once the server is verified, or at accept for plain TCP).",
+                &CONN_LABELS,
             ),
             connections_closed: counter(
                 r,
                 "portcullis_tcp_connections_closed_total",
                 "TCP connections closed.",
-                &["direction", "port"],
+                &CONN_LABELS,
             ),
             received_bytes: counter(
                 r,
                 "portcullis_tcp_received_bytes_total",
-                "Payload bytes received from the accepted side of a connection.",
-                &["direction", "port"],
+                "Payload bytes received from the accepted side of a connection (HTTP connections included).",
+                &CONN_LABELS,
             ),
             sent_bytes: counter(
                 r,
                 "portcullis_tcp_sent_bytes_total",
-                "Payload bytes sent to the accepted side of a connection.",
-                &["direction", "port"],
+                "Payload bytes sent to the accepted side of a connection (HTTP connections included).",
+                &CONN_LABELS,
             ),
             tls_handshakes: counter(
                 r,

@@ -32,8 +32,11 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::authz::Peer;
 use crate::config::{InboundMode, PortRange};
 use crate::drain::Drain;
+use crate::limits::{LogEveryByKind, LogKind};
+use crate::metrics::peers::PeerLabel;
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -79,12 +82,28 @@ pub struct Shared {
     pub tunnel: TunnelSettings,
     /// Pooled tunnel connections to peer sidecars.
     pub pool: tunnel::Pool,
+    /// Lines about refused or failed connections, at most one per
+    /// [`REFUSAL_LOG_INTERVAL`] for each kind, with the count since the
+    /// last one: a flood must not become a flood of log lines.
+    pub refusal_logs: LogEveryByKind,
 }
+
+/// How often each kind of refusal or failure may be logged.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Shared {
     /// Whether clients on `port` may wait for the server to speak first.
     pub fn is_opaque(&self, port: u16) -> bool {
         self.opaque_ports.iter().any(|r| r.contains(port))
+    }
+
+    /// Runs `log` with the number of events of `kind` since its last line
+    /// when a line is due (at most one per [`REFUSAL_LOG_INTERVAL`] for
+    /// each kind); for refusals and failures a client can repeat at will.
+    pub fn log_refusal(&self, kind: LogKind, log: impl FnOnce(u64)) {
+        if let Some(count) = self.refusal_logs.tick(kind) {
+            log(count)
+        }
     }
 
     /// Connects to `addr` within the connect timeout, with TCP_NODELAY.
@@ -122,23 +141,54 @@ pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> 
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
-/// Counts one connection as open until dropped.
+/// Counts one connection as open until dropped, under its direction, the
+/// app's port and its peer: inbound the caller (`unauthenticated` for a
+/// plaintext one), outbound the server identity the sidecar verified
+/// (`unauthenticated` for plain TCP to a destination outside the mesh).
+/// The peer's labels are resolved once (capped by `--metrics-max-peers`)
+/// and shared with [`ConnGuard::traffic`] and the connection's HTTP metrics.
 pub struct ConnGuard {
     closed: IntCounter,
     open: IntGauge,
+    direction: &'static str,
+    port: String,
+    peer: Arc<PeerLabel>,
 }
 
 impl ConnGuard {
-    pub fn new(metrics: &Metrics, direction: &str, port: u16) -> Self {
+    pub fn new(metrics: &Metrics, direction: &'static str, port: u16, peer: &Peer) -> Self {
+        let peer = metrics.peers.label(peer);
         let port = port.to_string();
-        let labels = [direction, port.as_str()];
+        let labels = conn_labels(direction, &port, &peer);
         metrics.connections_opened.with_label_values(&labels).inc();
         let open = metrics.connections_open.with_label_values(&labels);
         open.inc();
         ConnGuard {
             closed: metrics.connections_closed.with_label_values(&labels),
             open,
+            direction,
+            port,
+            peer,
         }
+    }
+
+    /// The byte counters of this connection (same labels as the guard).
+    pub fn traffic(&self, metrics: &Metrics) -> Traffic {
+        let labels = conn_labels(self.direction, &self.port, &self.peer);
+        Traffic {
+            received: metrics.received_bytes.with_label_values(&labels),
+            sent: metrics.sent_bytes.with_label_values(&labels),
+        }
+    }
+
+    /// The peer's metric labels, as resolved for this connection.
+    pub fn peer(&self) -> &Arc<PeerLabel> {
+        &self.peer
+    }
+
+    /// The app's port, as a label value.
+    pub fn port(&self) -> &str {
+        &self.port
     }
 }
 
@@ -149,13 +199,20 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Byte counters for one connection, resolved once.
-pub fn traffic(metrics: &Metrics, direction: &str, port: u16) -> Traffic {
+/// The values of [`crate::metrics::CONN_LABELS`].
+fn conn_labels<'a>(direction: &'a str, port: &'a str, peer: &'a PeerLabel) -> [&'a str; 5] {
+    let [td, ns, sa] = peer.values();
+    [direction, port, td, ns, sa]
+}
+
+/// Byte counters for one connection, resolved once, for a caller without a
+/// [`ConnGuard`]; `peer` as in [`ConnGuard::new`].
+pub fn traffic(metrics: &Metrics, direction: &str, port: u16, peer: &Peer) -> Traffic {
+    let peer = metrics.peers.label(peer);
     let port = port.to_string();
+    let labels = conn_labels(direction, &port, &peer);
     Traffic {
-        received: metrics
-            .received_bytes
-            .with_label_values(&[direction, &port]),
-        sent: metrics.sent_bytes.with_label_values(&[direction, &port]),
+        received: metrics.received_bytes.with_label_values(&labels),
+        sent: metrics.sent_bytes.with_label_values(&labels),
     }
 }

@@ -245,7 +245,12 @@ fn permissive_pod_serves_unmeshed_client_as_unauthenticated() {
     let b = node.meshed_pod("b", B, &permissive);
     let c = node.plain_pod("c", C);
     let port = HTTP_PORT.to_string();
-    let inbound = [("direction", "inbound"), ("port", port.as_str())];
+    // A plaintext caller is counted as unauthenticated.
+    let inbound = [
+        ("direction", "inbound"),
+        ("port", port.as_str()),
+        ("peer_service_account", "unauthenticated"),
+    ];
 
     for v6 in [false, true] {
         let fam = family(v6);
@@ -284,7 +289,12 @@ fn meshed_pod_reaches_unmeshed_pod_in_plaintext() {
     let c = node.plain_pod("c", C);
     let capture = Capture::start(node.bridge(), &c.veth);
     let port = HTTP_PORT.to_string();
-    let outbound = [("direction", "outbound"), ("port", port.as_str())];
+    // Plain TCP outside the mesh: nobody verified, so unauthenticated.
+    let outbound = [
+        ("direction", "outbound"),
+        ("port", port.as_str()),
+        ("peer_service_account", "unauthenticated"),
+    ];
 
     for v6 in [false, true] {
         let fam = family(v6);

@@ -420,6 +420,12 @@ async fn prometheus_scrapes_and_every_expression_has_data() {
         r#"sum(portcullis_http_requests_total{status_code="403"})"#,
         r#"sum(portcullis_tls_handshakes_total{result="plaintext_refused"})"#,
         r#"sum(portcullis_tcp_connections_open{pod="web"})"#,
+        // The upgraded connection, open on both sides, under each side's
+        // peer: the server identity on the client, the caller on the server.
+        r#"sum(portcullis_tcp_connections_open{pod="web", direction="outbound", peer_service_account="server"})"#,
+        r#"sum(portcullis_tcp_connections_open{pod="api", direction="inbound", peer_service_account="client"})"#,
+        r#"sum(portcullis_tcp_received_bytes_total{pod="api", direction="inbound", peer_namespace="default"})"#,
+        r#"sum(portcullis_http_response_size_bytes_count{pod="api"})"#,
     ];
     drive(&prom, &seen, || async {
         assert_eq!(request(&a, "/public/page").await, 200);

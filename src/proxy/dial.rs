@@ -69,12 +69,15 @@ pub async fn dial(
 ) -> Result<Dialed, DialError> {
     let handshakes = &shared.metrics.tls_handshakes;
     let count = |result: &str| handshakes.with_label_values(&["outbound", result]).inc();
+    let count = &count;
     let snapshot = shared.tls.snapshot();
     let config = match config(&snapshot, alpn) {
         Ok(config) => config,
         Err(why) => {
             count(why.label());
-            info!(%addr, result = why.label(), "outbound connection refused: {why}");
+            shared.log_refusal(("outbound", why.label()), |count| {
+                info!(%addr, result = why.label(), count, "outbound connection refused: {why}")
+            });
             return Err(DialError::Refused);
         }
     };
@@ -90,13 +93,19 @@ pub async fn dial(
     let tls = match tokio::time::timeout(shared.handshake_timeout, connect).await {
         Err(_) => {
             count("timeout");
-            info!(%addr, "outbound handshake timed out");
+            shared.log_refusal(
+                ("outbound", "timeout"),
+                |count| info!(%addr, count, "outbound handshake timed out"),
+            );
             return Err(DialError::Refused);
         }
         Ok(Err(e)) => {
             let result = handshake_result(&e);
             count(result);
-            info!(%addr, result, error = %e, "outbound handshake failed");
+            shared.log_refusal(
+                ("outbound", result),
+                |count| info!(%addr, result, error = %e, count, "outbound handshake failed"),
+            );
             return Err(DialError::Refused);
         }
         Ok(Ok(tls)) => tls,
@@ -109,13 +118,18 @@ pub async fn dial(
         .map(|c| peer_identity(c, shared.tls.trust_domain()));
     let Some(Ok(server)) = server else {
         count("bad_identity");
-        info!(%addr, "outbound connection refused: server identity unreadable");
+        shared.log_refusal(
+            ("outbound", "bad_identity"),
+            |count| info!(%addr, count, "outbound connection refused: server identity unreadable"),
+        );
         return Err(DialError::Refused);
     };
     if let Some(want) = expect {
         if &server != want {
             count("wrong_identity");
-            info!(%addr, got = %server, want = %want, "outbound connection refused: unexpected server identity");
+            shared.log_refusal(("outbound", "wrong_identity"), |count| {
+                info!(%addr, got = %server, want = %want, count, "outbound connection refused: unexpected server identity")
+            });
             return Err(DialError::Refused);
         }
     }

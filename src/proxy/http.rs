@@ -8,31 +8,36 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::Histogram;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::policy::RequestFacts;
-use super::Shared;
+use super::{ConnGuard, Shared, Traffic};
 use crate::authz::Peer;
+use crate::metrics::peers::PeerLabel;
 
 mod admit;
 mod fragment;
+mod meter;
 
 pub use admit::{admit_head, normalize_host, AdmitSettings, Admitted, FragmentSeen, Refusal, XFCC};
 use admit::{is_upgrade, strip_hop_by_hop};
 use fragment::Fragments;
+pub use meter::NoTrailers;
+use meter::{Metered, ResponseSize};
 
 /// The body of every response the proxy hands back.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -48,17 +53,40 @@ pub struct ConnInfo {
     pub target: SocketAddr,
 }
 
-/// Serves HTTP/1.x or HTTP/2 on one accepted connection until it closes.
-pub async fn serve<S>(shared: Arc<Shared>, io: S, conn: ConnInfo)
+/// The metrics of one connection's requests, resolved once per connection:
+/// the peer's labels and the port do not change between its requests.
+struct ConnMetrics {
+    port: String,
+    peer: Arc<PeerLabel>,
+    request_size: Histogram,
+    response_size: Histogram,
+}
+
+/// Serves HTTP/1.x or HTTP/2 on one accepted connection until it closes
+/// (or, for an upgraded connection, until the upgraded tunnel ends).
+/// `guard` counts the connection as open; its bytes are counted under the
+/// same labels.
+pub async fn serve<S>(shared: Arc<Shared>, io: S, conn: ConnInfo, guard: ConnGuard)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let port = guard.port().to_string();
+    let sizes = ["inbound", port.as_str()];
+    let metrics = Arc::new(ConnMetrics {
+        request_size: shared.metrics.http_request_size.with_label_values(&sizes),
+        response_size: shared.metrics.http_response_size.with_label_values(&sizes),
+        peer: guard.peer().clone(),
+        port,
+    });
+    let traffic = guard.traffic(&shared.metrics);
+    let io = Metered::new(io, traffic, guard);
     let (io, fragments) = fragment::Watch::new(io);
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn.clone();
         let fragments = fragments.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, &conn, &fragments, req).await) }
+        let metrics = metrics.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, &conn, &metrics, &fragments, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A client that never finishes its headers is closed (slowloris).
@@ -78,6 +106,7 @@ where
 async fn handle(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
+    m: &ConnMetrics,
     fragments: &Fragments,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -86,25 +115,37 @@ async fn handle(
         req.extensions_mut().insert(FragmentSeen);
     }
     let method = method_label(req.method());
-    let port = conn.target.port();
     let resp = match admit(shared, conn, req) {
-        Ok(req) => forward(shared, conn, fragments, req).await,
-        Err(resp) => *resp,
+        Ok(req) => {
+            let req = req.map(|b| NoTrailers::new(b, m.request_size.clone()));
+            forward(shared, conn, m, fragments, req).await
+        }
+        Err(resp) => {
+            // Answered here: the body was not read, nothing went to the app.
+            m.request_size.observe(0.0);
+            local_size(m, &resp);
+            *resp
+        }
     };
-    let port = port.to_string();
-    let peer = shared.metrics.peers.label(&conn.peer);
-    let [td, ns, sa] = peer.values();
+    let [td, ns, sa] = m.peer.values();
     let status = resp.status();
     let metrics = &shared.metrics;
     metrics
         .http_requests
-        .with_label_values(&["inbound", &port, method, status.as_str(), td, ns, sa])
+        .with_label_values(&["inbound", &m.port, method, status.as_str(), td, ns, sa])
         .inc();
     metrics
         .http_request_duration
-        .with_label_values(&["inbound", &port, td, ns, sa])
+        .with_label_values(&["inbound", &m.port, td, ns, sa])
         .observe(started.elapsed().as_secs_f64());
     resp
+}
+
+/// Observes the size of a response the sidecar answers itself (a fixed
+/// body).
+fn local_size(m: &ConnMetrics, resp: &Response<Body>) {
+    let size = resp.body().size_hint().exact().unwrap_or(0);
+    m.response_size.observe(size as f64);
 }
 
 /// Runs [`admit_head`] with the current rules, records and logs the
@@ -113,7 +154,7 @@ fn admit(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
-) -> Result<Request<NoTrailers>, Box<Response<Body>>> {
+) -> Result<Request<Incoming>, Box<Response<Body>>> {
     let policy = &shared.policy;
     let (mut parts, body) = req.into_parts();
     let rules = policy.rules.current();
@@ -131,7 +172,7 @@ fn admit(
         policy.record(conn, decision);
     }
     match admitted {
-        Ok(_) => Ok(Request::from_parts(parts, NoTrailers(body))),
+        Ok(_) => Ok(Request::from_parts(parts, body)),
         Err(Refusal::Denied(decision)) => {
             info!(
                 peer = %conn.peer,
@@ -170,6 +211,7 @@ fn refusal_body(refusal: &Refusal) -> &'static str {
 async fn forward(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
+    m: &ConnMetrics,
     fragments: &Fragments,
     mut req: Request<NoTrailers>,
 ) -> Response<Body> {
@@ -189,8 +231,18 @@ async fn forward(
     let mut resp = match client.request(req).await {
         Ok(r) => r,
         Err(e) => {
-            info!(peer = %conn.peer, target = %conn.target, error = %e, "app request failed");
-            return text(StatusCode::BAD_GATEWAY, "app unreachable\n");
+            shared.log_refusal(("inbound", "app_request_failed"), |count| {
+                info!(
+                    peer = %conn.peer,
+                    target = %conn.target,
+                    error = %error_chain(&e),
+                    count,
+                    "app request failed: answered 502"
+                )
+            });
+            let resp = text(StatusCode::BAD_GATEWAY, "app unreachable\n");
+            local_size(m, &resp);
+            return resp;
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -198,7 +250,9 @@ async fn forward(
             // What follows on the connection is no longer HTTP/1.
             fragments.stop();
             let app_side = hyper::upgrade::on(&mut resp);
-            let traffic = super::traffic(&shared.metrics, "inbound", conn.target.port());
+            // The client side's bytes are counted by its `Metered` stream,
+            // which the upgrade carries on, with the connection's guard.
+            let traffic = Traffic::uncounted();
             let (shared, conn) = (shared.clone(), conn.clone());
             // Tracked by the drain, and closed if new rules deny it.
             shared.drain.clone().spawn(async move {
@@ -225,7 +279,21 @@ async fn forward(
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    resp.map(|b| b.boxed())
+    let size = m.response_size.clone();
+    resp.map(|b| ResponseSize::new(b, size).boxed())
+}
+
+/// An error and its sources, `: `-separated: hyper's client errors say
+/// only "client error (Connect)" themselves, the reason is in the source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        out.push_str(": ");
+        out.push_str(&source.to_string());
+        next = source.source();
+    }
+    out
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -277,41 +345,6 @@ pub fn method_label(m: &hyper::Method) -> &'static str {
         "TRACE" => "TRACE",
         "PATCH" => "PATCH",
         _ => "other",
-    }
-}
-
-/// A request body passed on without its trailers. Request trailers are
-/// headers sent after the body, which no rule saw (the decision is made on
-/// the head) and which apps often merge into the headers: forged
-/// `x-forwarded-client-cert` or denied values would ride in them. No
-/// common protocol needs them (gRPC sends trailers only in responses,
-/// which pass unchanged), so they are dropped.
-pub struct NoTrailers(pub Incoming);
-
-impl hyper::body::Body for NoTrailers {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        loop {
-            match ready!(Pin::new(&mut self.0).poll_frame(cx)) {
-                Some(Ok(frame)) if frame.is_trailers() => {
-                    debug!("request trailers dropped");
-                }
-                other => return Poll::Ready(other),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
     }
 }
 

@@ -16,8 +16,8 @@ use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
 use super::tunnel::{ConnHealth, TunnelConn};
 use super::{
-    detect, original_destination, sniff_http, splice, traffic, AppProtocol, ConnGuard, Detected,
-    Rewind, Shared,
+    detect, original_destination, sniff_http, splice, AppProtocol, ConnGuard, Detected, Rewind,
+    Shared, REFUSAL_LOG_INTERVAL,
 };
 use crate::authz::Peer;
 use crate::config::InboundMode;
@@ -28,9 +28,6 @@ use crate::tls::{handshake_result, peer_identity, TUNNEL_ALPN};
 /// only this long is spent looking for a mesh ClientHello (a sidecar sends
 /// its hello as soon as it connects).
 const OPAQUE_GRACE: Duration = Duration::from_millis(10);
-/// At most one log line per this long about connections refused before or
-/// during their handshake (a flood must not become a flood of log lines).
-const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Eviction classes of pending connections: those that have sent nothing
 /// go first, then those with part of a hello, so a peer that sent a whole
@@ -47,15 +44,13 @@ const HANDSHAKING: u8 = 2;
 pub struct PendingHandshakes {
     set: EvictionSet,
     evicted_log: LogEvery,
-    refused_log: LogEvery,
 }
 
 impl PendingHandshakes {
     pub fn new(max: usize, max_per_source: usize) -> Self {
         PendingHandshakes {
             set: EvictionSet::new(max, max_per_source),
-            evicted_log: LogEvery::new(REFUSED_LOG_INTERVAL),
-            refused_log: LogEvery::new(REFUSED_LOG_INTERVAL),
+            evicted_log: LogEvery::new(REFUSAL_LOG_INTERVAL),
         }
     }
 }
@@ -159,22 +154,31 @@ fn evicted(shared: &Shared, why: Eviction) {
     }
 }
 
-/// Counts a connection refused before its handshake, and logs it at most
-/// once per interval.
-fn refused(shared: &Shared, port: u16, result: &'static str, why: &'static str) {
+/// Counts a connection refused before or during its handshake, and logs
+/// it at most once per interval for each `result`, with the number of
+/// such refusals since the last line (`count`). Logged before it is
+/// counted, so the metric never runs ahead of the log.
+fn refused(shared: &Shared, port: u16, result: &'static str, why: &dyn std::fmt::Display) {
+    refused_with(shared, port, result, why, None)
+}
+
+/// [`refused`], with the error that caused it.
+fn refused_with(
+    shared: &Shared,
+    port: u16,
+    result: &'static str,
+    why: &dyn std::fmt::Display,
+    error: Option<&dyn std::fmt::Display>,
+) {
+    shared.log_refusal(("inbound", result), |count| match error {
+        Some(error) => info!(port, result, count, %error, "inbound connection refused: {why}"),
+        None => info!(port, result, count, "inbound connection refused: {why}"),
+    });
     shared
         .metrics
         .tls_handshakes
         .with_label_values(&["inbound", result])
         .inc();
-    if let Some(count) = shared.pending_handshakes.refused_log.tick() {
-        info!(
-            port,
-            result,
-            refused = count,
-            "inbound connection refused: {why}"
-        );
-    }
 }
 
 async fn serve(
@@ -227,16 +231,19 @@ async fn serve(
             };
             serve_mesh(shared, stream, source, at, remaining, slot).await;
         }
-        (Detected::Silent | Detected::Partial, InboundMode::Strict) => {
-            refused(&shared, port, "timeout", "no whole TLS ClientHello in time")
-        }
+        (Detected::Silent | Detected::Partial, InboundMode::Strict) => refused(
+            &shared,
+            port,
+            "timeout",
+            &"no whole TLS ClientHello in time",
+        ),
         (other, InboundMode::Strict) => {
             let result = if other == Detected::OtherTls {
                 "no_alpn"
             } else {
                 "plaintext_refused"
             };
-            refused(&shared, port, result, "strict mode accepts only mesh mTLS");
+            refused(&shared, port, result, &"strict mode accepts only mesh mTLS");
         }
         (_, InboundMode::Permissive) => {
             drop(slot);
@@ -295,14 +302,17 @@ async fn serve_tunnel_listener(
             };
             serve_mesh(shared, stream, source, at, remaining, slot).await;
         }
-        Detected::Silent | Detected::Partial => {
-            refused(&shared, port, "timeout", "no whole TLS ClientHello in time")
-        }
+        Detected::Silent | Detected::Partial => refused(
+            &shared,
+            port,
+            "timeout",
+            &"no whole TLS ClientHello in time",
+        ),
         Detected::Plain => refused(
             &shared,
             port,
             "plaintext_refused",
-            "the tunnel port accepts only mesh mTLS",
+            &"the tunnel port accepts only mesh mTLS",
         ),
     }
 }
@@ -320,6 +330,7 @@ async fn serve_mesh(
     let target = at.target;
     let snapshot = shared.tls.snapshot();
     let handshakes = &shared.metrics.tls_handshakes;
+    let port = target.port();
     let now = SystemTime::now();
     let config = match at.kind {
         Listener::Inbound if shared.tunnel.serve => snapshot.server_at(now),
@@ -328,12 +339,7 @@ async fn serve_mesh(
     };
     let config = match config {
         Ok(config) => config,
-        Err(why) => {
-            handshakes
-                .with_label_values(&["inbound", why.label()])
-                .inc();
-            return info!(result = why.label(), "inbound connection refused: {why}");
-        }
+        Err(why) => return refused(&shared, port, why.label(), &why),
     };
     let started = Instant::now();
     let accept = tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream));
@@ -345,15 +351,14 @@ async fn serve_mesh(
         Err(_) => {
             return refused(
                 &shared,
-                target.port(),
+                port,
                 "timeout",
-                "the TLS handshake did not finish in time",
+                &"the TLS handshake did not finish in time",
             )
         }
         Ok(Err(e)) => {
             let result = handshake_result(&e);
-            handshakes.with_label_values(&["inbound", result]).inc();
-            return info!(result, error = %e, "inbound handshake failed");
+            return refused_with(&shared, port, result, &"TLS handshake failed", Some(&e));
         }
         Ok(Ok(tls)) => tls,
     };
@@ -364,10 +369,7 @@ async fn serve_mesh(
         .and_then(|c| c.first())
         .map(|c| peer_identity(c, shared.tls.trust_domain()));
     let Some(Ok(peer)) = peer else {
-        handshakes
-            .with_label_values(&["inbound", "bad_identity"])
-            .inc();
-        return info!("inbound connection refused: peer identity unreadable");
+        return refused(&shared, port, "bad_identity", &"peer identity unreadable");
     };
     shared
         .metrics
@@ -382,14 +384,19 @@ async fn serve_mesh(
             &shared,
             target.port(),
             "no_alpn",
-            "the tunnel port speaks only h2",
+            &"the tunnel port speaks only h2",
         );
     }
     let peer = Arc::new(Peer::Mesh(peer));
     if tunnel {
         let chain = conn.peer_certificates().unwrap_or_default();
         let Some(health) = ConnHealth::for_server(chain, snapshot.bundle.clone()) else {
-            return info!("inbound connection refused: peer certificate unreadable");
+            return refused(
+                &shared,
+                port,
+                "bad_identity",
+                &"peer certificate unreadable",
+            );
         };
         let local = match at.kind {
             Listener::Tunnel => target,
@@ -421,11 +428,11 @@ pub(super) async fn serve_app<S>(shared: Arc<Shared>, mut io: S, conn: ConnInfo)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Counted by port only once accepted (mesh identity, or plaintext in
-    // permissive mode): refused connections are counted by
+    // Counted by port and peer only once accepted (mesh identity, or
+    // plaintext in permissive mode): refused connections are counted by
     // `portcullis_tls_handshakes_total{result}` alone, so a port scan cannot
     // grow the number of series.
-    let guard = ConnGuard::new(&shared.metrics, "inbound", conn.target.port());
+    let guard = ConnGuard::new(&shared.metrics, "inbound", conn.target.port(), &conn.peer);
     let (protocol, prefix) = if shared.is_opaque(conn.target.port()) {
         (AppProtocol::Opaque, Bytes::new())
     } else {
@@ -433,25 +440,30 @@ where
     };
     let io = Rewind::new(prefix, io);
     if protocol != AppProtocol::Opaque {
-        return http::serve(shared, io, conn).await;
+        return http::serve(shared, io, conn, guard).await;
     }
     let decision = shared.policy.authorize_tcp(&conn);
     let started = std::time::Instant::now();
     let log = &shared.policy.access_log;
     if !decision.allowed {
         log.write_with(|| tcp_entry(&conn, false, &decision.rule, started, None));
-        return info!(
-            peer = %conn.peer,
-            source = %conn.source.ip(),
-            port = conn.target.port(),
-            rule = %decision.rule,
-            "connection denied"
-        );
+        return shared.log_refusal(("inbound", "connection_denied"), |count| {
+            info!(
+                peer = %conn.peer,
+                source = %conn.source.ip(),
+                port = conn.target.port(),
+                rule = %decision.rule,
+                count,
+                "connection denied"
+            )
+        });
     }
     let app = match shared.connect(conn.target).await {
         Ok(s) => s,
         Err(e) => {
-            return info!(peer = %conn.peer, error = %e, "inbound connection dropped: app unreachable")
+            return shared.log_refusal(("inbound", "app_unreachable"), |count| {
+                info!(peer = %conn.peer, error = %e, count, "inbound connection dropped: app unreachable")
+            })
         }
     };
     forward_opaque(&shared, io, app, &conn, decision.rule, guard).await;
@@ -469,11 +481,10 @@ pub(super) async fn forward_opaque<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _guard = guard;
     let started = std::time::Instant::now();
     let log = &shared.policy.access_log;
     debug!(peer = %conn.peer, target = %conn.target, "inbound connection forwarded");
-    let traffic = traffic(&shared.metrics, "inbound", conn.target.port());
+    let traffic = guard.traffic(&shared.metrics);
     tokio::select! {
         r = splice(io, app, shared.idle_timeout, &traffic) => {
             if let Err(e) = &r {

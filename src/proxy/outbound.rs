@@ -10,7 +10,8 @@ use tracing::{debug, info, Instrument};
 
 use super::dial::{dial, Alpn, DialError};
 use super::tunnel::{self, Failed, Link, FALLBACK_MEMORY};
-use super::{original_destination, plan, splice, traffic, ConnGuard, Route, Shared};
+use super::{original_destination, plan, splice, ConnGuard, Route, Shared};
+use crate::authz::Peer;
 use crate::config::Upstream;
 use crate::identity::SpiffeId;
 use crate::limits::AcceptErrors;
@@ -88,8 +89,6 @@ async fn to_sidecar(
     transparent: bool,
 ) {
     let _ = app.set_nodelay(true);
-    let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
-    let traffic = traffic(&shared.metrics, "outbound", dest.port());
     if shared.tunnel.client {
         let addr = if transparent {
             SocketAddr::new(dest.ip(), shared.tunnel.peer_port)
@@ -105,25 +104,21 @@ async fn to_sidecar(
                     let active = &shared.metrics.tunnel.streams_active;
                     let active = active.with_label_values(&["outbound"]);
                     active.inc();
-                    let r = splice(app, io, shared.idle_timeout, &traffic).await;
+                    carry(&shared, app, io, dest, slot.server().clone()).await;
                     active.dec();
-                    if let Err(e) = r {
-                        debug!(server = %slot.server(), error = %e, "outbound connection ended with an error");
-                    }
                     return;
                 }
                 Ok(Link::Direct { tls, server }) => {
                     fallbacks.with_label_values(&["no_h2"]).inc();
                     shared.pool.remember_without_tunnel(addr);
-                    if let Err(e) = splice(app, tls, shared.idle_timeout, &traffic).await {
-                        debug!(%server, error = %e, "outbound connection ended with an error");
-                    }
-                    return;
+                    return carry(&shared, app, tls, dest, server).await;
                 }
                 Err(Failed::NoTunnel(reason)) => {
                     fallbacks.with_label_values(&[reason]).inc();
                     shared.pool.remember_without_tunnel(addr);
-                    info!(%addr, reason, "peer has no tunnel: using a connection of its own for a while");
+                    shared.log_refusal(("outbound", "no_tunnel"), |count| {
+                        info!(%addr, reason, count, "peer has no tunnel: using a connection of its own for a while")
+                    });
                 }
                 Err(Failed::Refused) => return,
             }
@@ -131,11 +126,29 @@ async fn to_sidecar(
     }
     let dialed = match dial(&shared, dest, expect.as_ref(), Alpn::Link).await {
         Ok(d) => d,
-        Err(DialError::Connect(e)) => return info!(%dest, error = %e, "outbound connection failed"),
+        Err(DialError::Connect(e)) => {
+            return shared.log_refusal(
+                ("outbound", "connect_failed"),
+                |count| info!(%dest, error = %e, count, "outbound connection failed"),
+            )
+        }
         Err(DialError::Refused) => return,
     };
-    if let Err(e) = splice(app, dialed.tls, shared.idle_timeout, &traffic).await {
-        debug!(server = %dialed.server, error = %e, "outbound connection ended with an error");
+    carry(&shared, app, dialed.tls, dest, dialed.server).await;
+}
+
+/// Copies an app connection to the verified `server` and back, counted
+/// under the server's identity (connections whose server was not verified
+/// are counted by `portcullis_tls_handshakes_total` alone).
+async fn carry<S>(shared: &Shared, app: TcpStream, link: S, dest: SocketAddr, server: SpiffeId)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let server = Peer::Mesh(server);
+    let guard = ConnGuard::new(&shared.metrics, "outbound", dest.port(), &server);
+    let traffic = guard.traffic(&shared.metrics);
+    if let Err(e) = splice(app, link, shared.idle_timeout, &traffic).await {
+        debug!(%server, error = %e, "outbound connection ended with an error");
     }
 }
 
@@ -146,17 +159,33 @@ async fn transparent(shared: Arc<Shared>, app: TcpStream) {
     let _ = app.set_nodelay(true);
     let dest = match original_destination(&app) {
         Ok(d) => d,
-        Err(e) => return info!(error = %e, "outbound connection refused"),
+        Err(e) => {
+            return shared.log_refusal(
+                ("outbound", "no_original_destination"),
+                |count| info!(error = %e, count, "outbound connection refused"),
+            )
+        }
     };
     if plan(dest, &shared.outbound) == Route::Mesh {
         return to_sidecar(shared, app, dest, None, true).await;
     }
-    let _guard = ConnGuard::new(&shared.metrics, "outbound", dest.port());
+    // Plain TCP outside the mesh: nobody was verified.
+    let guard = ConnGuard::new(
+        &shared.metrics,
+        "outbound",
+        dest.port(),
+        &Peer::Unauthenticated,
+    );
     let remote = match shared.connect(dest).await {
         Ok(s) => s,
-        Err(e) => return info!(error = %e, "outbound connection failed"),
+        Err(e) => {
+            return shared.log_refusal(
+                ("outbound", "connect_failed"),
+                |count| info!(error = %e, count, "outbound connection failed"),
+            )
+        }
     };
-    let traffic = traffic(&shared.metrics, "outbound", dest.port());
+    let traffic = guard.traffic(&shared.metrics);
     if let Err(e) = splice(app, remote, shared.idle_timeout, &traffic).await {
         debug!(%dest, error = %e, "outbound connection ended with an error");
     }

@@ -96,7 +96,10 @@ async fn slot(
             ));
         }
         Err(DialError::Connect(e)) => {
-            info!(%addr, error = %e, "outbound connection failed");
+            shared.log_refusal(
+                ("outbound", "connect_failed"),
+                |count| info!(%addr, error = %e, count, "outbound connection failed"),
+            );
             return Err(Failed::Refused);
         }
         Err(DialError::Refused) => return Err(Failed::Refused),
@@ -152,12 +155,16 @@ pub async fn connect(
                     _ => "error",
                 };
                 count_stream(shared, result);
-                info!(server = %slot.server(), %authority, %status, "outbound connection refused by the peer sidecar");
+                shared.log_refusal(("outbound", result), |count| {
+                    info!(server = %slot.server(), %authority, %status, count, "outbound connection refused by the peer sidecar")
+                });
                 return Err(Failed::Refused);
             }
             Opened::Retry => count_stream(shared, "retried"),
         }
     }
-    info!(%addr, "outbound connection failed: no tunnel connection took the stream");
+    shared.log_refusal(("outbound", "tunnel_failed"), |count| {
+        info!(%addr, count, "outbound connection failed: no tunnel connection took the stream")
+    });
     Err(Failed::Refused)
 }

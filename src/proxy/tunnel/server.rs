@@ -185,7 +185,9 @@ async fn stream(
     let target = match destination(&shared, &conn, &request) {
         Ok(t) => t,
         Err((status, result)) => {
-            info!(peer = %conn.peer, uri = %request.uri(), method = %request.method(), result, "tunnel stream refused");
+            shared.log_refusal(("tunnel", result), |count| {
+                info!(peer = %conn.peer, uri = %request.uri(), method = %request.method(), result, count, "tunnel stream refused")
+            });
             return refuse(&shared, respond, status, result);
         }
     };
@@ -212,16 +214,20 @@ async fn stream(
         let _active = Open::new(metrics.streams_active.with_label_values(&["inbound"]));
         return serve_app(shared.clone(), io, info).await;
     }
-    let guard = ConnGuard::new(&shared.metrics, "inbound", target.port());
     let decision = shared.policy.authorize_tcp(&info);
     if !decision.allowed {
-        info!(peer = %info.peer, port = target.port(), rule = %decision.rule, "tunnel stream denied");
+        shared.log_refusal(("tunnel", "denied"), |count| {
+            info!(peer = %info.peer, port = target.port(), rule = %decision.rule, count, "tunnel stream denied")
+        });
         return refuse(&shared, respond, StatusCode::FORBIDDEN, "denied");
     }
+    let guard = ConnGuard::new(&shared.metrics, "inbound", target.port(), &info.peer);
     let app = match shared.connect(target).await {
         Ok(app) => app,
         Err(e) => {
-            info!(peer = %info.peer, error = %e, "tunnel stream refused: app unreachable");
+            shared.log_refusal(("tunnel", "app_unreachable"), |count| {
+                info!(peer = %info.peer, error = %e, count, "tunnel stream refused: app unreachable")
+            });
             return refuse(
                 &shared,
                 respond,
