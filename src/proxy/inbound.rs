@@ -273,6 +273,7 @@ async fn serve_mesh(
         .with_label_values(&["inbound"])
         .observe(started.elapsed().as_secs_f64());
     handshakes.with_label_values(&["inbound", "ok"]).inc();
+    shared.metrics.count_key_exchange("inbound", conn);
     let conn = ConnInfo {
         peer: Arc::new(Peer::Mesh(peer)),
         source,

@@ -142,6 +142,7 @@ async fn to_sidecar(
         .with_label_values(&["outbound"])
         .observe(started.elapsed().as_secs_f64());
     handshakes.with_label_values(&["outbound", "ok"]).inc();
+    shared.metrics.count_key_exchange("outbound", conn);
     let traffic = traffic(&shared.metrics, "outbound", dest.port());
     if let Err(e) = splice(app, tls, shared.idle_timeout, &traffic).await {
         debug!(%server, error = %e, "outbound connection ended with an error");
