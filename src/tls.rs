@@ -10,7 +10,7 @@ mod verify;
 pub use bundle::{RootInfo, TrustBundle};
 pub use outcome::handshake_result;
 pub use pq::X25519MLKEM768;
-pub use state::{MeshTls, Snapshot, Unusable};
+pub use state::{mesh_configs, MeshTls, Snapshot, Unusable};
 pub use verify::{check_issuer, peer_identity, IdentityError, MeshVerifier};
 
 use std::sync::Arc;

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
 use rustls::server::NoServerSessionStorage;
 use rustls::{ClientConfig, ServerConfig};
 
@@ -122,7 +123,7 @@ impl MeshTls {
     fn publish(&self, leaf: Option<Arc<Leaf>>, bundle: Arc<TrustBundle>) -> Result<(), Error> {
         let (server, client) = match &leaf {
             Some(leaf) => {
-                let (s, c) = build_configs(&self.td, leaf, &bundle)?;
+                let (s, c) = mesh_configs(provider(), &self.td, leaf, &bundle)?;
                 (Some(Arc::new(s)), Some(Arc::new(c)))
             }
             None => (None, None),
@@ -139,20 +140,23 @@ impl MeshTls {
 
 /// Server and client configs for one leaf and bundle. Session resumption is
 /// off so that every connection is verified against the current bundle.
-fn build_configs(
+/// Sidecars pass [`provider()`]; tests and benches pass one with fewer key
+/// exchange groups to play a peer without post-quantum key exchange.
+pub fn mesh_configs(
+    provider: Arc<CryptoProvider>,
     td: &TrustDomain,
     leaf: &Leaf,
     bundle: &TrustBundle,
 ) -> Result<(ServerConfig, ClientConfig), Error> {
     let verifier = Arc::new(MeshVerifier::new(bundle.roots.clone(), td.clone())?);
-    let mut server = ServerConfig::builder_with_provider(provider())
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(leaf.chain.clone(), leaf.key.clone_key())?;
     server.alpn_protocols = vec![ALPN.to_vec()];
     server.send_tls13_tickets = 0;
     server.session_storage = Arc::new(NoServerSessionStorage {});
-    let mut client = ClientConfig::builder_with_provider(provider())
+    let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
