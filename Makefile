@@ -28,11 +28,13 @@ lint:
 demo:
 	$(CARGO) run --release -- demo
 
-# bench: direct vs sidecar pair (throughput, new connections/s, idle RSS);
+# bench: direct vs sidecar pair (throughput, new connections/s, idle RSS),
+# authorization costs, and what post-quantum key exchange adds to a handshake;
 # needs the release binary for the RSS row, hence the build first.
 bench: build
 	$(CARGO) bench --locked --bench pair
 	$(CARGO) bench --locked --bench authz
+	$(CARGO) bench --locked --bench handshake
 
 # soak: fault and load runs that take minutes (10,000 connections held
 # through a sidecar pair), against the release binary; prints the figures

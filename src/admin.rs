@@ -232,10 +232,16 @@ fn certs_json(state: &AdminState) -> serde_json::Value {
             }),
         })
     });
+    // Most preferred first; `portcullis_tls_key_exchanges_total` shows which were used.
+    let groups: Vec<&str> = crate::tls::KX_GROUPS
+        .iter()
+        .map(|g| crate::tls::group_label(g.name()))
+        .collect();
     json!({
         "trust_domain": state.tls.trust_domain().to_string(),
         "certificate": leaf,
         "trust_bundle": snap.bundle.info,
+        "key_exchange_groups": groups,
     })
 }
 

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub sent_bytes: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub tls_handshake_duration: HistogramVec,
+    /// `portcullis_tls_key_exchanges_total{direction,group}`: the group each
+    /// successful mesh handshake used (is the mesh post-quantum yet?).
+    pub tls_key_exchanges: IntCounterVec,
     pub cert_expiry: Gauge,
     pub cert_rotations: IntCounterVec,
     pub trust_bundle_reloads: IntCounterVec,
@@ -290,6 +293,12 @@ impl Metrics {
                 "Mesh TLS handshakes by outcome.",
                 &["direction", "result"],
             ),
+            tls_key_exchanges: counter(
+                r,
+                "portcullis_tls_key_exchanges_total",
+                "Successful mesh TLS handshakes by key exchange group: x25519mlkem768 (post-quantum hybrid), x25519, secp256r1, secp384r1, other.",
+                &["direction", "group"],
+            ),
             cert_rotations: counter(
                 r,
                 "portcullis_cert_rotations_total",
@@ -342,6 +351,14 @@ impl Metrics {
             self.tls_handshake_duration.with_label_values(&[direction]);
         }
         self
+    }
+
+    /// Counts one successful mesh handshake under the group it negotiated.
+    pub fn count_key_exchange(&self, direction: &str, conn: &rustls::CommonState) {
+        let group = crate::tls::kx_group_label(conn);
+        self.tls_key_exchanges
+            .with_label_values(&[direction, group])
+            .inc();
     }
 
     pub fn set_cert_expiry(&self, not_after: SystemTime) {

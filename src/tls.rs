@@ -3,17 +3,20 @@
 
 mod bundle;
 mod outcome;
+mod pq;
 mod state;
 mod verify;
 
 pub use bundle::{RootInfo, TrustBundle};
 pub use outcome::handshake_result;
-pub use state::{MeshTls, Snapshot, Unusable};
+pub use pq::X25519MLKEM768;
+pub use state::{mesh_configs, MeshTls, Snapshot, Unusable};
 pub use verify::{chain_trusted, check_issuer, peer_identity, IdentityError, MeshVerifier};
 
 use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
+use rustls::{CommonState, NamedGroup};
 
 /// The ALPN protocol sidecars speak to each other.
 pub const ALPN: &[u8] = b"portcullis/1";
@@ -32,10 +35,42 @@ pub enum Error {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// The crypto provider: ring, TLS 1.3 suites only.
+/// The crypto provider: ring, TLS 1.3 suites only, and the key exchange
+/// groups of [`KX_GROUPS`].
 pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites
         .retain(|s| s.version() == &rustls::version::TLS13);
+    p.kx_groups = KX_GROUPS.to_vec();
     Arc::new(p)
+}
+
+/// Key exchange groups, most preferred first: the post-quantum hybrid
+/// X25519MLKEM768, then the classical X25519, P-256 and P-384 for peers
+/// without it. A client sends two key shares, the hybrid and its X25519 half,
+/// so a classical-only server still completes in one round trip.
+pub static KX_GROUPS: &[&dyn SupportedKxGroup] = &[
+    X25519MLKEM768,
+    rustls::crypto::ring::kx_group::X25519,
+    rustls::crypto::ring::kx_group::SECP256R1,
+    rustls::crypto::ring::kx_group::SECP384R1,
+];
+
+/// The `group` label of `portcullis_tls_key_exchanges_total` for a finished
+/// handshake: one of a fixed few values (`other` for anything else, which
+/// this provider never negotiates), so a peer cannot grow the label set.
+pub fn kx_group_label(conn: &CommonState) -> &'static str {
+    conn.negotiated_key_exchange_group()
+        .map_or("other", |g| group_label(g.name()))
+}
+
+/// The label (and `/certs` name) of a key exchange group.
+pub fn group_label(group: NamedGroup) -> &'static str {
+    match group {
+        NamedGroup::X25519MLKEM768 => "x25519mlkem768",
+        NamedGroup::X25519 => "x25519",
+        NamedGroup::secp256r1 => "secp256r1",
+        NamedGroup::secp384r1 => "secp384r1",
+        _ => "other",
+    }
 }

@@ -19,6 +19,7 @@ const NAMES: &[&str] = &[
     "portcullis_tcp_sent_bytes_total",
     "portcullis_tls_handshakes_total",
     "portcullis_tls_handshake_duration_seconds",
+    "portcullis_tls_key_exchanges_total",
     "portcullis_cert_expiry_timestamp_seconds",
     "portcullis_cert_rotations_total",
     "portcullis_trust_bundle_reloads_total",

@@ -139,6 +139,9 @@ pub async fn dial(
         .with_label_values(&["outbound"])
         .observe(started.elapsed().as_secs_f64());
     count("ok");
+    shared
+        .metrics
+        .count_key_exchange("outbound", tls.get_ref().1);
     Ok(Dialed {
         tls,
         server,

@@ -377,6 +377,7 @@ async fn serve_mesh(
         .with_label_values(&["inbound"])
         .observe(started.elapsed().as_secs_f64());
     handshakes.with_label_values(&["inbound", "ok"]).inc();
+    shared.metrics.count_key_exchange("inbound", conn);
     let tunnel = conn.alpn_protocol() == Some(TUNNEL_ALPN);
     if !tunnel && at.kind == Listener::Tunnel {
         // A client that offered no ALPN at all completes a handshake.

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
 use rustls::server::NoServerSessionStorage;
 use rustls::{ClientConfig, ServerConfig};
 
@@ -159,7 +160,7 @@ impl MeshTls {
             link_server: None,
         };
         if let Some(leaf) = &leaf {
-            let (server, client) = build_configs(&self.td, leaf, &snapshot.bundle)?;
+            let (server, client) = mesh_configs(provider(), &self.td, leaf, &snapshot.bundle)?;
             let mut tunnel_server = server.clone();
             tunnel_server.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
             let mut link_server = server.clone();
@@ -180,13 +181,16 @@ impl MeshTls {
 
 /// Server and client configs for one leaf and bundle. Session resumption is
 /// off so that every connection is verified against the current bundle.
-fn build_configs(
+/// Sidecars pass [`provider()`]; tests and benches pass one with fewer key
+/// exchange groups to play a peer without post-quantum key exchange.
+pub fn mesh_configs(
+    provider: Arc<CryptoProvider>,
     td: &TrustDomain,
     leaf: &Leaf,
     bundle: &TrustBundle,
 ) -> Result<(ServerConfig, ClientConfig), Error> {
     let verifier = Arc::new(MeshVerifier::new(bundle.roots.clone(), td.clone())?);
-    let mut server = ServerConfig::builder_with_provider(provider())
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(leaf.chain.clone(), leaf.key.clone_key())?;
@@ -195,7 +199,7 @@ fn build_configs(
     server.alpn_protocols = vec![TUNNEL_ALPN.to_vec(), ALPN.to_vec()];
     server.send_tls13_tickets = 0;
     server.session_storage = Arc::new(NoServerSessionStorage {});
-    let mut client = ClientConfig::builder_with_provider(provider())
+    let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
