@@ -53,7 +53,8 @@ async fn main() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let td = TrustDomain::new("cluster.local")?;
-    let ca = NewCa::root(&td, Duration::from_secs(24 * 3600))?.write(&dir.path().join("ca"), false)?;
+    let ca =
+        NewCa::root(&td, Duration::from_secs(24 * 3600))?.write(&dir.path().join("ca"), false)?;
 
     let bulk = inproc::run(&ca).await?;
     eprintln!("idle connections: the release binary pair…");

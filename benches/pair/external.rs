@@ -137,7 +137,8 @@ async fn nginx(dir: &Path, name: &str, conf: String, listen: SocketAddr) -> Resu
         &format!("nginx ({name})"),
         &mut cmd,
         &dir.join(format!("{name}.log")),
-    )?];
+    )?
+    .graceful()];
     wait_listening(listen, &mut child).await?;
     let [child] = child;
     Ok(child)
@@ -229,7 +230,10 @@ pub async fn haproxy_http_pair(dir: &Path, certs: &Certs, app: SocketAddr) -> Re
         certs.ca.display(),
     );
     let mut procs = Vec::new();
-    for (name, conf, listen) in [("haproxy-b", b_conf, b_listen), ("haproxy-a", a_conf, a_listen)] {
+    for (name, conf, listen) in [
+        ("haproxy-b", b_conf, b_listen),
+        ("haproxy-a", a_conf, a_listen),
+    ] {
         let path = dir.join(format!("{name}.cfg"));
         std::fs::write(&path, conf)?;
         let mut cmd = Command::new("haproxy");

@@ -20,6 +20,13 @@ const WARMUP: Duration = Duration::from_secs(1);
 /// Rules in the default-mode pair: 99 for other peers and ports, then the
 /// one allowing the bench client.
 const RULES: usize = 100;
+/// `perf record` flags: call graphs from DWARF unwind tables (release
+/// builds keep `.eh_frame` but no frame pointers, so `-g` alone shows no
+/// callers in Rust code), at a rate that keeps the file near 100 MB.
+const PERF_RECORD: [&str; 4] = ["record", "-F", "999", "--call-graph=dwarf,16384"];
+/// The profiled run is this many times as long as a measured one, for
+/// more samples.
+const PROFILE_LENGTH: u32 = 2;
 /// Longest the app in this process serves (when nginx is not installed).
 const APP_LIFETIME: Duration = Duration::from_secs(900);
 
@@ -154,7 +161,7 @@ async fn measure(front: SocketAddr, pids: &[u32], time: Duration) -> Result<[Mea
     Ok([close, alive])
 }
 
-/// One more keep-alive run on the default-mode pair with `perf record -g`
+/// One more keep-alive run on the default-mode pair with `perf record`
 /// attached to both sidecars, written to `out` (`PAIR_BENCH_PERF=FILE`).
 async fn profile(pair: &Pair, time: Duration, out: &str) -> Result<()> {
     if which("perf").is_none() {
@@ -166,9 +173,11 @@ async fn profile(pair: &Pair, time: Duration, out: &str) -> Result<()> {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    eprintln!("HTTP: profiling the default-mode pair (pids {pids}) into {out}…");
+    let time = time * PROFILE_LENGTH;
+    eprintln!("HTTP: profiling the default-mode pair (pids {pids}: client, server) into {out}…");
     let mut perf = tokio::process::Command::new("perf")
-        .args(["record", "-g", "-o", out, "-p", &pids, "--", "sleep"])
+        .args(PERF_RECORD)
+        .args(["-o", out, "-p", &pids, "--", "sleep"])
         .arg(time.as_secs().to_string())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -180,9 +189,11 @@ async fn profile(pair: &Pair, time: Duration, out: &str) -> Result<()> {
         .context("perf did not finish")??;
     eprintln!(
         "HTTP: profiled {} requests ({:.0}/s, slowed by perf); perf exited {status}. \
-         Read it with: perf report -i {out} --no-children --sort dso,symbol",
+         Read it with: perf report -i {out} --no-children --sort dso,symbol, or \
+         perf script -i {out} -F pid,ip,sym,dso | python3 benches/pair/perf_groups.py {}",
         run.requests,
-        run.per_sec()
+        run.per_sec(),
+        pair.a.proc.pid()
     );
     Ok(())
 }
@@ -243,9 +254,8 @@ impl Results {
         println!("| --- | ---: | ---: |");
         for p in &self.paths {
             if let Ok([c, a]) = &p.runs {
-                let l = |m: &Measured| {
-                    format!("{:.2} / {:.2}", m.run.p50_us / 1e3, m.run.p99_us / 1e3)
-                };
+                let l =
+                    |m: &Measured| format!("{:.2} / {:.2}", m.run.p50_us / 1e3, m.run.p99_us / 1e3);
                 println!("| {} | {} | {} |", p.name, l(c), l(a));
             }
         }

@@ -51,7 +51,10 @@ async fn measure(ca: &CaFiles) -> Result<Idle> {
     // This process holds both ends: the client socket and the app's.
     let held = HELD.min((fd_limit().saturating_sub(200) / 2) as usize);
     if held < 100 {
-        bail!("descriptor limit {} is too low to hold connections", fd_limit());
+        bail!(
+            "descriptor limit {} is too low to hold connections",
+            fd_limit()
+        );
     }
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app_addr = listener.local_addr()?;
@@ -90,7 +93,9 @@ async fn measure(ca: &CaFiles) -> Result<Idle> {
     let after = rss(&pair)?;
     // The held connections still carry bytes (a sample of them).
     for (i, conn) in conns.iter_mut().enumerate().step_by(held / 20) {
-        echo(conn, i).await.context("a held connection after the reading")?;
+        echo(conn, i)
+            .await
+            .context("a held connection after the reading")?;
     }
     drop(conns);
     app.abort();

@@ -20,6 +20,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 /// `/proc/<pid>/stat` counts CPU time in these ticks per second (Linux's
 /// USER_HZ, 100 on every architecture this runs on).
 const TICKS_PER_SEC: f64 = 100.0;
+/// How long a graceful stop may take before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Log lines of a sidecar kept for error messages.
 const LOG_TAIL: usize = 40;
 
@@ -29,6 +31,9 @@ pub struct Child {
     child: std::process::Child,
     name: String,
     log: Log,
+    /// Stop with SIGTERM first (nginx: its master then stops its workers,
+    /// which a SIGKILL would leave running).
+    graceful: bool,
 }
 
 /// Where a child's diagnostics went.
@@ -50,7 +55,14 @@ impl Child {
             child,
             name: name.into(),
             log: Log::File(log.into()),
+            graceful: false,
         })
+    }
+
+    /// Asks for SIGTERM (then, after `STOP_TIMEOUT`, SIGKILL) on drop.
+    pub fn graceful(mut self) -> Child {
+        self.graceful = true;
+        self
     }
 
     pub fn pid(&self) -> u32 {
@@ -72,6 +84,17 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if self.graceful && kill(pid, Signal::SIGTERM).is_ok() {
+            let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -130,6 +153,7 @@ impl Sidecar {
             child,
             name: format!("sidecar {sa} ({BIN})"),
             log: Log::Tail(tail),
+            graceful: false,
         };
         let listening = tokio::task::spawn_blocking(move || rx.recv_timeout(READY_TIMEOUT)).await?;
         let Ok(listening) = listening else {
@@ -173,7 +197,9 @@ impl Pair {
         let b = Sidecar::start(ca, "server", &b_args).await?;
         let upstream = format!("127.0.0.1:0={}={}", b.inbound, crate::SERVER_ID);
         let a = Sidecar::start(ca, "client", &["--upstream", &upstream]).await?;
-        let front = a.upstream.context("sidecar A logged no upstream listener")?;
+        let front = a
+            .upstream
+            .context("sidecar A logged no upstream listener")?;
         Ok(Pair { a, b, front })
     }
 
