@@ -93,7 +93,8 @@ fn stream_module() -> Result<String, String> {
     if let Some(why) = nginx_missing() {
         return Err(why);
     }
-    let out = Command::new("nginx")
+    let nginx = which("nginx").ok_or("nginx not installed")?;
+    let out = Command::new(nginx)
         .arg("-V")
         .output()
         .map_err(|e| e.to_string())?;
@@ -126,7 +127,7 @@ fn nginx_head(dir: &Path, name: &str, module: &str) -> String {
 async fn nginx(dir: &Path, name: &str, conf: String, listen: SocketAddr) -> Result<Child> {
     let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, conf)?;
-    let mut cmd = Command::new("nginx");
+    let mut cmd = Command::new(which("nginx").context("nginx not installed")?);
     cmd.arg("-p")
         .arg(dir)
         .arg("-c")
@@ -209,9 +210,9 @@ pub async fn nginx_stream_pair(dir: &Path, certs: &Certs, app: SocketAddr) -> Re
 /// (`http-reuse always`: its connection pool); B requires and checks A's
 /// certificate and forwards to the app, also over reused connections.
 pub async fn haproxy_http_pair(dir: &Path, certs: &Certs, app: SocketAddr) -> Result<Running> {
-    if let Some(why) = haproxy_missing() {
-        return Err(anyhow!(why));
-    }
+    let Some(haproxy) = which("haproxy") else {
+        return Err(anyhow!(haproxy_missing().unwrap_or_default()));
+    };
     let (a_listen, b_listen) = (free_port()?, free_port()?);
     let head = "global\n  ssl-server-verify required\n\
                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n\
@@ -236,7 +237,7 @@ pub async fn haproxy_http_pair(dir: &Path, certs: &Certs, app: SocketAddr) -> Re
     ] {
         let path = dir.join(format!("{name}.cfg"));
         std::fs::write(&path, conf)?;
-        let mut cmd = Command::new("haproxy");
+        let mut cmd = Command::new(&haproxy);
         cmd.arg("-db").arg("-f").arg(&path);
         let mut child = [Child::spawn(
             name,

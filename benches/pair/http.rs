@@ -164,9 +164,9 @@ async fn measure(front: SocketAddr, pids: &[u32], time: Duration) -> Result<[Mea
 /// One more keep-alive run on the default-mode pair with `perf record`
 /// attached to both sidecars, written to `out` (`PAIR_BENCH_PERF=FILE`).
 async fn profile(pair: &Pair, time: Duration, out: &str) -> Result<()> {
-    if which("perf").is_none() {
+    let Some(perf) = which("perf") else {
         bail!("PAIR_BENCH_PERF is set but perf is not installed (apt-get install linux-perf)");
-    }
+    };
     let pids = pair
         .pids()
         .iter()
@@ -175,7 +175,7 @@ async fn profile(pair: &Pair, time: Duration, out: &str) -> Result<()> {
         .join(",");
     let time = time * PROFILE_LENGTH;
     eprintln!("HTTP: profiling the default-mode pair (pids {pids}: client, server) into {out}…");
-    let mut perf = tokio::process::Command::new("perf")
+    let mut perf = tokio::process::Command::new(perf)
         .args(PERF_RECORD)
         .args(["-o", out, "-p", &pids, "--", "sleep"])
         .arg(time.as_secs().to_string())
@@ -246,7 +246,14 @@ impl Results {
                         .collect();
                     println!("| {} | {} |", p.name, cells.join(" | "));
                 }
-                Err(_) => println!("| {} | n/a | | | n/a | | |", p.name),
+                Err(why) => {
+                    let cell = if why.contains("not installed") {
+                        "not installed"
+                    } else {
+                        "failed (below)"
+                    };
+                    println!("| {} | {cell} | | | {cell} | | |", p.name);
+                }
             }
         }
         println!();
@@ -261,8 +268,8 @@ impl Results {
         }
         println!();
         println!(
-            "Load: {} ({CONNECTIONS} connections, `GET /bench/load`; new connection per request sends \
-             `Connection: close`), after a {WARMUP:?} keep-alive warm-up per path. App: {}. \
+            "Load: {}; {CONNECTIONS} connections, `GET /bench/load`; new connection per request sends \
+             `Connection: close`; a {WARMUP:?} keep-alive warm-up per path first. App: {}. \
              CPU: user + system time of every proxy process of the path (both sidecars; every nginx \
              or haproxy process of both), from /proc, divided by the requests of that run.",
             load::generator(),

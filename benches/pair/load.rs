@@ -57,15 +57,15 @@ pub fn generator() -> &'static str {
 
 /// `CONNECTIONS` clients sending `GET /bench/load` to `addr` for `time`.
 pub async fn run(addr: SocketAddr, keep: Keep, time: Duration) -> Result<Run> {
-    if crate::procs::which("wrk").is_some() {
-        wrk(addr, keep, time).await
+    if let Some(wrk_bin) = crate::procs::which("wrk") {
+        wrk(&wrk_bin, addr, keep, time).await
     } else {
         in_process(addr, keep, time).await
     }
 }
 
-async fn wrk(addr: SocketAddr, keep: Keep, time: Duration) -> Result<Run> {
-    let mut cmd = tokio::process::Command::new("wrk");
+async fn wrk(bin: &std::path::Path, addr: SocketAddr, keep: Keep, time: Duration) -> Result<Run> {
+    let mut cmd = tokio::process::Command::new(bin);
     cmd.args(["-t2", &format!("-c{CONNECTIONS}")])
         .arg(format!("-d{}s", time.as_secs().max(1)))
         .args(["--latency", "--timeout", "5s"]);

@@ -283,9 +283,15 @@ pub fn fd_limit() -> u64 {
         .map_or(1024, |(soft, _)| soft)
 }
 
-/// Whether `program` is on `PATH` (and where).
+/// Where `program` is: on `PATH` or in `/usr/sbin` (nginx and haproxy
+/// live there). `PAIR_BENCH_WITHOUT=wrk,nginx,…` hides programs, to run the
+/// fallbacks (the in-process load generator and app) or skip comparisons.
 pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let hidden = std::env::var("PAIR_BENCH_WITHOUT").unwrap_or_default();
+    if hidden.split(',').any(|h| h.trim() == program) {
+        return None;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|dir| dir.join(program))
