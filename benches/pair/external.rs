@@ -112,19 +112,30 @@ fn stream_module() -> Result<String, String> {
     ))
 }
 
-/// nginx's global lines, the same for every instance: as many workers as
-/// cores, everything it writes inside `dir`, in the foreground.
+/// nginx's global lines, the same for every instance: one worker per core,
+/// everything it writes inside `dir`, in the foreground.
 fn nginx_head(dir: &Path, name: &str, module: &str) -> String {
     let d = dir.display();
     format!(
-        "{module}\nworker_processes auto;\ndaemon off;\npid {d}/{name}.pid;\n\
-         error_log {d}/{name}.err warn;\nevents {{ worker_connections 8192; }}\n"
+        "{module}\nworker_processes {};\ndaemon off;\npid {d}/{name}.pid;\n\
+         error_log {d}/{name}.err warn;\nevents {{ worker_connections 8192; }}\n",
+        nginx_workers()
     )
 }
 
+fn nginx_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Starts nginx with `conf` (written to `dir/name.conf`) and waits until
-/// `listen` accepts connections.
-async fn nginx(dir: &Path, name: &str, conf: String, listen: SocketAddr) -> Result<Child> {
+/// `listen` accepts connections and every worker is up; returns it and
+/// the ids of its master and workers.
+async fn nginx(
+    dir: &Path,
+    name: &str,
+    conf: String,
+    listen: SocketAddr,
+) -> Result<(Child, Vec<u32>)> {
     let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, conf)?;
     let mut cmd = Command::new(which("nginx").context("nginx not installed")?);
@@ -141,8 +152,23 @@ async fn nginx(dir: &Path, name: &str, conf: String, listen: SocketAddr) -> Resu
     )?
     .graceful()];
     wait_listening(listen, &mut child).await?;
-    let [child] = child;
-    Ok(child)
+    let [mut child] = child;
+    let deadline = std::time::Instant::now() + crate::READY_TIMEOUT;
+    loop {
+        child.alive()?;
+        let pids = with_children(child.pid());
+        if pids.len() > nginx_workers() {
+            return Ok((child, pids));
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "nginx ({name}) started {} of {} workers",
+                pids.len() - 1,
+                nginx_workers()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// nginx as the app: `200 ok` to every request, no access log, keep-alive
@@ -157,10 +183,10 @@ pub async fn nginx_app(dir: &Path) -> Result<Running> {
          server {{\n    listen {listen};\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
         nginx_head(dir, "app", "")
     );
-    let child = nginx(dir, "app", conf, listen).await?;
+    let (child, pids) = nginx(dir, "app", conf, listen).await?;
     Ok(Running {
         front: listen,
-        pids: with_children(child.pid()),
+        pids,
         _procs: vec![child],
     })
 }
@@ -193,10 +219,9 @@ pub async fn nginx_stream_pair(dir: &Path, certs: &Certs, app: SocketAddr) -> Re
         certs.client_key.display(),
         certs.ca.display(),
     );
-    let b = nginx(dir, "nginx-b", b_conf, b_listen).await?;
-    let a = nginx(dir, "nginx-a", a_conf, a_listen).await?;
-    let mut pids = with_children(a.pid());
-    pids.extend(with_children(b.pid()));
+    let (b, mut pids) = nginx(dir, "nginx-b", b_conf, b_listen).await?;
+    let (a, a_pids) = nginx(dir, "nginx-a", a_conf, a_listen).await?;
+    pids.extend(a_pids);
     Ok(Running {
         front: a_listen,
         pids,
