@@ -28,10 +28,16 @@ lint:
 demo:
 	$(CARGO) run --release -- demo
 
-# bench: direct vs sidecar pair (throughput, new connections/s, idle RSS),
-# authorization costs, and what post-quantum key exchange adds to a handshake;
-# needs the release binary for the RSS row, hence the build first.
+# bench: direct vs sidecar pair (throughput, new connections/s, HTTP
+# requests/s and CPU per request, memory per idle connection), authorization
+# costs, and what post-quantum key exchange adds to a handshake; the memory
+# and HTTP rows run the release binary. Rows comparing with nginx and
+# haproxy pairs, and wrk as the load generator, need those installed (the
+# bench says which rows it skipped). See benches/README.md.
+BENCH_TOOLS_HINT = apt-get install -y nginx libnginx-mod-stream haproxy wrk
 bench: build
+	@for t in wrk nginx haproxy; do PATH="$$PATH:/usr/sbin" command -v $$t >/dev/null || \
+		echo "bench: $$t is not installed; its rows are skipped or replaced (install: $(BENCH_TOOLS_HINT))"; done
 	$(CARGO) bench --locked --bench pair
 	$(CARGO) bench --locked --bench authz
 	$(CARGO) bench --locked --bench handshake
