@@ -394,7 +394,10 @@ impl RunArgs {
         if self.max_pending_handshakes_per_source == 0 {
             return Err("--max-pending-handshakes-per-source: must be at least 1".into());
         }
-        let (tunnel_listen, tunnel) = self.tunnel.settings(self.inbound_target.is_some())?;
+        // Explicit mode (either flag) binds no tunnel port of its own: several
+        // explicit sidecars often share one host.
+        let explicit = self.inbound_target.is_some() || !upstreams.is_empty();
+        let (tunnel_listen, tunnel) = self.tunnel.settings(explicit)?;
         Ok(Settings {
             tunnel_listen,
             tunnel,

@@ -39,8 +39,8 @@ pub struct TunnelArgs {
     /// Where peers' tunnels arrive: mesh mTLS with ALPN h2, one HTTP/2
     /// CONNECT stream per app connection. The inbound listener takes
     /// tunnels too (a client offering h2 there); `off` serves no tunnel at
-    /// all [default: [::]:15008; with --inbound-target, only the inbound
-    /// listener].
+    /// all [default: [::]:15008; in explicit mode (--inbound-target or
+    /// --upstream), only the inbound listener].
     #[arg(long, env = "PORTCULLIS_TUNNEL_LISTEN", value_name = "ADDR|off", value_parser = parse_listen)]
     pub tunnel_listen: Option<TunnelListen>,
     /// Whether outbound app connections travel as streams of pooled tunnel
@@ -63,7 +63,8 @@ pub struct TunnelArgs {
 
 impl TunnelArgs {
     /// The tunnel listener's address (`None`: no tunnel listener) and the
-    /// settings; `explicit` is explicit mode (`--inbound-target`).
+    /// settings; `explicit` is explicit mode (`--inbound-target` or
+    /// `--upstream`).
     pub fn settings(&self, explicit: bool) -> Result<(Option<SocketAddr>, TunnelSettings), String> {
         if self.tunnel_idle_timeout.is_zero() {
             return Err("--tunnel-idle-timeout: must be more than zero".into());
