@@ -267,7 +267,7 @@ pub fn print_table(bulk: &Bulk, idle: &Result<Idle, String>) {
     println!();
     println!(
         "ratio = through the pair ÷ direct. Stream: {} MiB direct in {:.2?}, {} MiB through the pair in {:.2?}. \
-         Connections: {} direct in {:.2?}, {} through the pair in {:.2?} (each a full mTLS handshake; limit {CONNS} or {CONNS_LIMIT:?}).{}",
+         Connections: {} direct in {:.2?}, {} through the pair in {:.2?} (each a stream on the pooled tunnel, or a full mTLS handshake with PORTCULLIS_TUNNEL=off; limit {CONNS} or {CONNS_LIMIT:?}).{}",
         s_direct.bytes >> 20,
         s_direct.elapsed,
         s_pair.bytes >> 20,

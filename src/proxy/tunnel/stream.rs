@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -26,6 +26,10 @@ pub struct H2Stream {
     pending: Bytes,
     /// END_STREAM was sent.
     write_closed: bool,
+    /// Where written bytes are copied before HTTP/2 takes them: reused once
+    /// HTTP/2 has sent (and dropped) the previous chunk, so a bulk stream
+    /// does not allocate and fault in a fresh buffer for every write.
+    out: BytesMut,
 }
 
 impl H2Stream {
@@ -35,6 +39,7 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             write_closed: false,
+            out: BytesMut::new(),
         }
     }
 }
@@ -109,9 +114,11 @@ impl AsyncWrite for H2Stream {
             }
         }
         let n = this.send.capacity().min(want);
-        this.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(io_error)?;
+        // `reserve` takes the old allocation back when HTTP/2 is done with it.
+        this.out.reserve(n);
+        this.out.extend_from_slice(&buf[..n]);
+        let chunk = this.out.split().freeze();
+        this.send.send_data(chunk, false).map_err(io_error)?;
         Poll::Ready(Ok(n))
     }
 
