@@ -75,6 +75,9 @@ impl TunnelMetrics {
         for result in ["hit", "miss"] {
             m.pool.with_label_values(&[result]);
         }
+        for reason in ["refused", "timeout", "no_h2", "remembered"] {
+            m.fallbacks.with_label_values(&[reason]);
+        }
         m
     }
 }
