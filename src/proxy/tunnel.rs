@@ -17,6 +17,8 @@ pub use stream::H2Stream;
 
 use std::time::Duration;
 
+use prometheus::IntGauge;
+
 /// The port peers' tunnel listeners use unless `--tunnel-listen` says
 /// otherwise (every sidecar of a mesh is expected to use the same).
 pub const DEFAULT_PORT: u16 = 15008;
@@ -61,5 +63,21 @@ impl Default for TunnelSettings {
             peer_port: DEFAULT_PORT,
             own_ports: Vec::new(),
         }
+    }
+}
+
+/// Counts a gauge up while a tunnel connection or stream is open.
+struct Open(IntGauge);
+
+impl Open {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Open(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -303,7 +303,12 @@ pub async fn http_request(
 
 /// An echo server: every byte back, and a half-close answered by a half-close.
 pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_on("127.0.0.1").await
+}
+
+/// An echo server like [`echo_server`], bound to `ip`.
+pub async fn echo_on(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

@@ -92,25 +92,6 @@ pub async fn banner_app(ip: &str) -> (SocketAddr, mpsc::UnboundedReceiver<usize>
     (addr, rx)
 }
 
-/// An echo server bound to `ip`.
-pub async fn echo_on(ip: &str) -> SocketAddr {
-    let listener = TcpListener::bind((ip, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 /// One echo through `s`: writes `msg`, reads the same number of bytes back.
 pub async fn echo_once<S>(s: &mut S, msg: &[u8]) -> bool
 where

@@ -13,12 +13,12 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use prometheus::IntGauge;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::health::ConnHealth;
 use super::stream::H2Stream;
+use super::Open;
 use crate::identity::SpiffeId;
 use crate::proxy::Shared;
 
@@ -180,15 +180,6 @@ impl Pool {
     }
 }
 
-/// Counts one gauge up until dropped.
-struct Open(IntGauge);
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Starts the HTTP/2 client on a verified tunnel connection, adds it to
 /// `entry`, and returns a stream's room on it.
 pub async fn start(
@@ -230,8 +221,7 @@ pub async fn start(
         .connections_opened
         .with_label_values(&["outbound"])
         .inc();
-    let open_gauge = metrics.connections_open.with_label_values(&["outbound"]);
-    open_gauge.inc();
+    let open = Open::new(metrics.connections_open.with_label_values(&["outbound"]));
     let conn = Arc::new(PooledConn {
         send,
         active: AtomicUsize::new(0),
@@ -245,7 +235,7 @@ pub async fn start(
     entry.add(conn.clone());
     let idle_timeout = settings.idle_timeout;
     tokio::spawn(async move {
-        let _open = Open(open_gauge);
+        let _open = open;
         tokio::pin!(connection);
         loop {
             tokio::select! {

@@ -11,13 +11,12 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
-use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, Instrument};
 
 use super::health::ConnHealth;
 use super::stream::H2Stream;
-use super::TunnelSettings;
+use super::{Open, TunnelSettings};
 use crate::authz::Peer;
 use crate::proxy::http::ConnInfo;
 use crate::proxy::inbound::{forward_opaque, localhost, serve_app};
@@ -32,22 +31,6 @@ pub struct TunnelConn {
     /// Explicit mode: every stream goes here, whatever it names.
     pub explicit_target: Option<SocketAddr>,
     pub health: ConnHealth,
-}
-
-/// Counts one open gauge up until dropped.
-struct Open(IntGauge);
-
-impl Open {
-    fn new(gauge: IntGauge) -> Self {
-        gauge.inc();
-        Open(gauge)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 fn builder(settings: &TunnelSettings) -> h2::server::Builder {
