@@ -56,13 +56,21 @@ async fn main() -> Result<()> {
     let ca =
         NewCa::root(&td, Duration::from_secs(24 * 3600))?.write(&dir.path().join("ca"), false)?;
 
-    let bulk = inproc::run(&ca).await?;
-    eprintln!("idle connections: the release binary pair…");
-    let idle = idle::run(&ca).await;
-    let http = http::run(&ca, &td, dir.path()).await?;
-
-    inproc::print_table(&bulk, &idle);
-    http.print();
+    // `PAIR_BENCH_ONLY=bulk` (or `http`) runs one part, for profiling.
+    let only = std::env::var("PAIR_BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only == name;
+    if !only.is_empty() && !part("bulk") && !part("http") {
+        bail!("PAIR_BENCH_ONLY={only}: expected bulk or http");
+    }
+    if part("bulk") {
+        let bulk = inproc::run(&ca).await?;
+        eprintln!("idle connections: the release binary pair…");
+        let idle = idle::run(&ca).await;
+        inproc::print_table(&bulk, &idle);
+    }
+    if part("http") {
+        http::run(&ca, &td, dir.path()).await?.print();
+    }
     Ok(())
 }
 

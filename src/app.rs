@@ -53,6 +53,7 @@ impl App {
     /// Loads the trust bundle and issuer and binds every listener. Each
     /// error names the flag or file at fault.
     pub async fn bind(settings: Settings) -> Result<App> {
+        crate::heap::tune();
         let metrics = Arc::new(Metrics::new());
         metrics.peers.set_max(settings.metrics_max_peers);
         let td = settings.id.trust_domain().clone();

@@ -35,12 +35,20 @@ pub enum Error {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// The crypto provider: ring, TLS 1.3 suites only, and the key exchange
-/// groups of [`KX_GROUPS`].
+/// The crypto provider: ring, TLS 1.3 suites only (AES-128-GCM first: the
+/// suite every TLS 1.3 peer must have, and the cheapest per byte with AES
+/// instructions, which bulk traffic between sidecars feels), and the key
+/// exchange groups of [`KX_GROUPS`].
 pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
     let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites
-        .retain(|s| s.version() == &rustls::version::TLS13);
+    p.cipher_suites = vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+    ];
     p.kx_groups = KX_GROUPS.to_vec();
     Arc::new(p)
 }

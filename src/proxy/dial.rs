@@ -14,7 +14,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::info;
 
-use super::Shared;
+use super::{ReadAhead, Shared};
 use crate::identity::SpiffeId;
 use crate::tls::{handshake_result, peer_identity, Snapshot};
 
@@ -38,7 +38,7 @@ pub enum DialError {
 
 /// A verified mesh connection and what it was verified with.
 pub struct Dialed {
-    pub tls: TlsStream<TcpStream>,
+    pub tls: TlsStream<ReadAhead<TcpStream>>,
     pub server: SpiffeId,
     /// The configs and bundle in force when it was made.
     pub snapshot: Arc<Snapshot>,
@@ -89,7 +89,7 @@ pub async fn dial(
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     let name = ServerName::IpAddress(addr.ip().into());
-    let connect = TlsConnector::from(config).connect(name, tcp);
+    let connect = TlsConnector::from(config).connect(name, ReadAhead::new(tcp));
     let tls = match tokio::time::timeout(shared.handshake_timeout, connect).await {
         Err(_) => {
             count("timeout");

@@ -16,8 +16,8 @@ use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
 use super::tunnel::{ConnHealth, TunnelConn};
 use super::{
-    detect, original_destination, sniff_http, splice, AppProtocol, ConnGuard, Detected, Rewind,
-    Shared, REFUSAL_LOG_INTERVAL,
+    detect, original_destination, sniff_http, splice, AppProtocol, ConnGuard, Detected, ReadAhead,
+    Rewind, Shared, REFUSAL_LOG_INTERVAL,
 };
 use crate::authz::Peer;
 use crate::config::InboundMode;
@@ -342,7 +342,10 @@ async fn serve_mesh(
         Err(why) => return refused(&shared, port, why.label(), &why),
     };
     let started = Instant::now();
-    let accept = tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(stream));
+    let accept = tokio::time::timeout(
+        timeout,
+        TlsAcceptor::from(config).accept(ReadAhead::new(stream)),
+    );
     let handshake = tokio::select! {
         r = accept => r,
         why = slot.evicted() => return evicted(&shared, why),

@@ -27,7 +27,11 @@ impl Traffic {
     }
 }
 
-const BUFFER: usize = 64 * 1024;
+/// A copy starts with a small buffer and grows it while reads keep filling
+/// it: an idle or chatty connection holds a few KiB, a bulk one gets large
+/// reads (fewer system calls per byte).
+const FIRST_BUFFER: usize = 4 * 1024;
+const MAX_BUFFER: usize = 64 * 1024;
 
 /// Copies `accepted` ⇄ `upstream` until both directions have ended. When one
 /// side stops sending, the other side's write half is shut down and the
@@ -78,7 +82,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = vec![0u8; FIRST_BUFFER];
     let mut total = 0u64;
     loop {
         let n = match r.read(&mut buf).await {
@@ -94,6 +98,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            buf = vec![0u8; buf.len() * 4];
+        }
         counter.inc_by(n as u64);
         total += n as u64;
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);

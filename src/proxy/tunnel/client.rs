@@ -14,7 +14,7 @@ use super::pool::{self, Key, Opened, StreamSlot};
 use super::stream::H2Stream;
 use crate::identity::SpiffeId;
 use crate::proxy::dial::{dial, Alpn, DialError};
-use crate::proxy::Shared;
+use crate::proxy::{ReadAhead, Shared};
 
 /// How many connections one app connection tries before giving up (a
 /// connection that went away between picking and sending counts once).
@@ -27,7 +27,7 @@ pub enum Link {
     /// The peer agreed to mesh mTLS but not to the tunnel (an older
     /// sidecar): this connection is the app connection's own.
     Direct {
-        tls: Box<TlsStream<TcpStream>>,
+        tls: Box<TlsStream<ReadAhead<TcpStream>>>,
         server: SpiffeId,
     },
 }
