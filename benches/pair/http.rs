@@ -161,7 +161,8 @@ async fn measure(front: SocketAddr, pids: &[u32], time: Duration) -> Result<[Mea
     Ok([close, alive])
 }
 
-/// One more keep-alive run on the default-mode pair with `perf record`
+/// One more run (keep-alive, or a new connection per request with
+/// `PAIR_BENCH_PERF_MODE=close`) on the default-mode pair with `perf record`
 /// attached to both sidecars, written to `out` (`PAIR_BENCH_PERF=FILE`).
 async fn profile(pair: &Pair, time: Duration, out: &str) -> Result<()> {
     let Some(perf) = which("perf") else {
@@ -183,7 +184,12 @@ async fn profile(pair: &Pair, time: Duration, out: &str) -> Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("starting perf")?;
-    let run = load::run(pair.front, Keep::Alive, time).await?;
+    // `PAIR_BENCH_PERF_MODE=close` profiles a new connection per request.
+    let keep = match std::env::var("PAIR_BENCH_PERF_MODE").as_deref() {
+        Ok("close") => Keep::Close,
+        _ => Keep::Alive,
+    };
+    let run = load::run(pair.front, keep, time).await?;
     let status = tokio::time::timeout(time + Duration::from_secs(30), perf.wait())
         .await
         .context("perf did not finish")??;

@@ -8,6 +8,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -17,20 +18,16 @@ const CHUNK: usize = 64 * 1024;
 /// `inner`, read ahead in chunks of up to [`CHUNK`] bytes.
 pub struct ReadAhead<S> {
     inner: S,
-    /// Allocated on the first small read, dropped when the socket runs dry.
-    buf: Option<Box<[u8]>>,
-    /// The unread bytes are `buf[start..end]`.
-    start: usize,
-    end: usize,
+    /// The unread bytes. Capacity is reserved (not zeroed) on the first
+    /// small read and given back when the socket runs dry.
+    buf: BytesMut,
 }
 
 impl<S> ReadAhead<S> {
     pub fn new(inner: S) -> Self {
         ReadAhead {
             inner,
-            buf: None,
-            start: 0,
-            end: 0,
+            buf: BytesMut::new(),
         }
     }
 
@@ -52,36 +49,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.start == this.end {
+        if this.buf.is_empty() {
             if out.remaining() >= CHUNK {
                 // A reader this large needs no help.
-                this.buf = None;
+                this.buf = BytesMut::new();
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            let buf = this
-                .buf
-                .get_or_insert_with(|| vec![0u8; CHUNK].into_boxed_slice());
-            let mut fill = ReadBuf::new(buf);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut fill) {
-                Poll::Ready(Ok(())) => {
-                    this.start = 0;
-                    this.end = fill.filled().len();
-                }
+            // Takes the allocation back from the front when it has one.
+            this.buf.clear();
+            this.buf.reserve(CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Nothing buffered and nothing coming yet: do not hold
                     // the memory while the connection waits.
-                    this.buf = None;
+                    this.buf = BytesMut::new();
                     return Poll::Pending;
                 }
             }
         }
-        let Some(buf) = &this.buf else {
-            return Poll::Ready(Ok(()));
-        };
-        let n = (this.end - this.start).min(out.remaining());
-        out.put_slice(&buf[this.start..this.start + n]);
-        this.start += n;
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -149,7 +139,7 @@ mod tests {
         }
         writer.await.unwrap();
         assert_eq!(got, data);
-        assert!(r.buf.is_none() || r.start == r.end);
+        assert!(r.buf.is_empty());
     }
 
     /// Writes go straight through, and a large reader bypasses the buffer.
@@ -171,7 +161,11 @@ mod tests {
             got += r.read(&mut big[got..]).await.unwrap();
         }
         assert_eq!(&big[..5], b"hello");
-        assert!(r.buf.is_none(), "a large read must not allocate the buffer");
+        assert_eq!(
+            r.buf.capacity(),
+            0,
+            "a large read must not allocate the buffer"
+        );
         echo.await.unwrap();
     }
 }
