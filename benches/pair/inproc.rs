@@ -142,6 +142,10 @@ async fn sink(mut conn: TcpStream) -> io::Result<()> {
 struct Stream {
     bytes: u64,
     elapsed: Duration,
+    /// Minor page faults of this whole process (client, app and, through
+    /// the pair, both sidecars) during the run: a data path that gives
+    /// buffers back to the kernel and faults them in again shows here.
+    faults: u64,
 }
 
 impl Stream {
@@ -154,6 +158,7 @@ impl Stream {
 /// and waits for the app's count: throughput is what really arrived, end to
 /// end, including draining the proxies' buffers.
 async fn stream(addr: SocketAddr) -> Result<Stream> {
+    let faults_before = minor_faults()?;
     let start = Instant::now();
     let mut conn = connect(addr).await?;
     let chunk = vec![0x5a; CHUNK];
@@ -177,7 +182,14 @@ async fn stream(addr: SocketAddr) -> Result<Stream> {
     Ok(Stream {
         bytes: got,
         elapsed,
+        faults: minor_faults()? - faults_before,
     })
+}
+
+/// Minor page faults of this process so far.
+fn minor_faults() -> Result<u64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    Ok(getrusage(UsageWho::RUSAGE_SELF)?.minor_page_faults() as u64)
 }
 
 /// The run with the median throughput.
@@ -267,6 +279,12 @@ pub fn print_table(bulk: &Bulk, idle: &Result<Idle, String>) {
         "1 GiB stream throughput (MiB/s)",
         s_direct.mib_per_sec(),
         s_pair.mib_per_sec(),
+    );
+    let per_mib = |s: &Stream| s.faults as f64 / (s.bytes as f64 / MIB);
+    println!(
+        "| minor page faults per MiB carried (whole bench process) | {:.1} | {:.1} | — |",
+        per_mib(s_direct),
+        per_mib(s_pair)
     );
     row(
         "new connections per second (sequential)",
