@@ -99,19 +99,20 @@ async fn to_sidecar(
         if shared.pool.remembered_without_tunnel(addr, FALLBACK_MEMORY) {
             fallbacks.with_label_values(&["remembered"]).inc();
         } else {
-            match tunnel::connect(&shared, addr, dest, expect.as_ref(), transparent).await {
-                Ok(Link::Stream { io, slot }) => {
+            match tunnel::connect(&shared, &app, addr, dest, expect.as_ref(), transparent).await {
+                Ok(Link::Stream { io, slot, early }) => {
                     let active = &shared.metrics.tunnel.streams_active;
                     let active = active.with_label_values(&["outbound"]);
                     active.inc();
-                    carry(&shared, app, io, dest, slot.server().clone()).await;
+                    let server = slot.server().clone();
+                    carry(&shared, app, io, dest, server, early).await;
                     active.dec();
                     return;
                 }
                 Ok(Link::Direct { tls, server }) => {
                     fallbacks.with_label_values(&["no_h2"]).inc();
                     shared.pool.remember_without_tunnel(addr);
-                    return carry(&shared, app, tls, dest, server).await;
+                    return carry(&shared, app, tls, dest, server, 0).await;
                 }
                 Err(Failed::NoTunnel(reason)) => {
                     fallbacks.with_label_values(&[reason]).inc();
@@ -134,19 +135,27 @@ async fn to_sidecar(
         }
         Err(DialError::Refused) => return,
     };
-    carry(&shared, app, dialed.tls, dest, dialed.server).await;
+    carry(&shared, app, dialed.tls, dest, dialed.server, 0).await;
 }
 
 /// Copies an app connection to the verified `server` and back, counted
 /// under the server's identity (connections whose server was not verified
-/// are counted by `portcullis_tls_handshakes_total` alone).
-async fn carry<S>(shared: &Shared, app: TcpStream, link: S, dest: SocketAddr, server: SpiffeId)
-where
+/// are counted by `portcullis_tls_handshakes_total` alone). `early` bytes
+/// of the app went with the tunnel request already.
+async fn carry<S>(
+    shared: &Shared,
+    app: TcpStream,
+    link: S,
+    dest: SocketAddr,
+    server: SpiffeId,
+    early: u64,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let server = Peer::Mesh(server);
     let guard = ConnGuard::new(&shared.metrics, "outbound", dest.port(), &server);
     let traffic = guard.traffic(&shared.metrics);
+    traffic.received.inc_by(early);
     if let Err(e) = splice(app, link, shared.idle_timeout, &traffic).await {
         debug!(%server, error = %e, "outbound connection ended with an error");
     }

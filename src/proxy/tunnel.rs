@@ -4,6 +4,7 @@
 //! connection then costs a stream, not a handshake.
 
 mod client;
+mod early;
 mod health;
 mod pool;
 mod server;

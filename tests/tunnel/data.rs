@@ -128,3 +128,66 @@ async fn a_server_that_speaks_first_and_half_closes_first() {
         1.0
     );
 }
+
+/// A client that speaks first: its first bytes travel right behind the
+/// `CONNECT` (before the peer's answer), arrive exactly once, and are
+/// counted like every other byte. Repeated so both orders of the race
+/// between the answer and the app's first bytes happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_speaks_first_is_delivered_once_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let (app, mut counts) = banner_app("127.0.0.1").await;
+    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
+    b_args.extend([
+        "--inbound-target".to_string(),
+        app.to_string(),
+        "--opaque-ports".to_string(),
+        app.port().to_string(),
+    ]);
+    let b = Sidecar::start(&b_args).await;
+    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
+    a_args.extend([
+        "--upstream".to_string(),
+        format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
+    ]);
+    let a = Sidecar::start(&a_args).await;
+
+    let mut total = 0usize;
+    for (i, len) in [1usize, 1000, 20_000, 70_000]
+        .into_iter()
+        .cycle()
+        .take(20)
+        .enumerate()
+    {
+        let payload = block(i as u64, len);
+        let mut s = TcpStream::connect(a.upstream()).await.unwrap();
+        s.write_all(&payload).await.unwrap();
+        s.shutdown().await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), counts.recv())
+            .await
+            .expect("the app reports")
+            .unwrap();
+        assert_eq!(n, len, "connection {i}: the app got each byte exactly once");
+        total += len;
+        // The banner and the app's half-close come back.
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+            .expect("the app's end of stream arrives")
+            .unwrap();
+        assert_eq!(back, b"HELLO\n");
+    }
+    let received = || {
+        a.metric(
+            "portcullis_tcp_received_bytes_total",
+            &[("direction", "outbound")],
+        )
+    };
+    eventually(
+        "every byte counted on the client side",
+        Duration::from_secs(5),
+        || async { received() == total as f64 },
+    )
+    .await;
+}

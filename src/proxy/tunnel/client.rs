@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tracing::info;
 
+use super::early::Early;
 use super::pool::{self, Key, Opened, StreamSlot};
 use super::stream::H2Stream;
 use crate::identity::SpiffeId;
@@ -22,8 +23,13 @@ const ATTEMPTS: usize = 3;
 
 /// The way an app connection reaches the peer sidecar.
 pub enum Link {
-    /// A stream on a pooled tunnel connection.
-    Stream { io: H2Stream, slot: StreamSlot },
+    /// A stream on a pooled tunnel connection; `early` bytes of the app
+    /// already went with the request.
+    Stream {
+        io: H2Stream,
+        slot: StreamSlot,
+        early: u64,
+    },
     /// The peer agreed to mesh mTLS but not to the tunnel (an older
     /// sidecar): this connection is the app connection's own.
     Direct {
@@ -127,6 +133,7 @@ async fn slot(
 /// (its tunnel port in transparent mode, the explicit upstream otherwise).
 pub async fn connect(
     shared: &Arc<Shared>,
+    app: &TcpStream,
     addr: SocketAddr,
     authority: SocketAddr,
     expect: Option<&SpiffeId>,
@@ -138,15 +145,20 @@ pub async fn connect(
     };
     let entry = shared.pool.entry(&key);
     let authority = authority.to_string();
+    let mut early = Early::default();
     for _ in 0..ATTEMPTS {
         let slot = match slot(shared, &entry, addr, expect, transparent).await? {
             Ok(slot) => slot,
             Err(direct) => return Ok(direct),
         };
-        match pool::open(shared, &slot, &authority).await {
+        match pool::open(shared, &slot, &authority, app, &mut early).await {
             Opened::Stream(io) => {
                 count_stream(shared, "ok");
-                return Ok(Link::Stream { io, slot });
+                return Ok(Link::Stream {
+                    io,
+                    slot,
+                    early: early.sent(),
+                });
             }
             Opened::Refused(status) => {
                 let result = match status {

@@ -13,9 +13,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::early::Early;
 use super::health::ConnHealth;
 use super::stream::H2Stream;
 use super::Open;
@@ -273,8 +275,15 @@ pub enum Opened {
     Retry,
 }
 
-/// Opens a stream to `authority` on the slot's connection.
-pub async fn open(shared: &Shared, slot: &StreamSlot, authority: &str) -> Opened {
+/// Opens a stream to `authority` on the slot's connection. The app's first
+/// bytes go with the request when they are already there (see [`Early`]).
+pub async fn open(
+    shared: &Shared,
+    slot: &StreamSlot,
+    authority: &str,
+    app: &TcpStream,
+    early: &mut Early,
+) -> Opened {
     let conn = &slot.conn;
     let request = match Request::builder()
         .method(Method::CONNECT)
@@ -292,7 +301,7 @@ pub async fn open(shared: &Shared, slot: &StreamSlot, authority: &str) -> Opened
             return Opened::Retry;
         }
     };
-    let (response, stream) = match send.send_request(request, false) {
+    let (response, mut stream) = match send.send_request(request, false) {
         Ok(pair) => pair,
         Err(e) => {
             debug!(error = %e, "tunnel connection refused a new stream");
@@ -300,7 +309,24 @@ pub async fn open(shared: &Shared, slot: &StreamSlot, authority: &str) -> Opened
             return Opened::Retry;
         }
     };
-    match tokio::time::timeout(shared.connect_timeout, response).await {
+    let answer = tokio::time::timeout(shared.connect_timeout, async {
+        let mut response = std::pin::pin!(response);
+        if let Some(bytes) = early.resend() {
+            let _ = stream.send_data(bytes, false);
+        } else if early.may_read() {
+            tokio::select! {
+                biased;
+                answer = &mut response => return answer,
+                _ = app.readable() => {
+                    if let Some(bytes) = early.read(app) {
+                        let _ = stream.send_data(bytes, false);
+                    }
+                }
+            }
+        }
+        response.await
+    });
+    match answer.await {
         Ok(Ok(response)) if response.status() == StatusCode::OK => {
             Opened::Stream(H2Stream::new(stream, response.into_body()))
         }
@@ -312,9 +338,13 @@ pub async fn open(shared: &Shared, slot: &StreamSlot, authority: &str) -> Opened
         }
         Ok(Ok(response)) => Opened::Refused(response.status()),
         // Not processed by the peer (it is draining, or full): safe to
-        // send again, on another connection.
+        // send again, on another connection. A connection that failed
+        // under the stream may have delivered the app's first bytes, so
+        // that is final once they were sent.
         Ok(Err(e))
-            if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() || e.is_io() =>
+            if e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || e.is_go_away()
+                || (e.is_io() && early.sent() == 0) =>
         {
             conn.retire();
             Opened::Retry
