@@ -50,9 +50,9 @@ pub async fn run(ca: &CaFiles) -> Result<Bulk> {
     let app = tokio::spawn(serve(server));
 
     let target = direct.to_string();
-    let b = start(ca, "server", &["--inbound-target", &target]).await?;
+    let (b, b_running) = start(ca, "server", &["--inbound-target", &target]).await?;
     let upstream = format!("127.0.0.1:0={}={SERVER_ID}", b.inbound);
-    let a = start(ca, "client", &["--upstream", &upstream]).await?;
+    let (a, a_running) = start(ca, "client", &["--upstream", &upstream]).await?;
     let pair = *a
         .upstreams
         .first()
@@ -79,6 +79,10 @@ pub async fn run(ca: &CaFiles) -> Result<Bulk> {
         .await
         .context("connections through the pair")?;
     app.abort();
+    // The rows after these run other processes: stop this pair first.
+    for running in [a_running, b_running] {
+        running.stop().await;
+    }
     Ok(Bulk {
         s_direct,
         s_pair,
@@ -87,8 +91,24 @@ pub async fn run(ca: &CaFiles) -> Result<Bulk> {
     })
 }
 
+/// An in-process sidecar: its drain and its running task.
+struct Running {
+    drain: portcullis::drain::Drain,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Drains the sidecar (as on SIGTERM) and waits a bounded time for it.
+    async fn stop(self) {
+        self.drain.begin();
+        if timeout(IO_TIMEOUT, self.task).await.is_err() {
+            eprintln!("an in-process sidecar did not stop within {IO_TIMEOUT:?}");
+        }
+    }
+}
+
 /// Binds and starts a sidecar on this runtime and waits until it is ready.
-async fn start(ca: &CaFiles, sa: &str, extra: &[&str]) -> Result<BoundAddrs> {
+async fn start(ca: &CaFiles, sa: &str, extra: &[&str]) -> Result<(BoundAddrs, Running)> {
     let argv = run_args(ca, sa, "127.0.0.1:0", "127.0.0.1:0", extra);
     let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
         bail!("not a run command");
@@ -96,11 +116,12 @@ async fn start(ca: &CaFiles, sa: &str, extra: &[&str]) -> Result<BoundAddrs> {
     let settings = args.settings().map_err(|e| anyhow!(e))?;
     let app = App::bind(settings).await?;
     let addrs = app.addrs().clone();
-    tokio::spawn(app.run());
+    let drain = app.drain();
+    let task = tokio::spawn(app.run());
     wait_ok(addrs.admin, "/ready", || Ok(()))
         .await
         .with_context(|| format!("sidecar {sa}"))?;
-    Ok(addrs)
+    Ok((addrs, Running { drain, task }))
 }
 
 // ---- the app behind sidecar B ----------------------------------------------
