@@ -6,6 +6,7 @@ use std::time::Duration;
 use ring::digest::{Context, SHA256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::common::*;
 use crate::support::*;
@@ -76,12 +77,11 @@ async fn sixty_four_mib_each_way_through_one_stream_arrive_intact() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_speaks_first_and_half_closes_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::root(dir.path(), "ca", TD);
-    let (app, mut counts) = banner_app("127.0.0.1").await;
-    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
+/// Sidecar A (explicit upstream) → B (`--inbound-target`) → the banner app
+/// on an opaque port; the app reports each connection's byte count.
+async fn banner_through_pair(ca: &Ca) -> (Sidecar, Sidecar, UnboundedReceiver<usize>) {
+    let (app, counts) = banner_app("127.0.0.1").await;
+    let mut b_args = issuer_args(ca, &ca.files.cert, "server");
     b_args.extend([
         "--inbound-target".to_string(),
         app.to_string(),
@@ -89,12 +89,20 @@ async fn a_server_that_speaks_first_and_half_closes_first() {
         app.port().to_string(),
     ]);
     let b = Sidecar::start(&b_args).await;
-    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
+    let mut a_args = issuer_args(ca, &ca.files.cert, "client");
     a_args.extend([
         "--upstream".to_string(),
         format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
     ]);
     let a = Sidecar::start(&a_args).await;
+    (a, b, counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_speaks_first_and_half_closes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let (a, b, mut counts) = banner_through_pair(&ca).await;
 
     let mut s = TcpStream::connect(a.upstream()).await.unwrap();
     // The client sends nothing: the banner must come on its own.
@@ -137,21 +145,7 @@ async fn a_server_that_speaks_first_and_half_closes_first() {
 async fn a_client_that_speaks_first_is_delivered_once_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
-    let (app, mut counts) = banner_app("127.0.0.1").await;
-    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
-    b_args.extend([
-        "--inbound-target".to_string(),
-        app.to_string(),
-        "--opaque-ports".to_string(),
-        app.port().to_string(),
-    ]);
-    let b = Sidecar::start(&b_args).await;
-    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
-    a_args.extend([
-        "--upstream".to_string(),
-        format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
-    ]);
-    let a = Sidecar::start(&a_args).await;
+    let (a, _b, mut counts) = banner_through_pair(&ca).await;
 
     let mut total = 0usize;
     for (i, len) in [1usize, 1000, 20_000, 70_000]
