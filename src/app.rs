@@ -323,6 +323,7 @@ impl App {
             upstreams = ?a.upstreams,
             admin = %a.admin,
             tunnel = ?a.tunnel,
+            worker_threads = s.worker_threads,
             "listening"
         );
 

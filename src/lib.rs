@@ -23,4 +23,5 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod rules_cli;
+pub mod runtime;
 pub mod tls;

@@ -303,6 +303,11 @@ fn every_startup_error_names_its_flag_or_file_and_exits_non_zero() {
             vec!["--ca-cert", "missing.crt", "No such file"],
         ),
         (
+            "too many worker threads",
+            with(good(crt, key, bundle), &["--worker-threads", "2000"]),
+            vec!["--worker-threads", "2000"],
+        ),
+        (
             "missing bundle",
             good(crt, key, &missing),
             vec!["--trust-bundle", "missing.crt"],
@@ -492,4 +497,32 @@ fn a_bad_environment_variable_is_named() {
         "{stderr}"
     );
     assert!(stderr.contains("strict, permissive"), "{stderr}");
+}
+
+/// Threads named like the runtime's workers in process `pid`.
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+/// One thread runs the whole sidecar unless `--worker-threads` asks for
+/// more; either way it comes up ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sizes_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let echo = echo_server().await;
+    for (flag, workers) in [(None, 0), (Some("3"), 3)] {
+        let mut args = issuer_args(&ca, &ca.files.cert, "server");
+        args.extend(strings(&["--inbound-target", &echo.to_string()]));
+        if let Some(n) = flag {
+            args.extend(strings(&["--worker-threads", n]));
+        }
+        let p = Proc::start(&args);
+        p.wait_ready().await;
+        assert_eq!(runtime_workers(p.child.id()), workers, "{flag:?}");
+    }
 }

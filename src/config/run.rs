@@ -231,6 +231,17 @@ pub struct RunArgs {
     /// How often mounted files are re-read even without a change event.
     #[arg(long, env = "PORTCULLIS_FILE_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
+    /// Threads that run the proxy. One carries a pod's traffic at the least
+    /// CPU per request; more let a busy sidecar use more cores; 0 means one
+    /// per CPU this process may use (its CPU limit included).
+    #[arg(
+        long,
+        env = "PORTCULLIS_WORKER_THREADS",
+        default_value_t = 1,
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(0..=1024)
+    )]
+    pub worker_threads: u16,
 
     #[command(flatten)]
     pub tunnel: super::tunnel::TunnelArgs,
@@ -332,6 +343,8 @@ pub struct Settings {
     pub detect_timeout: Duration,
     pub idle_timeout: Duration,
     pub file_poll_interval: Duration,
+    /// Threads of the runtime (`--worker-threads`, 0 resolved).
+    pub worker_threads: usize,
 }
 
 impl RunArgs {
@@ -438,6 +451,7 @@ impl RunArgs {
             detect_timeout: self.detect_timeout,
             idle_timeout: self.idle_timeout,
             file_poll_interval: self.file_poll_interval,
+            worker_threads: crate::runtime::worker_count(self.worker_threads.into()),
         })
     }
 }

@@ -133,6 +133,7 @@ pub fn proxy_container(
         env("PORTCULLIS_DEFAULT_POLICY", &s.default_inbound_policy),
         env("PORTCULLIS_LOG_LEVEL", &s.log_level),
         env("PORTCULLIS_LOG_FORMAT", &s.log_format),
+        env("PORTCULLIS_WORKER_THREADS", &s.worker_threads.to_string()),
         env("PORTCULLIS_ALLOW_SHUTDOWN", &shutdown_endpoint.to_string()),
     ];
     if !cfg.proxy.mesh_cidrs.is_empty() {

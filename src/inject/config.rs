@@ -66,6 +66,8 @@ pub struct ProxyConfig {
     /// ConfigMap of authorization rules, mounted optional.
     pub rules_config_map: String,
     pub cert_ttl: String,
+    /// `--worker-threads` of every sidecar (0: one per CPU it may use).
+    pub worker_threads: u16,
 }
 
 /// Settings of the `portcullis-init` container, and the exclusions every
@@ -132,6 +134,7 @@ impl Default for ProxyConfig {
             mesh_cidrs: Vec::new(),
             rules_config_map: "portcullis-rules".into(),
             cert_ttl: "1h".into(),
+            worker_threads: 1,
         }
     }
 }
@@ -232,6 +235,12 @@ impl InjectorConfig {
         s::default_policy(&self.proxy.default_inbound_policy)
             .map_err(at("proxy.defaultInboundPolicy"))?;
         s::dns_name(&self.proxy.rules_config_map).map_err(at("proxy.rulesConfigMap"))?;
+        if self.proxy.worker_threads > s::MAX_WORKER_THREADS {
+            return bad(
+                "proxy.workerThreads",
+                format!("at most {}", s::MAX_WORKER_THREADS),
+            );
+        }
         humantime::parse_duration(&self.proxy.cert_ttl)
             .map_err(|e| Error::Config(format!("proxy.certTtl: {e}")))?;
         s::cidrs(&self.proxy.mesh_cidrs.join(",")).map_err(at("proxy.meshCidrs"))?;

@@ -20,6 +20,7 @@ pub const KNOWN: &[&str] = &[
     "proxy-cpu-limit",
     "proxy-memory-request",
     "proxy-memory-limit",
+    "proxy-worker-threads",
     "log-level",
     "log-format",
     "skip-inbound-ports",
@@ -41,6 +42,7 @@ pub struct PodSettings {
     pub cpu_limit: String,
     pub memory_request: String,
     pub memory_limit: String,
+    pub worker_threads: u16,
     pub log_level: String,
     pub log_format: String,
     /// Comma-separated, as `portcullis init` takes them.
@@ -68,6 +70,7 @@ pub fn resolve(
         cpu_limit: cfg.proxy.resources.cpu_limit.clone(),
         memory_request: cfg.proxy.resources.memory_request.clone(),
         memory_limit: cfg.proxy.resources.memory_limit.clone(),
+        worker_threads: cfg.proxy.worker_threads,
         log_level: cfg.proxy.log_level.clone(),
         log_format: cfg.proxy.log_format.clone(),
         skip_inbound_ports: cfg.init.exclude_inbound_ports.join(","),
@@ -92,6 +95,7 @@ pub fn resolve(
             "proxy-cpu-limit" => quantity(v).map(|v| s.cpu_limit = v),
             "proxy-memory-request" => quantity(v).map(|v| s.memory_request = v),
             "proxy-memory-limit" => quantity(v).map(|v| s.memory_limit = v),
+            "proxy-worker-threads" => worker_threads(v).map(|n| s.worker_threads = n),
             "log-level" => log_level(v).map(|v| s.log_level = v),
             "log-format" => log_format(v).map(|v| s.log_format = v),
             "skip-inbound-ports" => {
@@ -163,6 +167,17 @@ pub fn quantity(v: &str) -> Result<String, String> {
         return bad();
     }
     Ok(v.to_string())
+}
+
+/// The most `--worker-threads` takes.
+pub const MAX_WORKER_THREADS: u16 = 1024;
+
+/// A `--worker-threads` value: 0 (one per CPU) up to [`MAX_WORKER_THREADS`].
+pub fn worker_threads(v: &str) -> Result<u16, String> {
+    match v.parse::<u16>() {
+        Ok(n) if n <= MAX_WORKER_THREADS => Ok(n),
+        _ => Err(format!("not a thread count from 0 to {MAX_WORKER_THREADS}")),
+    }
 }
 
 /// A tracing filter the sidecar will accept.

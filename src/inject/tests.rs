@@ -85,13 +85,21 @@ fn annotations_override_or_warn() {
         ("config.portcullis.io/native-sidecar", "false"),
         ("config.portcullis.io/inbound-mode", "stirct"),
         ("config.portcullis.io/nope", "1"),
+        ("config.portcullis.io/proxy-worker-threads", "2"),
         ("unrelated.io/x", "y"),
     ]);
     let (s, warnings) = resolve(&cfg, &ann);
     assert_eq!(s.skip_inbound_ports, "9000-9100,22");
     assert!(!s.native_sidecar);
     assert_eq!(s.inbound_mode, "strict");
+    assert_eq!(s.worker_threads, 2);
     assert_eq!(warnings.len(), 2, "{warnings:?}");
+    for bad in ["-1", "1025", "two", "1.5", ""] {
+        let ann = labels(&[("config.portcullis.io/proxy-worker-threads", bad)]);
+        let (s, warnings) = resolve(&cfg, &ann);
+        assert_eq!(s.worker_threads, 1, "{bad}");
+        assert_eq!(warnings.len(), 1, "{bad}: {warnings:?}");
+    }
 }
 
 #[test]
@@ -102,6 +110,8 @@ fn config_refuses_bad_values() {
         "proxy: {uid: 0}",
         "proxy: {resources: {memoryLimit: lots}}",
         "proxy: {inboundMode: open}",
+        "proxy: {workerThreads: 2000}",
+        "proxy: {workerThreads: -1}",
         "unknownKey: 1",
         "init: {excludeOutboundCidrs: [10.0.0.0/33]}",
     ] {

@@ -35,6 +35,7 @@ const INJECTOR_PROXY_KEYS: &[&str] = &[
     "meshCidrs",
     "rulesConfigMap",
     "certTtl",
+    "workerThreads",
 ];
 const INJECTOR_INIT_KEYS: &[&str] = &[
     "resources",

@@ -152,6 +152,7 @@ proxy:
   meshCidrs: {{ toJson .Values.proxy.meshCidrs }}
   rulesConfigMap: {{ .Values.proxy.rulesConfigMap }}
   certTtl: {{ .Values.proxy.certTTL | quote }}
+  workerThreads: {{ .Values.proxy.workerThreads }}
 init:
   resources:
     {{- include "portcullis.flatResources" .Values.init.resources | nindent 4 }}

@@ -1,0 +1,65 @@
+//! The sidecar's async runtime, sized by `--worker-threads`.
+//!
+//! One thread is the default, as in Linkerd's proxy: a sidecar carries one
+//! pod's traffic, and on one thread no task is ever handed to another
+//! thread, so no worker is woken through the kernel to pick it up. On a
+//! loaded node that hand-off (futex wake-ups, context switches, work
+//! stealing) cost more CPU per request than the proxying itself saved by
+//! running on two cores (benches/README.md, *Worker threads*).
+
+use std::io;
+use std::num::NonZeroUsize;
+
+use tokio::runtime::{Builder, Runtime};
+
+/// How many threads run the proxy: `0` asks for one per CPU this process
+/// may use (its cgroup CPU limit and affinity mask included).
+pub fn worker_count(requested: usize) -> usize {
+    match requested {
+        0 => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        n => n,
+    }
+}
+
+/// A runtime of `workers` threads: the current-thread scheduler for one,
+/// the work-stealing one for more.
+pub fn build(workers: usize) -> io::Result<Runtime> {
+    if workers <= 1 {
+        return Builder::new_current_thread().enable_all().build();
+    }
+    Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_means_every_usable_cpu() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(worker_count(0), cpus);
+        assert_eq!(worker_count(3), 3);
+    }
+
+    #[test]
+    fn one_worker_runs_tasks_on_the_calling_thread() {
+        let caller = std::thread::current().id();
+        let rt = build(1).unwrap();
+        let ran_on =
+            rt.block_on(async { tokio::spawn(async { std::thread::current().id() }).await });
+        assert_eq!(ran_on.unwrap(), caller);
+    }
+
+    #[test]
+    fn more_workers_run_tasks_on_their_own_threads() {
+        let caller = std::thread::current().id();
+        let rt = build(2).unwrap();
+        let ran_on =
+            rt.block_on(async { tokio::spawn(async { std::thread::current().id() }).await });
+        assert_ne!(ran_on.unwrap(), caller);
+        assert_eq!(rt.metrics().num_workers(), 2);
+    }
+}
