@@ -187,8 +187,9 @@ impl Pool {
 pub async fn start(
     shared: &Arc<Shared>,
     entry: &Entry,
-    dialed: crate::proxy::dial::Dialed,
+    mut dialed: crate::proxy::dial::Dialed,
 ) -> Option<StreamSlot> {
+    dialed.tls.get_mut().0.keep_buffer();
     let own = dialed.snapshot.leaf.as_ref().map(|l| l.not_after);
     let chain = dialed
         .tls
