@@ -25,6 +25,12 @@ mod tests;
 
 /// The header that tells the app who called; callers cannot set it.
 pub const XFCC: &str = "x-forwarded-client-cert";
+const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
+
+/// Hop-by-hop names without a constant in `http::header`, made once rather
+/// than parsed from a string on every request.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// What admission needs besides the rules and the connection (the
 /// sidecar's `--trust-domain`, `--default-policy` and
@@ -207,7 +213,7 @@ fn rewrite_headers(parts: &mut Parts, conn: &ConnInfo, host: Option<&str>, upgra
     strip_client_cert_headers(headers);
     if let Peer::Mesh(id) = conn.peer.as_ref() {
         if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-            headers.insert(XFCC, v);
+            headers.insert(XFCC_NAME, v);
         }
     }
     match (host, parts.version < Version::HTTP_2) {
@@ -399,10 +405,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
     ] {
         headers.remove(name);
     }

@@ -9,7 +9,7 @@
 //! it would have anyway. The peer forwards nothing before it has
 //! authorized the stream.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 
 /// The most taken from the app before the answer.
@@ -40,10 +40,12 @@ impl Early {
     /// that follows sees again).
     pub fn read(&mut self, app: &TcpStream) -> Option<Bytes> {
         self.read = true;
-        let mut buf = BytesMut::with_capacity(MAX_EARLY);
-        match app.try_read_buf(&mut buf) {
+        // Read on the stack and keep only what came: a request is usually
+        // a few hundred bytes, and it is held until the peer answers.
+        let mut buf = [0u8; MAX_EARLY];
+        match app.try_read(&mut buf) {
             Ok(n) if n > 0 => {
-                self.bytes = buf.freeze();
+                self.bytes = Bytes::copy_from_slice(&buf[..n]);
                 Some(self.bytes.clone())
             }
             _ => None,
