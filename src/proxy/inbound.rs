@@ -350,7 +350,7 @@ async fn serve_mesh(
         r = accept => r,
         why = slot.evicted() => return evicted(&shared, why),
     };
-    let mut tls = match handshake {
+    let tls = match handshake {
         Err(_) => {
             return refused(
                 &shared,
@@ -416,7 +416,6 @@ async fn serve_mesh(
             explicit_target: at.explicit,
             health,
         };
-        tls.get_mut().0.keep_buffer();
         return super::tunnel::serve(shared, tls, conn).await;
     }
     let conn = ConnInfo {

@@ -2,8 +2,7 @@
 //! its transport for at most a few KiB at a time, so a bulk stream would cost
 //! a `recv` per TLS record; one read of up to [`CHUNK`] serves many records.
 //! The buffer exists only while it holds bytes or the socket keeps having
-//! more, so an idle connection costs nothing extra; a tunnel connection,
-//! busy with many streams, keeps it (see [`ReadAhead::keep_buffer`]).
+//! more, so an idle connection costs nothing extra.
 
 use std::io;
 use std::pin::Pin;
@@ -20,9 +19,8 @@ const CHUNK: usize = 64 * 1024;
 pub struct ReadAhead<S> {
     inner: S,
     /// The unread bytes. Capacity is reserved (not zeroed) on the first
-    /// small read and given back when the socket runs dry, unless `keep`.
+    /// small read and given back when the socket runs dry.
     buf: BytesMut,
-    keep: bool,
 }
 
 impl<S> ReadAhead<S> {
@@ -30,16 +28,7 @@ impl<S> ReadAhead<S> {
         ReadAhead {
             inner,
             buf: BytesMut::new(),
-            keep: false,
         }
-    }
-
-    /// Keeps the buffer while the socket waits: for a tunnel connection,
-    /// which carries many app connections and is read again soon, giving
-    /// 64 KiB back and taking it again on every pause cost more (in the
-    /// allocator) than the one buffer per tunnel connection it saves.
-    pub fn keep_buffer(&mut self) {
-        self.keep = true;
     }
 
     pub fn get_ref(&self) -> &S {
@@ -75,9 +64,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                 Poll::Pending => {
                     // Nothing buffered and nothing coming yet: do not hold
                     // the memory while the connection waits.
-                    if !this.keep {
-                        this.buf = BytesMut::new();
-                    }
+                    this.buf = BytesMut::new();
                     return Poll::Pending;
                 }
             }
@@ -152,28 +139,5 @@ mod tests {
             "a large read must not allocate the buffer"
         );
         echo.await.unwrap();
-    }
-
-    /// A socket with nothing to read gives the buffer back, unless the
-    /// connection asked to keep it (a tunnel connection).
-    #[tokio::test]
-    async fn a_waiting_socket_holds_no_buffer_unless_kept() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        for keep in [false, true] {
-            let mut r = ReadAhead::new(TcpStream::connect(addr).await.unwrap());
-            let (mut peer, _) = listener.accept().await.unwrap();
-            if keep {
-                r.keep_buffer();
-            }
-            peer.write_all(b"x").await.unwrap();
-            let mut one = [0u8; 1];
-            r.read_exact(&mut one).await.unwrap();
-            let mut more = [0u8; 16];
-            let waited =
-                tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut more));
-            assert!(waited.await.is_err(), "nothing more was sent");
-            assert_eq!(r.buf.capacity() >= CHUNK, keep, "keep={keep}");
-        }
     }
 }

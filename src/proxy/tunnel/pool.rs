@@ -187,9 +187,8 @@ impl Pool {
 pub async fn start(
     shared: &Arc<Shared>,
     entry: &Entry,
-    mut dialed: crate::proxy::dial::Dialed,
+    dialed: crate::proxy::dial::Dialed,
 ) -> Option<StreamSlot> {
-    dialed.tls.get_mut().0.keep_buffer();
     let own = dialed.snapshot.leaf.as_ref().map(|l| l.not_after);
     let chain = dialed
         .tls
