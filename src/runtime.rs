@@ -12,6 +12,12 @@ use std::num::NonZeroUsize;
 
 use tokio::runtime::{Builder, Runtime};
 
+/// The most threads `--worker-threads` (and the injector) accepts.
+pub const MAX_WORKER_THREADS: u16 = 1024;
+
+/// The name of the runtime's worker threads (also what `top -H` shows).
+pub const WORKER_NAME: &str = "proxy-worker";
+
 /// How many threads run the proxy: `0` asks for one per CPU this process
 /// may use (its cgroup CPU limit and affinity mask included).
 pub fn worker_count(requested: usize) -> usize {
@@ -29,6 +35,7 @@ pub fn build(workers: usize) -> io::Result<Runtime> {
     }
     Builder::new_multi_thread()
         .worker_threads(workers)
+        .thread_name(WORKER_NAME)
         .enable_all()
         .build()
 }

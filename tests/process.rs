@@ -499,12 +499,13 @@ fn a_bad_environment_variable_is_named() {
     assert!(stderr.contains("strict, permissive"), "{stderr}");
 }
 
-/// Threads named like the runtime's workers in process `pid`.
+/// Threads named like the runtime's workers (`runtime::WORKER_NAME`) in
+/// process `pid`.
 fn runtime_workers(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "tokio-rt-worker")
+        .filter(|name| name.trim() == portcullis::runtime::WORKER_NAME)
         .count()
 }
 

@@ -239,7 +239,7 @@ pub struct RunArgs {
         env = "PORTCULLIS_WORKER_THREADS",
         default_value_t = 1,
         value_name = "N",
-        value_parser = clap::value_parser!(u16).range(0..=1024)
+        value_parser = clap::value_parser!(u16).range(0..=crate::runtime::MAX_WORKER_THREADS as i64)
     )]
     pub worker_threads: u16,
 

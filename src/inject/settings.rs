@@ -169,8 +169,7 @@ pub fn quantity(v: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
-/// The most `--worker-threads` takes.
-pub const MAX_WORKER_THREADS: u16 = 1024;
+pub use crate::runtime::MAX_WORKER_THREADS;
 
 /// A `--worker-threads` value: 0 (one per CPU) up to [`MAX_WORKER_THREADS`].
 pub fn worker_threads(v: &str) -> Result<u16, String> {

@@ -152,7 +152,10 @@ proxy:
   meshCidrs: {{ toJson .Values.proxy.meshCidrs }}
   rulesConfigMap: {{ .Values.proxy.rulesConfigMap }}
   certTtl: {{ .Values.proxy.certTTL | quote }}
+  {{- /* Absent after `helm upgrade --reuse-values` from a release without it: the injector's default (1) applies. */}}
+  {{- if hasKey .Values.proxy "workerThreads" }}
   workerThreads: {{ .Values.proxy.workerThreads }}
+  {{- end }}
 init:
   resources:
     {{- include "portcullis.flatResources" .Values.init.resources | nindent 4 }}
