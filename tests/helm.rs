@@ -228,6 +228,22 @@ fn config_changes_roll_the_injector() {
     assert_eq!(identity(&a), identity(&b));
 }
 
+/// Values kept from a release that had no `proxy.workerThreads` (`helm
+/// upgrade --reuse-values`) render a config without the key, which the
+/// injector reads with its default instead of refusing a null.
+#[test]
+fn a_missing_worker_threads_value_leaves_the_injector_default() {
+    let set = Render::default().set("proxy.workerThreads=3").docs();
+    let cfg =
+        portcullis::inject::InjectorConfig::parse(&checks::injector_config_text(&set)).unwrap();
+    assert_eq!(cfg.proxy.worker_threads, 3);
+    let unset = Render::default().set("proxy.workerThreads=null").docs();
+    let text = checks::injector_config_text(&unset);
+    assert!(!text.contains("workerThreads"), "{text}");
+    let cfg = portcullis::inject::InjectorConfig::parse(&text).unwrap();
+    assert_eq!(cfg.proxy.worker_threads, 1);
+}
+
 /// PodMonitor and ServiceMonitor only when the cluster has the monitoring
 /// API (`--api-versions`), or when forced; never when disabled.
 #[test]

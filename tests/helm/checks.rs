@@ -328,6 +328,22 @@ pub fn check_webhook(docs: &[Value], what: &str) {
 /// The injector ConfigMap holds a config file in the injector's format,
 /// pointing at the chart's identity service; the injector Deployment reads
 /// it and carries its checksum.
+/// The injector's config as the chart renders it (the ConfigMap its
+/// Deployment mounts).
+pub fn injector_config_text(docs: &[Value]) -> String {
+    let spec = &injector_deployment(docs)["spec"]["template"]["spec"];
+    let cm_name = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .expect("the config volume");
+    find(docs, "ConfigMap", cm_name)["data"]["config.yaml"]
+        .as_str()
+        .expect("config.yaml")
+        .to_string()
+}
+
 pub fn check_injector_config(docs: &[Value], what: &str) {
     let dep = injector_deployment(docs);
     let a = args(dep);
@@ -335,17 +351,7 @@ pub fn check_injector_config(docs: &[Value], what: &str) {
     for f in ["--listen", "--tls-cert", "--tls-key", "--config"] {
         assert!(flag(&a, f).is_some(), "{what}: webhook without {f}");
     }
-    let spec = &dep["spec"]["template"]["spec"];
-    let cm_name = spec["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|v| v["configMap"]["name"].as_str())
-        .expect("the config volume");
-    let text = find(docs, "ConfigMap", cm_name)["data"]["config.yaml"]
-        .as_str()
-        .expect("config.yaml")
-        .to_string();
+    let text = injector_config_text(docs);
     let annotations = &dep["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(
         annotations["checksum/config"].as_str(),
