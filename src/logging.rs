@@ -1,10 +1,16 @@
 //! Log set-up: text or JSON lines on stderr, filtered by `--log-level`, and
 //! a filter that can be replaced while running (`PUT /logging` on the
 //! sidecar's admin port), so an operator can turn on debug logs for a
-//! moment without restarting the pod.
+//! moment without restarting the pod. Lines are written by a thread of
+//! their own ([`sink`]).
+
+mod sink;
+
+pub use sink::dropped as dropped_lines;
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -16,6 +22,9 @@ use crate::config::LogFormat;
 /// per process), so its handle is too; `None` until [`init`] ran (tests
 /// that run sidecars in-process install no subscriber).
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Where the installed subscriber's lines go; `None` until [`init`] ran.
+static SINK: OnceLock<sink::Sink> = OnceLock::new();
 
 /// Why the log filter could not be read or changed.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +51,9 @@ fn parse(directive: &str) -> Result<EnvFilter, Error> {
 pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
     let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
+    let sink = SINK.get_or_init(|| sink::Sink::spawn(std::io::stderr()));
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(sink.clone())
         .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Text => tracing_subscriber::registry()
@@ -76,4 +86,12 @@ pub fn set(directive: &str) -> Result<(), Error> {
     handle
         .reload(filter)
         .map_err(|e| Error::Reload(e.to_string()))
+}
+
+/// Writes out the log lines still queued (at most a couple of seconds'
+/// wait), before the process exits or prints its own last line.
+pub fn flush() {
+    if let Some(sink) = SINK.get() {
+        sink.flush(Duration::from_secs(2));
+    }
 }

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         Command::Completion { shell } => portcullis::config::completion(shell),
         Command::Man => portcullis::config::man_page(),
     };
+    portcullis::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -45,6 +45,9 @@ pub const CONN_LABELS: [&str; 5] = [
 /// its registry here.
 pub fn registry_with_process_metrics() -> Registry {
     let registry = Registry::new();
+    registry
+        .register(Box::new(crate::logging::dropped_lines()))
+        .expect("unique metric");
     #[cfg(target_os = "linux")]
     registry
         .register(Box::new(
