@@ -69,22 +69,12 @@ fn server(dir: &std::path::Path, ca: &Ca, app: SocketAddr, extra: &[&str]) -> Se
         ),
     )
     .unwrap();
-    let mut args: Vec<String> = [
-        "run",
-        "--log-format",
-        "json",
-        "--inbound-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--inbound-target",
-        &app.to_string(),
-        "--rules-dir",
-        rules.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = run_args(&[
+        "--inbound-target".into(),
+        app.to_string(),
+        "--rules-dir".into(),
+        rules.to_str().unwrap().into(),
+    ]);
     args.extend(issuer_args(ca, &ca.files.cert, "server"));
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut child = Command::new(BIN)

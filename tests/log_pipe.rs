@@ -22,17 +22,7 @@ async fn a_stuck_log_pipe_costs_lines_not_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
     let echo = echo_server().await;
-    let mut args = vec![
-        "run".to_string(),
-        "--log-format".into(),
-        "json".into(),
-        "--inbound-listen".into(),
-        "127.0.0.1:0".into(),
-        "--admin-listen".into(),
-        "127.0.0.1:0".into(),
-        "--inbound-target".into(),
-        echo.to_string(),
-    ];
+    let mut args = run_args(&["--inbound-target".into(), echo.to_string()]);
     args.extend(issuer_args(&ca, &ca.files.cert, "server"));
     let mut child = Command::new(BIN)
         .args(&args)

@@ -234,22 +234,12 @@ async fn repeated_refusals_are_logged_once_per_interval_with_a_count() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut args: Vec<String> = [
-        "run",
-        "--log-format",
-        "json",
-        "--inbound-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--inbound-target",
-        &down.to_string(),
-        "--upstream",
-        &format!("127.0.0.1:0={fake_addr}={}", id("server")),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = run_args(&[
+        "--inbound-target".into(),
+        down.to_string(),
+        "--upstream".into(),
+        format!("127.0.0.1:0={fake_addr}={}", id("server")),
+    ]);
     args.extend(issuer_args(&ca, &ca.files.cert, "server"));
     let mut child = std::process::Command::new(BIN)
         .args(&args)

@@ -25,17 +25,7 @@ struct Proc {
 impl Proc {
     /// `portcullis run` with `args`, listeners on port 0, JSON logs.
     fn start(args: &[String]) -> Proc {
-        let mut all = strings(&[
-            "run",
-            "--log-format",
-            "json",
-            "--inbound-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ]);
-        all.extend_from_slice(args);
-        Proc::spawn(&all, "listening", "inbound")
+        Proc::spawn(&run_args(args), "listening", "inbound")
     }
 
     /// Any server command; waits for its JSON log line `message` and reads

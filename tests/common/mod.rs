@@ -241,6 +241,24 @@ impl Sidecar {
     }
 }
 
+/// `portcullis run` with JSON logs, its inbound and admin listeners on free
+/// loopback ports (read back from the `listening` line), then `more`.
+pub fn run_args(more: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--log-format",
+        "json",
+        "--inbound-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .into();
+    args.extend_from_slice(more);
+    args
+}
+
 /// The standard arguments for a sidecar of `sa` using `ca` as issuer and bundle.
 pub fn issuer_args(ca: &Ca, bundle: &Path, sa: &str) -> Vec<String> {
     vec![
