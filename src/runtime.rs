@@ -15,7 +15,9 @@ use tokio::runtime::{Builder, Runtime};
 /// The most threads `--worker-threads` (and the injector) accepts.
 pub const MAX_WORKER_THREADS: u16 = 1024;
 
-/// The name of the runtime's worker threads (also what `top -H` shows).
+/// The name of the work-stealing runtime's threads (what `top -H` shows).
+/// tokio gives it to its blocking-pool threads too (DNS lookups of
+/// `--ca-url`, the access log's writes), which start only when needed.
 pub const WORKER_NAME: &str = "proxy-worker";
 
 /// How many threads run the proxy: `0` asks for one per CPU this process

@@ -500,7 +500,9 @@ fn runtime_workers(pid: u32) -> usize {
 }
 
 /// One thread runs the whole sidecar unless `--worker-threads` asks for
-/// more; either way it comes up ready.
+/// more; either way it comes up ready. (Nothing here starts tokio's
+/// blocking pool, whose threads would carry the same name: a local issuer,
+/// no access log.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_sizes_the_runtime() {
     let dir = tempfile::tempdir().unwrap();

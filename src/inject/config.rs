@@ -235,12 +235,7 @@ impl InjectorConfig {
         s::default_policy(&self.proxy.default_inbound_policy)
             .map_err(at("proxy.defaultInboundPolicy"))?;
         s::dns_name(&self.proxy.rules_config_map).map_err(at("proxy.rulesConfigMap"))?;
-        if self.proxy.worker_threads > s::MAX_WORKER_THREADS {
-            return bad(
-                "proxy.workerThreads",
-                format!("at most {}", s::MAX_WORKER_THREADS),
-            );
-        }
+        s::worker_threads_in_range(self.proxy.worker_threads).map_err(at("proxy.workerThreads"))?;
         humantime::parse_duration(&self.proxy.cert_ttl)
             .map_err(|e| Error::Config(format!("proxy.certTtl: {e}")))?;
         s::cidrs(&self.proxy.mesh_cidrs.join(",")).map_err(at("proxy.meshCidrs"))?;

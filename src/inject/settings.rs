@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::config::InjectorConfig;
+use crate::runtime::MAX_WORKER_THREADS;
 
 /// Prefix of every per-pod override annotation.
 pub const PREFIX: &str = "config.portcullis.io/";
@@ -169,13 +170,20 @@ pub fn quantity(v: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
-pub use crate::runtime::MAX_WORKER_THREADS;
-
 /// A `--worker-threads` value: 0 (one per CPU) up to [`MAX_WORKER_THREADS`].
 pub fn worker_threads(v: &str) -> Result<u16, String> {
-    match v.parse::<u16>() {
-        Ok(n) if n <= MAX_WORKER_THREADS => Ok(n),
+    match v.parse::<u16>().map(worker_threads_in_range) {
+        Ok(Ok(n)) => Ok(n),
         _ => Err(format!("not a thread count from 0 to {MAX_WORKER_THREADS}")),
+    }
+}
+
+/// `n` when `--worker-threads` takes it.
+pub fn worker_threads_in_range(n: u16) -> Result<u16, String> {
+    if n <= MAX_WORKER_THREADS {
+        Ok(n)
+    } else {
+        Err(format!("at most {MAX_WORKER_THREADS}"))
     }
 }
 

@@ -98,6 +98,21 @@ async fn banner_through_pair(ca: &Ca) -> (Sidecar, Sidecar, UnboundedReceiver<us
     (a, b, counts)
 }
 
+/// Sends `payload` and half-closes; returns the byte count the banner app
+/// reports for the connection.
+async fn send_and_count(
+    s: &mut TcpStream,
+    payload: &[u8],
+    counts: &mut UnboundedReceiver<usize>,
+) -> usize {
+    s.write_all(payload).await.unwrap();
+    s.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), counts.recv())
+        .await
+        .expect("the app reports")
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_speaks_first_and_half_closes_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,13 +136,10 @@ async fn a_server_that_speaks_first_and_half_closes_first() {
     assert!(rest.is_empty());
     // ...and can still send; the app counts it after our own half-close.
     let payload = block(3, 300_000);
-    s.write_all(&payload).await.unwrap();
-    s.shutdown().await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), counts.recv())
-        .await
-        .expect("the app reports")
-        .unwrap();
-    assert_eq!(n, payload.len());
+    assert_eq!(
+        send_and_count(&mut s, &payload, &mut counts).await,
+        payload.len()
+    );
     assert_eq!(
         b.metric(
             "portcullis_tunnel_streams_total",
@@ -156,12 +168,7 @@ async fn a_client_that_speaks_first_is_delivered_once_and_counted() {
     {
         let payload = block(i as u64, len);
         let mut s = TcpStream::connect(a.upstream()).await.unwrap();
-        s.write_all(&payload).await.unwrap();
-        s.shutdown().await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(5), counts.recv())
-            .await
-            .expect("the app reports")
-            .unwrap();
+        let n = send_and_count(&mut s, &payload, &mut counts).await;
         assert_eq!(n, len, "connection {i}: the app got each byte exactly once");
         total += len;
         // The banner and the app's half-close come back.
