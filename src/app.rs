@@ -47,6 +47,7 @@ pub struct App {
     issuer: Option<(Vec<Vec<u8>>, Issuer)>,
     rules: LiveRules,
     bundle_pem: Vec<u8>,
+    shards: crate::runtime::Shards,
 }
 
 impl App {
@@ -71,6 +72,8 @@ impl App {
         let tls = Arc::new(MeshTls::new(td.clone(), bundle));
 
         let drain = Drain::new();
+        let shards = crate::runtime::Shards::start(settings.worker_threads)
+            .context("starting --worker-threads threads")?;
         let inbound_listener = bind_inbound("--inbound-listen", settings.inbound_listen)?;
         let tunnel_listener = match settings.tunnel_listen {
             Some(addr) => Some(bind_inbound("--tunnel-listen", addr)?),
@@ -80,7 +83,7 @@ impl App {
         let mut transparent = Vec::new();
         if !explicit {
             for addr in &settings.outbound_listen {
-                match proxy::bind("--outbound-listen", *addr) {
+                match proxy::bind_each_shard("--outbound-listen", *addr, shards.count()) {
                     Ok(l) => transparent.push(l),
                     Err(e) if addr.is_ipv6() && is_no_ipv6(&e) => {
                         warn!(%addr, "IPv6 is off; not listening there")
@@ -92,7 +95,7 @@ impl App {
         let mut upstreams = Vec::new();
         for u in &settings.upstreams {
             upstreams.push(UpstreamListener {
-                listener: proxy::bind("--upstream", u.listen)?,
+                listeners: proxy::bind_each_shard("--upstream", u.listen, shards.count())?,
                 upstream: u.clone(),
             });
         }
@@ -109,11 +112,11 @@ impl App {
             inbound: inbound_listener.local_addr()?,
             outbound: transparent
                 .iter()
-                .filter_map(|l| l.local_addr().ok())
+                .filter_map(|l| l.first()?.local_addr().ok())
                 .collect(),
             upstreams: upstreams
                 .iter()
-                .filter_map(|u| u.listener.local_addr().ok())
+                .filter_map(|u| u.listeners.first()?.local_addr().ok())
                 .collect(),
             admin: admin_listener.local_addr()?,
             tunnel: match &tunnel_listener {
@@ -157,6 +160,7 @@ impl App {
             idle_timeout: settings.idle_timeout,
             tunnel,
             pool: proxy::tunnel::Pool::default(),
+            shards: shards.clone(),
             refusal_logs: LogEveryByKind::new(proxy::REFUSAL_LOG_INTERVAL),
         });
         Ok(App {
@@ -183,6 +187,7 @@ impl App {
             issuer,
             rules,
             bundle_pem,
+            shards,
             settings,
             metrics,
             tls,
@@ -343,6 +348,8 @@ impl App {
             info!("drained");
         }
         admin.abort();
+        // Connections still open on the other threads end with them.
+        self.shards.stop();
         Ok(())
     }
 }

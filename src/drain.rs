@@ -65,6 +65,14 @@ impl Drain {
         self.connections.spawn(Box::pin(fut));
     }
 
+    /// [`Drain::spawn`] on another shard's runtime.
+    pub fn spawn_on<F>(&self, fut: F, handle: &tokio::runtime::Handle)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.connections.spawn_on(Box::pin(fut), handle);
+    }
+
     /// Open connections now.
     pub fn open(&self) -> usize {
         self.connections.len()

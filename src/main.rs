@@ -71,7 +71,7 @@ fn run(args: portcullis::config::RunArgs) -> anyhow::Result<()> {
     let settings = args.settings().map_err(anyhow::Error::msg)?;
     args.log.init().map_err(anyhow::Error::msg)?;
     portcullis::limits::raise_nofile_limit();
-    portcullis::runtime::build(settings.worker_threads)?.block_on(async {
+    portcullis::runtime::build()?.block_on(async {
         let app = portcullis::app::App::bind(settings).await?;
         let drain = app.drain();
         tokio::spawn(async move {

@@ -125,8 +125,10 @@ pub struct Shared {
     pub idle_timeout: Duration,
     /// The mesh tunnel's settings (`--tunnel*`).
     pub tunnel: TunnelSettings,
-    /// Pooled tunnel connections to peer sidecars.
+    /// Pooled tunnel connections to peer sidecars (per shard).
     pub pool: tunnel::Pool,
+    /// The threads that run connections (`--worker-threads`).
+    pub shards: crate::runtime::Shards,
     /// Lines about refused or failed connections, at most one per
     /// [`REFUSAL_LOG_INTERVAL`] for each kind, with the count since the
     /// last one: a flood must not become a flood of log lines.
@@ -169,11 +171,45 @@ const LISTEN_BACKLOG: i32 = 4096;
 
 /// Binds a TCP listener with SO_REUSEADDR; an IPv6 wildcard also accepts IPv4.
 pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    let socket = bind_std(flag, addr, false)?;
+    TcpListener::from_std(socket).map_err(|source| Error::Bind { flag, addr, source })
+}
+
+/// Binds `count` listening sockets on one address, one for each shard to
+/// accept on: with `SO_REUSEPORT` the kernel spreads new connections over
+/// them (only sockets of this user may join the group). The first one
+/// picks the port when `addr` asks for port 0. They are registered with a
+/// runtime only on their own shard (`TcpListener::from_std` there).
+pub fn bind_each_shard(
+    flag: &'static str,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, Error> {
+    let reuse_port = count > 1;
+    let first = bind_std(flag, addr, reuse_port)?;
+    let bound = first
+        .local_addr()
+        .map_err(|source| Error::Bind { flag, addr, source })?;
+    let mut all = vec![first];
+    for _ in 1..count {
+        all.push(bind_std(flag, bound, reuse_port)?);
+    }
+    Ok(all)
+}
+
+fn bind_std(
+    flag: &'static str,
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> Result<std::net::TcpListener, Error> {
     let err = |source| Error::Bind { flag, addr, source };
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
         .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(false).map_err(err)?;
     }
@@ -183,7 +219,7 @@ pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> 
     // through wait here, and a full queue drops everyone's SYNs alike.
     // The kernel caps it at net.core.somaxconn.
     socket.listen(LISTEN_BACKLOG).map_err(err)?;
-    TcpListener::from_std(socket.into()).map_err(err)
+    Ok(socket.into())
 }
 
 /// Counts one connection as open until dropped, under its direction, the

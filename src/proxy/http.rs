@@ -348,10 +348,14 @@ pub fn method_label(m: &hyper::Method) -> &'static str {
     }
 }
 
-/// Pooled HTTP clients to the app, one per target address and protocol.
+/// The app's address, whether it speaks HTTP/2, and the shard.
+type AppClientKey = (SocketAddr, bool, usize);
+
+/// Pooled HTTP clients to the app, one per target address, protocol and
+/// shard (an app connection's task stays on the shard that made it).
 #[derive(Default)]
 pub struct AppClients {
-    clients: Mutex<HashMap<(SocketAddr, bool), Client<FixedConnector, NoTrailers>>>,
+    clients: Mutex<HashMap<AppClientKey, Client<FixedConnector, NoTrailers>>>,
     connect_timeout: Duration,
 }
 
@@ -366,7 +370,7 @@ impl AppClients {
     fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, NoTrailers> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
-            .entry((target, h2))
+            .entry((target, h2, crate::runtime::shard()))
             .or_insert_with(|| {
                 Client::builder(TokioExecutor::new())
                     .http2_only(h2)

@@ -132,7 +132,39 @@ impl Inbound {
             let target = self.target;
             let kind = self.kind;
             let span = tracing::info_span!("inbound", %source);
-            drain.spawn(serve(shared, stream, source, kind, target, slot).instrument(span));
+            if shared.shards.count() == 1 {
+                drain.spawn(serve(shared, stream, source, kind, target, slot).instrument(span));
+                continue;
+            }
+            // Tunnel connections live long and carry many app connections:
+            // each goes to the shard with the fewest open, so two peers'
+            // tunnels do not end up sharing one thread.
+            let (shard, load) = shared.shards.least_busy();
+            if shard == crate::runtime::shard() {
+                let task = async move {
+                    let _load = load;
+                    serve(shared, stream, source, kind, target, slot).await
+                };
+                drain.spawn(task.instrument(span));
+                continue;
+            }
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(%source, error = %e, "inbound connection lost before its hand-off");
+                    continue;
+                }
+            };
+            let handle = shared.shards.handle(shard).clone();
+            let task = async move {
+                let _load = load;
+                // Registered with the runtime of the shard that serves it.
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve(shared, stream, source, kind, target, slot).await,
+                    Err(e) => debug!(%source, error = %e, "inbound connection lost in its hand-off"),
+                }
+            };
+            drain.spawn_on(task.instrument(span), &handle);
         }
     }
 }

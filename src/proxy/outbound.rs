@@ -16,15 +16,16 @@ use crate::config::Upstream;
 use crate::identity::SpiffeId;
 use crate::limits::AcceptErrors;
 
-/// An explicit upstream's listener.
+/// An explicit upstream's listening sockets, one per shard.
 pub struct UpstreamListener {
-    pub listener: TcpListener,
+    pub listeners: Vec<std::net::TcpListener>,
     pub upstream: Upstream,
 }
 
-/// The outbound listeners of one sidecar.
+/// The outbound listeners of one sidecar: each address has a socket per
+/// shard (`proxy::bind_each_shard`), and each shard accepts on its own.
 pub struct Outbound {
-    pub transparent: Vec<TcpListener>,
+    pub transparent: Vec<Vec<std::net::TcpListener>>,
     pub upstreams: Vec<UpstreamListener>,
     pub shared: Arc<Shared>,
 }
@@ -33,21 +34,32 @@ impl Outbound {
     /// Accepts on every outbound listener until the drain begins.
     pub async fn run(self) {
         let mut tasks = tokio::task::JoinSet::new();
-        for listener in self.transparent {
-            tasks.spawn(accept_loop(listener, None, self.shared.clone()));
-        }
-        for u in self.upstreams {
-            tasks.spawn(accept_loop(
-                u.listener,
-                Some(u.upstream),
-                self.shared.clone(),
-            ));
+        let listeners = self
+            .transparent
+            .into_iter()
+            .map(|l| (l, None))
+            .chain(self.upstreams.into_iter().map(|u| (u.listeners, Some(u.upstream))));
+        for (sockets, upstream) in listeners {
+            for (shard, socket) in sockets.into_iter().enumerate() {
+                let handle = self.shared.shards.handle(shard);
+                let task = accept_loop(socket, upstream.clone(), self.shared.clone());
+                tasks.spawn_on(task, handle);
+            }
         }
         while tasks.join_next().await.is_some() {}
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: Option<Upstream>, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    upstream: Option<Upstream>,
+    shared: Arc<Shared>,
+) {
+    // Registered here, with this shard's own runtime.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!(error = %e, "outbound listener could not be used"),
+    };
     let drain = shared.drain.clone();
     let accept_errors = shared.metrics.accept_errors.clone();
     let mut errors = AcceptErrors::new("outbound", Some(accept_errors));

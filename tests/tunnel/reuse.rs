@@ -119,3 +119,45 @@ async fn concurrent_first_connections_share_one_handshake() {
         "50 connections racing to a new peer made one handshake"
     );
 }
+
+/// With two worker threads on each side, every thread keeps a pool of its
+/// own: the client's app connections, spread over both threads' listening
+/// sockets by the kernel, travel on one tunnel connection per thread, and
+/// the server hands the second tunnel to its other thread. All echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_thread_pools_its_own_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let threads = ["--worker-threads", "2"];
+    let pair = Pair::start(&ca, &ca.files.cert, &threads, &threads).await;
+    let upstream = pair.a.upstream();
+    // All open at once, so neither thread's pool can serve another's.
+    let all_up = Arc::new(tokio::sync::Barrier::new(100));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let all_up = all_up.clone();
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(upstream).await.ok()?;
+            let first = echo_once(&mut s, b"one").await;
+            tokio::time::timeout(Duration::from_secs(30), all_up.wait())
+                .await
+                .ok()?;
+            Some(first && echo_once(&mut s, b"two").await)
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        ok += usize::from(r.unwrap() == Some(true));
+    }
+    assert_eq!(ok, 100, "every connection echoed twice");
+    for (side, direction) in [(&pair.a, "outbound"), (&pair.b, "inbound")] {
+        assert_eq!(
+            side.metric(
+                "portcullis_tunnel_connections_opened_total",
+                &[("direction", direction)],
+            ),
+            2.0,
+            "{direction}: one tunnel connection per worker thread"
+        );
+    }
+}

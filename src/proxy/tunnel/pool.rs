@@ -143,13 +143,17 @@ impl Entry {
 }
 
 /// Every peer's entry, plus the peers remembered to have no tunnel.
+/// Entries are per shard (`runtime::shard`): a connection's HTTP/2 task
+/// runs on the shard that dialled it, and streams opened from another
+/// thread would wake it through the kernel for every frame.
 #[derive(Default)]
 pub struct Pool {
-    entries: Mutex<HashMap<Key, Arc<Entry>>>,
+    entries: Mutex<HashMap<(usize, Key), Arc<Entry>>>,
     no_tunnel: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 impl Pool {
+    /// The calling shard's entry for `key`.
     pub fn entry(&self, key: &Key) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         // Entries of peers with no connection left are dropped as we go,
@@ -157,7 +161,8 @@ impl Pool {
         if entries.len() > 64 {
             entries.retain(|_, e| Arc::strong_count(e) > 1 || e.len() > 0);
         }
-        entries.entry(key.clone()).or_default().clone()
+        let shard = crate::runtime::shard();
+        entries.entry((shard, key.clone())).or_default().clone()
     }
 
     /// Whether `addr` refused a tunnel within the last `memory`.
