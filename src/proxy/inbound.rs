@@ -161,7 +161,9 @@ impl Inbound {
                 // Registered with the runtime of the shard that serves it.
                 match TcpStream::from_std(stream) {
                     Ok(stream) => serve(shared, stream, source, kind, target, slot).await,
-                    Err(e) => debug!(%source, error = %e, "inbound connection lost in its hand-off"),
+                    Err(e) => {
+                        debug!(%source, error = %e, "inbound connection lost in its hand-off")
+                    }
                 }
             };
             drain.spawn_on(task.instrument(span), &handle);

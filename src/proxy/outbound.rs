@@ -34,11 +34,11 @@ impl Outbound {
     /// Accepts on every outbound listener until the drain begins.
     pub async fn run(self) {
         let mut tasks = tokio::task::JoinSet::new();
-        let listeners = self
-            .transparent
-            .into_iter()
-            .map(|l| (l, None))
-            .chain(self.upstreams.into_iter().map(|u| (u.listeners, Some(u.upstream))));
+        let listeners = self.transparent.into_iter().map(|l| (l, None)).chain(
+            self.upstreams
+                .into_iter()
+                .map(|u| (u.listeners, Some(u.upstream))),
+        );
         for (sockets, upstream) in listeners {
             for (shard, socket) in sockets.into_iter().enumerate() {
                 let handle = self.shared.shards.handle(shard);
