@@ -38,11 +38,11 @@ fn whole_words<'a>(text: &'a str, word: &'a str) -> impl Iterator<Item = usize> 
         let before = text[..i]
             .chars()
             .next_back()
-            .map_or(true, |c| !is_word_char(c));
+            .is_none_or(|c| !is_word_char(c));
         let after = text[i + word.len()..]
             .chars()
             .next()
-            .map_or(true, |c| !is_word_char(c));
+            .is_none_or(|c| !is_word_char(c));
         before && after
     })
 }

@@ -35,7 +35,7 @@ impl Proc {
             .unwrap()
             .iter()
             .filter(|v| v["message"] == message)
-            .filter(|v| listener.map_or(true, |l| v["listener"] == l))
+            .filter(|v| listener.is_none_or(|l| v["listener"] == l))
             .cloned()
             .collect()
     }

@@ -200,7 +200,7 @@ fn lines_of(lines: &Mutex<Vec<String>>, message: &str, result: Option<&str>) -> 
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["message"] == message)
-        .filter(|v| result.map_or(true, |r| v["result"] == r))
+        .filter(|v| result.is_none_or(|r| v["result"] == r))
         .collect()
 }
 

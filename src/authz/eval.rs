@@ -123,7 +123,7 @@ impl Field {
 
 /// `None` (not constrained) matches; otherwise any listed value may match.
 fn any<T>(list: &Option<Vec<T>>, f: impl Fn(&T) -> bool) -> bool {
-    list.as_ref().map_or(true, |l| l.iter().any(f))
+    list.as_ref().is_none_or(|l| l.iter().any(f))
 }
 
 impl Rule {
@@ -174,9 +174,7 @@ impl Rule {
                 from.trust_domains.is_none()
                     || id.is_some_and(|id| any(&from.trust_domains, |t| t == id.trust_domain()))
             }
-            Field::Unauthenticated => from
-                .unauthenticated
-                .map_or(true, |want| want == id.is_none()),
+            Field::Unauthenticated => from.unauthenticated.is_none_or(|want| want == id.is_none()),
             Field::Cidrs => any(&from.cidrs, |c| c.contains(conn.source)),
             Field::Http => h.is_none() || http.is_some() || self.action == Action::Deny,
             Field::Methods => match (h, http) {
@@ -197,7 +195,7 @@ impl Rule {
                 _ => true,
             },
             Field::Headers => match (h, http) {
-                (Some(h), Some(req)) => h.headers.as_ref().map_or(true, |conds| {
+                (Some(h), Some(req)) => h.headers.as_ref().is_none_or(|conds| {
                     conds.iter().all(|c| c.matches(req.headers, self.combine()))
                 }),
                 _ => true,

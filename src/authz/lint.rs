@@ -95,7 +95,7 @@ fn never_matches(rule: &Rule, td: Option<&TrustDomain>) -> Option<String> {
     if let (Some(ids), Some(tds)) = (&f.identities, &f.trust_domains) {
         let possible = ids.iter().any(|p| {
             p.trust_domain()
-                .map_or(true, |t| tds.iter().any(|d| d.as_str() == t))
+                .is_none_or(|t| tds.iter().any(|d| d.as_str() == t))
         });
         if !possible {
             return Some("no identity is in one of the listed trust_domains".into());

@@ -176,7 +176,7 @@ impl Yaml {
             }
             let is_entry = |p: usize| {
                 matches!(chars.get(p), Some('-' | '?' | ':'))
-                    && chars.get(p + 1).map_or(true, |c| *c == ' ' || *c == '\t')
+                    && chars.get(p + 1).is_none_or(|c| *c == ' ' || *c == '\t')
             };
             // Collections that this line's indentation closes. A `- ` line at a
             // mapping's own indentation is that mapping's value (`a:` then `- x`).
@@ -192,7 +192,7 @@ impl Yaml {
             pos = indent;
             if indent == 0
                 && chars.starts_with(&['-', '-', '-'])
-                && chars.get(3).map_or(true, |c| *c == ' ' || *c == '\t')
+                && chars.get(3).is_none_or(|c| *c == ' ' || *c == '\t')
             {
                 pos = 3;
                 while pos < chars.len() && (chars[pos] == ' ' || chars[pos] == '\t') {
@@ -281,7 +281,7 @@ impl Yaml {
                 after_space = true;
                 continue;
             }
-            let space_or_end = next.map_or(true, |n| n == ' ' || n == '\t');
+            let space_or_end = next.is_none_or(|n| n == ' ' || n == '\t');
             let quoted_before = std::mem::take(&mut after_quote);
             let closed_before = std::mem::take(&mut after_close);
             match c {

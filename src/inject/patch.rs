@@ -58,7 +58,7 @@ impl Builder {
     pub fn set(&mut self, path: &[&str], value: Value) {
         for depth in 1..path.len() {
             let parent = self.doc.pointer(&pointer(&path[..depth]));
-            if parent.map_or(true, Value::is_null) {
+            if parent.is_none_or(Value::is_null) {
                 self.push(pointer(&path[..depth]), Value::Object(Default::default()));
             }
         }

@@ -118,7 +118,7 @@ pub fn apply_input(plan: &RulePlan, family: Family, saved: &Saved) -> String {
     ] {
         for rule in rules
             .iter()
-            .filter(|r| r.family.map_or(true, |f| f == family))
+            .filter(|r| r.family.is_none_or(|f| f == family))
         {
             for line in render_rule(chain, rule) {
                 s.push_str(&line);

@@ -98,7 +98,7 @@ impl AcceptErrors {
         self.total += 1;
         let due = self
             .last_log
-            .map_or(true, |at| at.elapsed() >= ACCEPT_LOG_INTERVAL);
+            .is_none_or(|at| at.elapsed() >= ACCEPT_LOG_INTERVAL);
         if due {
             warn!(
                 listener = self.listener,

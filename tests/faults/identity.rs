@@ -139,7 +139,7 @@ pub async fn identity_service_outage_longer_than_a_leaf() {
             Ok(s) => round_trip(s, b"direct").await.ok(),
         };
     assert!(
-        direct.map_or(true, |out| out.is_empty()),
+        direct.is_none_or(|out| out.is_empty()),
         "the expired server served a peer"
     );
     assert!(refused(&pair.b, "inbound") >= 1.0);

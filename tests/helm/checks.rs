@@ -61,8 +61,8 @@ fn label_ok(s: &str) -> bool {
     s.len() <= 63
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && s.chars().next().map_or(true, |c| c.is_ascii_alphanumeric())
-        && s.chars().last().map_or(true, |c| c.is_ascii_alphanumeric())
+        && s.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
+        && s.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
 }
 
 fn dns_label(s: &str) -> bool {
