@@ -72,7 +72,12 @@ impl App {
         let tls = Arc::new(MeshTls::new(td.clone(), bundle));
 
         let drain = Drain::new();
-        let shards = crate::runtime::Shards::start(settings.worker_threads)
+        let worker_gauge = |i: usize| {
+            metrics
+                .worker_connections
+                .with_label_values(&[&i.to_string()])
+        };
+        let shards = crate::runtime::Shards::start(settings.worker_threads, worker_gauge)
             .context("starting --worker-threads threads")?;
         let inbound_listener = bind_inbound("--inbound-listen", settings.inbound_listen)?;
         let tunnel_listener = match settings.tunnel_listen {
@@ -83,7 +88,7 @@ impl App {
         let mut transparent = Vec::new();
         if !explicit {
             for addr in &settings.outbound_listen {
-                match proxy::bind_each_shard("--outbound-listen", *addr, shards.count()) {
+                match proxy::bind_for_shards("--outbound-listen", *addr, shards.count()) {
                     Ok(l) => transparent.push(l),
                     Err(e) if addr.is_ipv6() && is_no_ipv6(&e) => {
                         warn!(%addr, "IPv6 is off; not listening there")
@@ -95,7 +100,7 @@ impl App {
         let mut upstreams = Vec::new();
         for u in &settings.upstreams {
             upstreams.push(UpstreamListener {
-                listeners: proxy::bind_each_shard("--upstream", u.listen, shards.count())?,
+                listeners: proxy::bind_for_shards("--upstream", u.listen, shards.count())?,
                 upstream: u.clone(),
             });
         }
@@ -213,6 +218,9 @@ impl App {
     pub async fn run(self) -> Result<()> {
         let exit = CancellationToken::new();
         let _stop_background = exit.clone().drop_guard();
+        // Also when this future is dropped before the drain ends (tasks on
+        // other shards hold the shards' handles, so dropping is not enough).
+        let _stop_shards = StopShards(self.shards.clone());
         let s = &self.settings;
         let td = s.id.trust_domain().clone();
         let source = match (&s.cert_source, self.issuer) {
@@ -349,8 +357,21 @@ impl App {
         }
         admin.abort();
         // Connections still open on the other threads end with them.
-        self.shards.stop();
+        self.shards.stop(SHARD_STOP_WAIT);
         Ok(())
+    }
+}
+
+/// How long the end of a drain waits for the other threads to close what
+/// they still hold (and log it).
+const SHARD_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Stops the other shards when dropped.
+struct StopShards(crate::runtime::Shards);
+
+impl Drop for StopShards {
+    fn drop(&mut self) {
+        self.0.stop(std::time::Duration::ZERO);
     }
 }
 

@@ -115,6 +115,9 @@ pub struct Metrics {
     pub admin_connections_dropped: IntCounterVec,
     /// The mesh tunnel's connections, streams, pool and fallbacks.
     pub tunnel: tunnel::TunnelMetrics,
+    /// `portcullis_worker_connections{worker}`: connections each worker
+    /// thread serves, open now.
+    pub worker_connections: IntGaugeVec,
 }
 
 fn histogram(
@@ -332,6 +335,18 @@ impl Metrics {
                 "Admin connections closed or refused to keep the admin port answering: no_request (no request in time), evicted (idle, its slot given to a new one), full (every slot busy).",
                 &["reason"],
             ),
+            worker_connections: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "portcullis_worker_connections",
+                        "Connections (inbound, tunnel and outbound) each worker thread (--worker-threads) serves, open now.",
+                    ),
+                    &["worker"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             connections_open,
             tls_handshake_duration,
             cert_expiry,

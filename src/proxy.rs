@@ -166,50 +166,83 @@ impl Shared {
     }
 }
 
+/// Runs `serve` for an accepted connection on the shard `placed` names,
+/// counted there while it runs: on this thread as it is, or handed to that
+/// shard's runtime (deregistered here, registered there).
+pub fn run_on_shard<F, Fut>(
+    shared: Arc<Shared>,
+    placed: (usize, crate::runtime::ShardLoad),
+    stream: TcpStream,
+    span: tracing::Span,
+    serve: F,
+) where
+    F: FnOnce(Arc<Shared>, TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    let (shard, load) = placed;
+    let drain = shared.drain.clone();
+    if shard == crate::runtime::shard() {
+        let task = async move {
+            let _load = load;
+            serve(shared, stream).await
+        };
+        return drain.spawn(task.instrument(span));
+    }
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => return tracing::debug!(error = %e, "connection lost before its hand-off"),
+    };
+    let handle = shared.shards.handle(shard).clone();
+    let task = async move {
+        let _load = load;
+        match TcpStream::from_std(stream) {
+            Ok(stream) => serve(shared, stream).await,
+            Err(e) => tracing::debug!(error = %e, "connection lost in its hand-off"),
+        }
+    };
+    drain.spawn_on(task.instrument(span), &handle);
+}
+
 /// Connections the kernel queues for each listener before accept.
 const LISTEN_BACKLOG: i32 = 4096;
 
 /// Binds a TCP listener with SO_REUSEADDR; an IPv6 wildcard also accepts IPv4.
 pub fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    let socket = bind_std(flag, addr, false)?;
+    let socket = bind_std(flag, addr)?;
     TcpListener::from_std(socket).map_err(|source| Error::Bind { flag, addr, source })
 }
 
-/// Binds `count` listening sockets on one address, one for each shard to
-/// accept on: with `SO_REUSEPORT` the kernel spreads new connections over
-/// them (only sockets of this user may join the group). The first one
-/// picks the port when `addr` asks for port 0. They are registered with a
-/// runtime only on their own shard (`TcpListener::from_std` there).
-pub fn bind_each_shard(
+/// Binds one listening socket for `count` shards: each gets a descriptor
+/// of its own (`try_clone`), registered only with its own runtime
+/// (`TcpListener::from_std` there), and takes the connections it accepts
+/// first. One socket rather than an `SO_REUSEPORT` group: any process of
+/// the sidecar's user could join such a group and be handed a share of
+/// the app's intercepted, still plaintext connections.
+pub fn bind_for_shards(
     flag: &'static str,
     addr: SocketAddr,
     count: usize,
 ) -> Result<Vec<std::net::TcpListener>, Error> {
-    let reuse_port = count > 1;
-    let first = bind_std(flag, addr, reuse_port)?;
-    let bound = first
-        .local_addr()
-        .map_err(|source| Error::Bind { flag, addr, source })?;
-    let mut all = vec![first];
+    let first = bind_std(flag, addr)?;
+    let mut all = Vec::with_capacity(count.max(1));
     for _ in 1..count {
-        all.push(bind_std(flag, bound, reuse_port)?);
+        all.push(
+            first
+                .try_clone()
+                .map_err(|source| Error::Bind { flag, addr, source })?,
+        );
     }
+    all.insert(0, first);
     Ok(all)
 }
 
-fn bind_std(
-    flag: &'static str,
-    addr: SocketAddr,
-    reuse_port: bool,
-) -> Result<std::net::TcpListener, Error> {
+fn bind_std(flag: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
     let err = |source| Error::Bind { flag, addr, source };
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
         .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
-    if reuse_port {
-        socket.set_reuse_port(true).map_err(err)?;
-    }
     if addr.is_ipv6() {
         socket.set_only_v6(false).map_err(err)?;
     }

@@ -1,24 +1,30 @@
 //! The sidecar's threads, sized by `--worker-threads`: one event loop per
-//! thread ("shard"), each a tokio current-thread runtime, sharing nothing
-//! on the data path but read-mostly state (certificates, rules, metrics).
+//! thread ("shard"), each a tokio current-thread runtime. Shards share
+//! certificates, rules and metrics, a few maps behind short locks (pool
+//! entries, pending handshakes), and the drain; a connection's tasks and
+//! sockets belong to one shard.
 //!
 //! A connection lives its whole life on one shard: its tasks are never
 //! handed to another thread, so no worker is woken through the kernel to
 //! pick one up. tokio's work-stealing runtime did that hand-off, and on a
 //! loaded node it cost more CPU per request than the second core saved
-//! (benches/README.md, *Worker threads*). Shards keep one thread's cost per
-//! request and still use more cores: the kernel spreads new outbound
-//! connections over the shards' listening sockets (`SO_REUSEPORT`), and
-//! inbound connections are handed to the shard with the fewest open ones
-//! (see `proxy::inbound`). Pools (tunnel connections, app connections) are
-//! per shard for the same reason.
+//! (benches/README.md, *Worker threads*). Shards hand nothing over once a
+//! connection runs and still use more cores: every shard accepts on the
+//! outbound listeners (`proxy::bind_for_shards`) and keeps what it accepts
+//! unless it is [`SLACK`] connections busier than another, and inbound
+//! connections (tunnels among them: few, long-lived) always go to the
+//! shard with the fewest open (`proxy::inbound`). Pools (tunnel
+//! connections, app connections) are per shard for the same reason.
 
 use std::cell::Cell;
 use std::io;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use prometheus::IntGauge;
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 
@@ -54,8 +60,12 @@ pub fn build() -> io::Result<Runtime> {
     Builder::new_current_thread().enable_all().build()
 }
 
-/// Every shard's handle and its count of open connections (for handing
-/// inbound connections to the least busy one).
+/// How many more open connections than the least busy shard a shard may
+/// serve before the connections it accepts go to that one instead.
+pub const SLACK: i64 = 4;
+
+/// Every shard's handle and its count of open connections (to hand new
+/// ones to the least busy).
 #[derive(Clone)]
 pub struct Shards {
     inner: Arc<Inner>,
@@ -63,61 +73,47 @@ pub struct Shards {
 
 struct Inner {
     handles: Vec<Handle>,
-    open: Vec<AtomicUsize>,
+    /// Connections each shard serves, open now (a metric too).
+    open: Vec<IntGauge>,
     /// Where the next search for the least busy shard starts, so ties
     /// rotate instead of all going to shard 0.
     next: AtomicUsize,
     stop: CancellationToken,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shards {
     /// Shard 0 is the runtime of the caller; `count - 1` more threads each
-    /// run a runtime of their own until this (and every clone) is dropped
-    /// or [`Shards::stop`] is called. Must be called inside a runtime.
-    pub fn start(count: usize) -> io::Result<Shards> {
+    /// run a runtime of their own until [`Shards::stop`] (or until the
+    /// last clone is dropped). `open(i)` counts shard i's open
+    /// connections. Must be called inside a runtime.
+    pub fn start(count: usize, open: impl Fn(usize) -> IntGauge) -> io::Result<Shards> {
         let stop = CancellationToken::new();
         let mut handles = vec![Handle::current()];
+        let mut threads = Vec::new();
         for index in 1..count.max(1) {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let stopped = stop.clone();
-            std::thread::Builder::new()
-                .name(WORKER_NAME.into())
-                .spawn(move || {
-                    SHARD.with(|s| s.set(index));
-                    let rt = match build() {
-                        Ok(rt) => rt,
-                        Err(e) => return drop(tx.send(Err(e))),
-                    };
-                    let _ = tx.send(Ok(rt.handle().clone()));
-                    rt.block_on(stopped.cancelled());
-                })?;
-            let handle = rx
-                .recv()
-                .map_err(|_| io::Error::other("a worker thread ended before it started"))??;
-            handles.push(handle);
+            match start_thread(index, &stop) {
+                Ok((handle, thread)) => {
+                    handles.push(handle);
+                    threads.push(thread);
+                }
+                Err(e) => {
+                    // The threads already started end with their runtime.
+                    stop.cancel();
+                    return Err(e);
+                }
+            }
         }
-        let open = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+        let open = (0..handles.len()).map(open).collect();
         Ok(Shards {
             inner: Arc::new(Inner {
                 handles,
                 open,
                 next: AtomicUsize::new(0),
                 stop,
+                threads: Mutex::new(threads),
             }),
         })
-    }
-
-    /// One shard: the caller's runtime (tests and tools that run a
-    /// sidecar inside their own runtime).
-    pub fn single() -> Shards {
-        Shards {
-            inner: Arc::new(Inner {
-                handles: vec![Handle::current()],
-                open: vec![AtomicUsize::new(0)],
-                next: AtomicUsize::new(0),
-                stop: CancellationToken::new(),
-            }),
-        }
     }
 
     pub fn count(&self) -> usize {
@@ -128,28 +124,80 @@ impl Shards {
         &self.inner.handles[index]
     }
 
-    /// The shard with the fewest connections handed to it still open; the
-    /// returned guard counts one more there until it is dropped.
+    /// The shard with the fewest open connections; the returned guard
+    /// counts one more there until it is dropped.
     pub fn least_busy(&self) -> (usize, ShardLoad) {
+        let index = self.least_busy_index();
+        (index, self.count_on(index))
+    }
+
+    /// Where a connection accepted by shard `here` runs: there, unless
+    /// `here` already serves more than [`SLACK`] connections over the least
+    /// busy shard (whichever shard wakes first takes a new connection, and
+    /// long-lived ones would otherwise pile up on it).
+    pub fn place(&self, here: usize) -> (usize, ShardLoad) {
+        let least = self.least_busy_index();
+        let open = |i: usize| self.inner.open[i].get();
+        let index = if open(here) <= open(least) + SLACK {
+            here
+        } else {
+            least
+        };
+        (index, self.count_on(index))
+    }
+
+    fn least_busy_index(&self) -> usize {
         let inner = &self.inner;
         let n = inner.handles.len();
         let start = inner.next.fetch_add(1, Ordering::Relaxed) % n;
-        let index = (0..n)
+        (0..n)
             .map(|i| (start + i) % n)
-            .min_by_key(|&i| inner.open[i].load(Ordering::Relaxed))
-            .unwrap_or(0);
-        inner.open[index].fetch_add(1, Ordering::Relaxed);
-        let load = ShardLoad {
-            inner: self.inner.clone(),
-            index,
-        };
-        (index, load)
+            .min_by_key(|&i| inner.open[i].get())
+            .unwrap_or(0)
     }
 
-    /// Ends the shard threads' runtimes (their tasks are dropped).
-    pub fn stop(&self) {
-        self.inner.stop.cancel();
+    fn count_on(&self, index: usize) -> ShardLoad {
+        let gauge = self.inner.open[index].clone();
+        gauge.inc();
+        ShardLoad { gauge }
     }
+
+    /// Ends the other shards' runtimes (their tasks are dropped, closing
+    /// their connections) and waits up to `wait` for their threads, so
+    /// what they log on the way out is written before the process exits.
+    pub fn stop(&self, wait: Duration) {
+        self.inner.stop.cancel();
+        let deadline = Instant::now() + wait;
+        let threads =
+            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Starts shard `index` on a thread of its own; its runtime runs until
+/// `stop` is cancelled.
+fn start_thread(index: usize, stop: &CancellationToken) -> io::Result<(Handle, JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(WORKER_NAME.into())
+        .spawn(move || {
+            SHARD.with(|s| s.set(index));
+            let rt = match build() {
+                Ok(rt) => rt,
+                Err(e) => return drop(tx.send(Err(e))),
+            };
+            let _ = tx.send(Ok(rt.handle().clone()));
+            rt.block_on(stopped.cancelled());
+        })?;
+    let handle = rx
+        .recv()
+        .map_err(|_| io::Error::other("a worker thread ended before it started"))??;
+    Ok((handle, thread))
 }
 
 impl Drop for Inner {
@@ -160,19 +208,22 @@ impl Drop for Inner {
 
 /// One connection counted on a shard while it is open.
 pub struct ShardLoad {
-    inner: Arc<Inner>,
-    index: usize,
+    gauge: IntGauge,
 }
 
 impl Drop for ShardLoad {
     fn drop(&mut self) {
-        self.inner.open[self.index].fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gauge(i: usize) -> IntGauge {
+        IntGauge::new(format!("open_{i}"), "test").unwrap()
+    }
 
     #[test]
     fn zero_means_every_usable_cpu() {
@@ -187,7 +238,7 @@ mod tests {
     fn every_shard_is_a_thread_that_knows_its_index() {
         let rt = build().unwrap();
         rt.block_on(async {
-            let shards = Shards::start(3).unwrap();
+            let shards = Shards::start(3, gauge).unwrap();
             assert_eq!(shards.count(), 3);
             let mut threads = Vec::new();
             for i in 0..3 {
@@ -200,9 +251,11 @@ mod tests {
                 threads.push(thread);
             }
             assert_eq!(threads[0], std::thread::current().id());
-            threads.dedup();
-            assert_eq!(threads.len(), 3, "three distinct threads");
-            shards.stop();
+            let distinct: std::collections::HashSet<_> = threads.into_iter().collect();
+            assert_eq!(distinct.len(), 3, "three distinct threads");
+            shards.stop(Duration::from_secs(1));
+            let after = shards.handle(1).spawn(async {}).await;
+            assert!(after.is_err(), "a stopped shard runs nothing");
         });
     }
 
@@ -211,14 +264,14 @@ mod tests {
     fn least_busy_balances_open_connections() {
         let rt = build().unwrap();
         rt.block_on(async {
-            let shards = Shards::start(2).unwrap();
+            let shards = Shards::start(2, gauge).unwrap();
             let (a, la) = shards.least_busy();
             let (b, _lb) = shards.least_busy();
             assert_ne!(a, b, "the second goes to the idle shard");
             drop(la);
             let (c, _lc) = shards.least_busy();
             assert_eq!(c, a, "the shard whose connection closed is the least busy");
-            shards.stop();
+            shards.stop(Duration::from_secs(1));
         });
     }
 }

@@ -139,34 +139,9 @@ impl Inbound {
             // Tunnel connections live long and carry many app connections:
             // each goes to the shard with the fewest open, so two peers'
             // tunnels do not end up sharing one thread.
-            let (shard, load) = shared.shards.least_busy();
-            if shard == crate::runtime::shard() {
-                let task = async move {
-                    let _load = load;
-                    serve(shared, stream, source, kind, target, slot).await
-                };
-                drain.spawn(task.instrument(span));
-                continue;
-            }
-            let stream = match stream.into_std() {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(%source, error = %e, "inbound connection lost before its hand-off");
-                    continue;
-                }
-            };
-            let handle = shared.shards.handle(shard).clone();
-            let task = async move {
-                let _load = load;
-                // Registered with the runtime of the shard that serves it.
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => serve(shared, stream, source, kind, target, slot).await,
-                    Err(e) => {
-                        debug!(%source, error = %e, "inbound connection lost in its hand-off")
-                    }
-                }
-            };
-            drain.spawn_on(task.instrument(span), &handle);
+            let placed = shared.shards.least_busy();
+            let serve = move |shared, stream| serve(shared, stream, source, kind, target, slot);
+            super::run_on_shard(shared, placed, stream, span, serve);
         }
     }
 }

@@ -16,14 +16,16 @@ use crate::config::Upstream;
 use crate::identity::SpiffeId;
 use crate::limits::AcceptErrors;
 
-/// An explicit upstream's listening sockets, one per shard.
+/// An explicit upstream's listening socket, a descriptor per shard.
 pub struct UpstreamListener {
     pub listeners: Vec<std::net::TcpListener>,
     pub upstream: Upstream,
 }
 
-/// The outbound listeners of one sidecar: each address has a socket per
-/// shard (`proxy::bind_each_shard`), and each shard accepts on its own.
+/// The outbound listeners of one sidecar: each shard accepts on every
+/// listening socket through a descriptor of its own
+/// (`proxy::bind_for_shards`), so a new app connection goes to whichever
+/// shard takes it first and then stays there.
 pub struct Outbound {
     pub transparent: Vec<Vec<std::net::TcpListener>>,
     pub upstreams: Vec<UpstreamListener>,
@@ -77,6 +79,18 @@ async fn accept_loop(
         errors.accepted();
         let shared = shared.clone();
         let span = tracing::info_span!("outbound", %source);
+        if shared.shards.count() > 1 {
+            let placed = shared.shards.place(crate::runtime::shard());
+            match &upstream {
+                Some(u) => {
+                    let (dest, expect) = (u.dest, u.expect.clone());
+                    let serve = move |shared, app| to_sidecar(shared, app, dest, expect, false);
+                    super::run_on_shard(shared, placed, stream, span, serve);
+                }
+                None => super::run_on_shard(shared, placed, stream, span, transparent),
+            }
+            continue;
+        }
         match &upstream {
             Some(u) => {
                 let (dest, expect) = (u.dest, u.expect.clone());

@@ -58,3 +58,44 @@ async fn a_draining_server_finishes_open_streams_and_gets_no_new_ones() {
         "the drained server exits: {exited:?}"
     );
 }
+
+/// With two worker threads, a tunnel served on the second one keeps the
+/// drain open until its stream ends, and the server then exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_on_a_second_worker_thread_holds_the_drain_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let server_args = ["--worker-threads", "2", "--drain-timeout", "20s"];
+    let pair = Pair::start(&ca, &ca.files.cert, &[], &server_args).await;
+    let handed = |worker| {
+        pair.b
+            .metric("portcullis_worker_connections", &[("worker", worker)])
+    };
+    // A silent connection takes worker 0, so the tunnel goes to worker 1.
+    let silent = TcpStream::connect(pair.b.addrs.inbound).await.unwrap();
+    eventually(
+        "the silent connection is handed to worker 0",
+        Duration::from_secs(10),
+        || async { handed("0") == 1.0 },
+    )
+    .await;
+    let mut open = TcpStream::connect(pair.a.upstream()).await.unwrap();
+    assert!(echo_once(&mut open, b"before").await);
+    assert_eq!(handed("1"), 1.0, "the tunnel is served by worker 1");
+    drop(silent);
+
+    pair.b.drain.begin();
+    assert!(echo_once(&mut open, b"during the drain").await);
+    assert!(
+        !pair.b.task.is_finished(),
+        "the open stream holds the drain"
+    );
+
+    open.shutdown().await.unwrap();
+    drop(open);
+    let exited = tokio::time::timeout(Duration::from_secs(10), pair.b.task).await;
+    assert!(
+        matches!(exited, Ok(Ok(Ok(())))),
+        "the drained server exits: {exited:?}"
+    );
+}

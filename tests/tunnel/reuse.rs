@@ -160,4 +160,12 @@ async fn each_worker_thread_pools_its_own_tunnel() {
             "{direction}: one tunnel connection per worker thread"
         );
     }
+    for worker in ["0", "1"] {
+        assert_eq!(
+            pair.b
+                .metric("portcullis_worker_connections", &[("worker", worker)]),
+            1.0,
+            "the server's worker {worker} serves one of the two tunnels"
+        );
+    }
 }
