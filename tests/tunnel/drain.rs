@@ -50,13 +50,7 @@ async fn a_draining_server_finishes_open_streams_and_gets_no_new_ones() {
     );
 
     // When the last stream ends, the server is done well before its timeout.
-    open.shutdown().await.unwrap();
-    drop(open);
-    let exited = tokio::time::timeout(Duration::from_secs(10), pair.b.task).await;
-    assert!(
-        matches!(exited, Ok(Ok(Ok(())))),
-        "the drained server exits: {exited:?}"
-    );
+    ends_and_the_server_exits(open, pair.b.task).await;
 }
 
 /// With two worker threads, a tunnel served on the second one keeps the
@@ -91,9 +85,18 @@ async fn a_tunnel_on_a_second_worker_thread_holds_the_drain_until_it_ends() {
         "the open stream holds the drain"
     );
 
+    ends_and_the_server_exits(open, pair.b.task).await;
+}
+
+/// Ends the last open stream; the draining server must then exit cleanly,
+/// well before its drain timeout.
+async fn ends_and_the_server_exits(
+    mut open: TcpStream,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     open.shutdown().await.unwrap();
     drop(open);
-    let exited = tokio::time::timeout(Duration::from_secs(10), pair.b.task).await;
+    let exited = tokio::time::timeout(Duration::from_secs(10), server).await;
     assert!(
         matches!(exited, Ok(Ok(Ok(())))),
         "the drained server exits: {exited:?}"

@@ -52,30 +52,11 @@ async fn five_hundred_concurrent_connections_respect_the_stream_limit() {
         &["--tunnel-max-streams", "100"],
     )
     .await;
-    let upstream = pair.a.upstream();
-    // Every connection stays open until all 500 have echoed once, so all
-    // are in flight together.
-    let all_up = Arc::new(tokio::sync::Barrier::new(500));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..500 {
-        let all_up = all_up.clone();
-        tasks.spawn(async move {
-            let mut s = TcpStream::connect(upstream).await.ok()?;
-            let first = echo_once(&mut s, b"one").await;
-            tokio::time::timeout(Duration::from_secs(30), all_up.wait())
-                .await
-                .ok()?;
-            let second = echo_once(&mut s, b"two").await;
-            Some(first && second)
-        });
-    }
-    let mut ok = 0;
-    while let Some(r) = tasks.join_next().await {
-        if r.unwrap() == Some(true) {
-            ok += 1;
-        }
-    }
-    assert_eq!(ok, 500, "every connection echoed twice");
+    assert_eq!(
+        echo_twice_all_at_once(pair.a.upstream(), 500).await,
+        500,
+        "every connection echoed twice"
+    );
     let opened = pair.a.metric(
         "portcullis_tunnel_connections_opened_total",
         &[("direction", "outbound")],
@@ -121,35 +102,21 @@ async fn concurrent_first_connections_share_one_handshake() {
 }
 
 /// With two worker threads on each side, every thread keeps a pool of its
-/// own: the client's app connections, spread over both threads' listening
-/// sockets by the kernel, travel on one tunnel connection per thread, and
-/// the server hands the second tunnel to its other thread. All echo.
+/// own: the client's app connections, accepted by both threads, travel on
+/// one tunnel connection per thread, and the server hands the second
+/// tunnel to its other thread. All echo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_worker_thread_pools_its_own_tunnel() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
     let threads = ["--worker-threads", "2"];
     let pair = Pair::start(&ca, &ca.files.cert, &threads, &threads).await;
-    let upstream = pair.a.upstream();
     // All open at once, so neither thread's pool can serve another's.
-    let all_up = Arc::new(tokio::sync::Barrier::new(100));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..100 {
-        let all_up = all_up.clone();
-        tasks.spawn(async move {
-            let mut s = TcpStream::connect(upstream).await.ok()?;
-            let first = echo_once(&mut s, b"one").await;
-            tokio::time::timeout(Duration::from_secs(30), all_up.wait())
-                .await
-                .ok()?;
-            Some(first && echo_once(&mut s, b"two").await)
-        });
-    }
-    let mut ok = 0;
-    while let Some(r) = tasks.join_next().await {
-        ok += usize::from(r.unwrap() == Some(true));
-    }
-    assert_eq!(ok, 100, "every connection echoed twice");
+    assert_eq!(
+        echo_twice_all_at_once(pair.a.upstream(), 100).await,
+        100,
+        "every connection echoed twice"
+    );
     for (side, direction) in [(&pair.a, "outbound"), (&pair.b, "inbound")] {
         assert_eq!(
             side.metric(
@@ -168,4 +135,28 @@ async fn each_worker_thread_pools_its_own_tunnel() {
             "the server's worker {worker} serves one of the two tunnels"
         );
     }
+}
+
+/// Opens `n` connections to `upstream`, each echoes once, waits until all
+/// have (so all are in flight together), and echoes again; returns how
+/// many did both.
+async fn echo_twice_all_at_once(upstream: std::net::SocketAddr, n: usize) -> usize {
+    let all_up = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let all_up = all_up.clone();
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(upstream).await.ok()?;
+            let first = echo_once(&mut s, b"one").await;
+            tokio::time::timeout(Duration::from_secs(30), all_up.wait())
+                .await
+                .ok()?;
+            Some(first && echo_once(&mut s, b"two").await)
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        ok += usize::from(r.unwrap() == Some(true));
+    }
+    ok
 }
