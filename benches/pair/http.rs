@@ -99,6 +99,19 @@ pub async fn run(ca: &CaFiles, td: &TrustDomain, dir: &Path) -> Result<Results> 
     }
     drop(pair);
 
+    eprintln!("HTTP: portcullis pair, two worker threads each…");
+    let threads = ["--worker-threads", "2"];
+    let server = ["--rules-dir", &rules, "--worker-threads", "2"];
+    let pair = Pair::start_with(ca, app, &server, &threads).await?;
+    let runs = measure(pair.front, &pair.pids(), time)
+        .await
+        .context("portcullis pair, two worker threads")?;
+    paths.push(PathRuns {
+        name: "portcullis pair, two worker threads each (otherwise default mode)",
+        runs: Ok(runs),
+    });
+    drop(pair);
+
     eprintln!("HTTP: portcullis pair, opaque port…");
     let port = app.port().to_string();
     let pair = Pair::start(ca, app, &["--opaque-ports", &port]).await?;

@@ -191,12 +191,24 @@ pub struct Pair {
 
 impl Pair {
     pub async fn start(ca: &CaFiles, app: SocketAddr, extra_b: &[&str]) -> Result<Pair> {
+        Self::start_with(ca, app, extra_b, &[]).await
+    }
+
+    /// [`Pair::start`] with flags for the client sidecar (A) too.
+    pub async fn start_with(
+        ca: &CaFiles,
+        app: SocketAddr,
+        extra_b: &[&str],
+        extra_a: &[&str],
+    ) -> Result<Pair> {
         let target = app.to_string();
         let mut b_args = vec!["--inbound-target", &target];
         b_args.extend_from_slice(extra_b);
         let b = Sidecar::start(ca, "server", &b_args).await?;
         let upstream = format!("127.0.0.1:0={}={}", b.inbound, crate::SERVER_ID);
-        let a = Sidecar::start(ca, "client", &["--upstream", &upstream]).await?;
+        let mut a_args = vec!["--upstream", &upstream];
+        a_args.extend_from_slice(extra_a);
+        let a = Sidecar::start(ca, "client", &a_args).await?;
         let front = a
             .upstream
             .context("sidecar A logged no upstream listener")?;
