@@ -24,8 +24,9 @@ pub struct UpstreamListener {
 
 /// The outbound listeners of one sidecar: each shard accepts on every
 /// listening socket through a descriptor of its own
-/// (`proxy::bind_for_shards`), so a new app connection goes to whichever
-/// shard takes it first and then stays there.
+/// (`proxy::bind_for_shards`). A new app connection stays on the shard
+/// that took it, unless that shard serves `runtime::SLACK` connections
+/// more than the least busy one, which then gets it.
 pub struct Outbound {
     pub transparent: Vec<Vec<std::net::TcpListener>>,
     pub upstreams: Vec<UpstreamListener>,
