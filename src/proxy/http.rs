@@ -351,6 +351,10 @@ pub fn method_label(m: &hyper::Method) -> &'static str {
 /// The app's address, whether it speaks HTTP/2, and the shard.
 type AppClientKey = (SocketAddr, bool, usize);
 
+/// The most app pools kept at once: far more than the ports a pod serves,
+/// few enough that peers sending requests to every port cost little.
+const MAX_APP_CLIENTS: usize = 512;
+
 /// Pooled HTTP clients to the app, one per target address, protocol and
 /// shard (an app connection's task stays on the shard that made it).
 #[derive(Default)]
@@ -368,9 +372,18 @@ impl AppClients {
     }
 
     fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, NoTrailers> {
+        let key = (target, h2, crate::runtime::shard());
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.len() >= MAX_APP_CLIENTS && !clients.contains_key(&key) {
+            // A peer naming port after port must not grow this without
+            // end: one pool goes (its idle connections close; requests in
+            // flight keep their clone of it).
+            if let Some(old) = clients.keys().next().copied() {
+                clients.remove(&old);
+            }
+        }
         clients
-            .entry((target, h2, crate::runtime::shard()))
+            .entry(key)
             .or_insert_with(|| {
                 Client::builder(TokioExecutor::new())
                     .http2_only(h2)
@@ -421,6 +434,21 @@ impl tower_service::Service<Uri> for FixedConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Requests to ever new ports keep at most `MAX_APP_CLIENTS` pools;
+    /// a port seen again reuses its pool.
+    #[tokio::test]
+    async fn app_pools_are_bounded() {
+        let clients = AppClients::new(Duration::from_secs(1));
+        for port in 1..=2_000u16 {
+            clients.get(SocketAddr::from(([127, 0, 0, 1], port)), false);
+        }
+        let len = || clients.clients.lock().unwrap().len();
+        assert_eq!(len(), MAX_APP_CLIENTS);
+        let last = SocketAddr::from(([127, 0, 0, 1], 2_000));
+        clients.get(last, false);
+        assert_eq!(len(), MAX_APP_CLIENTS, "a known target adds no pool");
+    }
 
     #[test]
     fn grpc_denials_use_grpc_status() {
