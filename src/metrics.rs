@@ -138,6 +138,14 @@ fn histogram(
     h
 }
 
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry
@@ -335,18 +343,12 @@ impl Metrics {
                 "Admin connections closed or refused to keep the admin port answering: no_request (no request in time), evicted (idle, its slot given to a new one), full (every slot busy).",
                 &["reason"],
             ),
-            worker_connections: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "portcullis_worker_connections",
-                        "Connections (inbound, tunnel and outbound) each worker thread (--worker-threads) serves, open now.",
-                    ),
-                    &["worker"],
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            worker_connections: gauge(
+                r,
+                "portcullis_worker_connections",
+                "Connections (inbound, tunnel and outbound) each worker thread (--worker-threads) serves, open now.",
+                &["worker"],
+            ),
             connections_open,
             tls_handshake_duration,
             cert_expiry,

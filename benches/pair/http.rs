@@ -87,13 +87,14 @@ pub async fn run(ca: &CaFiles, td: &TrustDomain, dir: &Path) -> Result<Results> 
 
     eprintln!("HTTP: portcullis pair, default mode…");
     let pair = Pair::start(ca, app, &["--rules-dir", &rules]).await?;
-    let runs = measure(pair.front, &pair.pids(), time)
-        .await
-        .context("portcullis pair, default mode")?;
-    paths.push(PathRuns {
-        name: "portcullis pair, default mode (HTTP detected, 100 rules, metrics)",
-        runs: Ok(runs),
-    });
+    paths.push(
+        pair_path(
+            &pair,
+            "portcullis pair, default mode (HTTP detected, 100 rules, metrics)",
+            time,
+        )
+        .await?,
+    );
     if let Ok(out) = std::env::var("PAIR_BENCH_PERF") {
         profile(&pair, time, &out).await?;
     }
@@ -103,25 +104,27 @@ pub async fn run(ca: &CaFiles, td: &TrustDomain, dir: &Path) -> Result<Results> 
     let threads = ["--worker-threads", "2"];
     let server = ["--rules-dir", &rules, "--worker-threads", "2"];
     let pair = Pair::start_with(ca, app, &server, &threads).await?;
-    let runs = measure(pair.front, &pair.pids(), time)
-        .await
-        .context("portcullis pair, two worker threads")?;
-    paths.push(PathRuns {
-        name: "portcullis pair, two worker threads each (otherwise default mode)",
-        runs: Ok(runs),
-    });
+    paths.push(
+        pair_path(
+            &pair,
+            "portcullis pair, two worker threads each (otherwise default mode)",
+            time,
+        )
+        .await?,
+    );
     drop(pair);
 
     eprintln!("HTTP: portcullis pair, opaque port…");
     let port = app.port().to_string();
     let pair = Pair::start(ca, app, &["--opaque-ports", &port]).await?;
-    let runs = measure(pair.front, &pair.pids(), time)
-        .await
-        .context("portcullis pair, opaque port")?;
-    paths.push(PathRuns {
-        name: "portcullis pair, app port opaque (bytes spliced, no HTTP)",
-        runs: Ok(runs),
-    });
+    paths.push(
+        pair_path(
+            &pair,
+            "portcullis pair, app port opaque (bytes spliced, no HTTP)",
+            time,
+        )
+        .await?,
+    );
     drop(pair);
 
     eprintln!("HTTP: nginx TCP-mode pair…");
@@ -140,6 +143,17 @@ pub async fn run(ca: &CaFiles, td: &TrustDomain, dir: &Path) -> Result<Results> 
         paths,
         app: app_name,
         secs,
+    })
+}
+
+/// A portcullis pair's runs, under `name`.
+async fn pair_path(pair: &Pair, name: &'static str, time: Duration) -> Result<PathRuns> {
+    let runs = measure(pair.front, &pair.pids(), time)
+        .await
+        .context(name)?;
+    Ok(PathRuns {
+        name,
+        runs: Ok(runs),
     })
 }
 

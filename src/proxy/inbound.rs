@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info};
 
 use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
@@ -132,10 +132,6 @@ impl Inbound {
             let target = self.target;
             let kind = self.kind;
             let span = tracing::info_span!("inbound", %source);
-            if shared.shards.count() == 1 {
-                drain.spawn(serve(shared, stream, source, kind, target, slot).instrument(span));
-                continue;
-            }
             // Tunnel connections live long and carry many app connections:
             // each goes to the shard with the fewest open, so two peers'
             // tunnels do not end up sharing one thread.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info};
 
 use super::dial::{dial, Alpn, DialError};
 use super::tunnel::{self, Failed, Link, FALLBACK_MEMORY};
@@ -80,24 +80,14 @@ async fn accept_loop(
         errors.accepted();
         let shared = shared.clone();
         let span = tracing::info_span!("outbound", %source);
-        if shared.shards.count() > 1 {
-            let placed = shared.shards.place(crate::runtime::shard());
-            match &upstream {
-                Some(u) => {
-                    let (dest, expect) = (u.dest, u.expect.clone());
-                    let serve = move |shared, app| to_sidecar(shared, app, dest, expect, false);
-                    super::run_on_shard(shared, placed, stream, span, serve);
-                }
-                None => super::run_on_shard(shared, placed, stream, span, transparent),
-            }
-            continue;
-        }
+        let placed = shared.shards.place(crate::runtime::shard());
         match &upstream {
             Some(u) => {
                 let (dest, expect) = (u.dest, u.expect.clone());
-                drain.spawn(to_sidecar(shared, stream, dest, expect, false).instrument(span))
+                let serve = move |shared, app| to_sidecar(shared, app, dest, expect, false);
+                super::run_on_shard(shared, placed, stream, span, serve);
             }
-            None => drain.spawn(transparent(shared, stream).instrument(span)),
+            None => super::run_on_shard(shared, placed, stream, span, transparent),
         }
     }
 }
