@@ -112,6 +112,7 @@ struct Mesh {
     pair_a: Sidecar,
     b: Sidecar,
     rules: std::path::PathBuf,
+    ca: Ca,
     _dir: tempfile::TempDir,
 }
 
@@ -141,6 +142,7 @@ async fn mesh() -> Mesh {
         pair_a: a,
         b,
         rules,
+        ca,
         _dir: dir,
     }
 }
@@ -484,4 +486,45 @@ async fn a_rule_change_closes_only_the_tcp_connections_it_denies() {
         ),
         1.0
     );
+}
+
+/// Writes `request`, shuts down the sending side, and reads until the
+/// sidecar closes: what `printf 'GET …' | nc -N` sees.
+async fn half_closed_exchange(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the sidecar answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A client that half-closes right after its request still gets the
+/// answer (HTTP/1.1 and 1.0, allowed and denied), as it would from the app
+/// directly, through the tunnel and over a connection of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_followed_by_a_half_close_is_answered() {
+    let m = mesh().await;
+    let mut args = issuer_args(&m.ca, &m.ca.files.cert, "client");
+    args.extend([
+        "--tunnel=off".into(),
+        "--upstream".into(),
+        format!("127.0.0.1:0={}", m.b.addrs.inbound),
+    ]);
+    let own_connection = Sidecar::start(&args).await;
+    for front in [m.pair_a.upstream(), own_connection.upstream()] {
+        let ok = half_closed_exchange(front, "GET /public/x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(
+            ok.ends_with("GET /public/x xfcc=URI=spiffe://cluster.local/ns/default/sa/client"),
+            "{ok}"
+        );
+        let old = half_closed_exchange(front, "GET /public/y HTTP/1.0\r\n\r\n").await;
+        assert!(old.starts_with("HTTP/1.0 200"), "{old}");
+        let denied = half_closed_exchange(front, "GET /admin/x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+        assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    }
 }

@@ -89,11 +89,14 @@ where
         async move { Ok::<_, Infallible>(handle(&shared, &conn, &metrics, &fragments, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // A client that never finishes its headers is closed (slowloris).
+    // A client that never finishes its headers is closed (slowloris). One
+    // that shuts down its sending side after a request still gets the
+    // answer, as it would from the app directly (`printf … | nc -N`).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .half_close(true);
     builder.http2().timer(TokioTimer::new());
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), super::access_log::Logged(service))
