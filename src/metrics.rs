@@ -334,7 +334,7 @@ impl Metrics {
             accept_errors: counter(
                 r,
                 "portcullis_accept_errors_total",
-                "Failed accepts by listener; reason fd_limit means out of file descriptors (the connection was refused).",
+                "Failed accepts by listener; reason fd_limit means out of file descriptors (the connection was refused), handoff that it could not move to another worker thread (closed).",
                 &["listener", "reason"],
             ),
             admin_connections_dropped: counter(

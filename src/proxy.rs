@@ -166,11 +166,12 @@ impl Shared {
     }
 }
 
-/// Runs `serve` for an accepted connection on the shard `placed` names,
-/// counted there while it runs: on this thread as it is, or handed to that
-/// shard's runtime (deregistered here, registered there).
+/// Runs `serve` for a connection accepted on `listener` on the shard
+/// `placed` names, counted there while it runs: on this thread as it is, or
+/// handed to that shard's runtime (deregistered here, registered there).
 pub fn run_on_shard<F, Fut>(
     shared: Arc<Shared>,
+    listener: &'static str,
     placed: (usize, crate::runtime::ShardLoad),
     stream: TcpStream,
     span: tracing::Span,
@@ -191,17 +192,31 @@ pub fn run_on_shard<F, Fut>(
     }
     let stream = match stream.into_std() {
         Ok(s) => s,
-        Err(e) => return tracing::debug!(error = %e, "connection lost before its hand-off"),
+        Err(e) => return handoff_failed(&shared, listener, &e),
     };
     let handle = shared.shards.handle(shard).clone();
     let task = async move {
         let _load = load;
         match TcpStream::from_std(stream) {
             Ok(stream) => serve(shared, stream).await,
-            Err(e) => tracing::debug!(error = %e, "connection lost in its hand-off"),
+            Err(e) => handoff_failed(&shared, listener, &e),
         }
     };
     drain.spawn_on(task.instrument(span), &handle);
+}
+
+/// A connection that could not move to another shard (the kernel refused
+/// to register it there, e.g. at the `max_user_watches` limit) is closed,
+/// counted as a failed accept and logged.
+fn handoff_failed(shared: &Shared, listener: &'static str, e: &std::io::Error) {
+    shared
+        .metrics
+        .accept_errors
+        .with_label_values(&[listener, "handoff"])
+        .inc();
+    shared.log_refusal((listener, "handoff_failed"), |count| {
+        tracing::warn!(listener, error = %e, count, "connection closed: it could not be handed to another worker thread")
+    });
 }
 
 /// Connections the kernel queues for each listener before accept.

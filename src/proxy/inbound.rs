@@ -137,7 +137,7 @@ impl Inbound {
             // tunnels do not end up sharing one thread.
             let placed = shared.shards.least_busy();
             let serve = move |shared, stream| serve(shared, stream, source, kind, target, slot);
-            super::run_on_shard(shared, placed, stream, span, serve);
+            super::run_on_shard(shared, name, placed, stream, span, serve);
         }
     }
 }

@@ -85,9 +85,9 @@ async fn accept_loop(
             Some(u) => {
                 let (dest, expect) = (u.dest, u.expect.clone());
                 let serve = move |shared, app| to_sidecar(shared, app, dest, expect, false);
-                super::run_on_shard(shared, placed, stream, span, serve);
+                super::run_on_shard(shared, "outbound", placed, stream, span, serve);
             }
-            None => super::run_on_shard(shared, placed, stream, span, transparent),
+            None => super::run_on_shard(shared, "outbound", placed, stream, span, transparent),
         }
     }
 }

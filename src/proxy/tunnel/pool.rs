@@ -148,8 +148,19 @@ impl Entry {
 /// thread would wake it through the kernel for every frame.
 #[derive(Default)]
 pub struct Pool {
-    entries: Mutex<HashMap<(usize, Key), Arc<Entry>>>,
+    entries: Mutex<Entries>,
     no_tunnel: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+/// Entries are swept for peers with no connection left once the map has
+/// doubled since the last sweep (and holds more than this), so a pod
+/// talking to many live peers does not scan them all on every connection.
+const SWEEP_FLOOR: usize = 64;
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<(usize, Key), Arc<Entry>>,
+    sweep_at: usize,
 }
 
 impl Pool {
@@ -158,11 +169,14 @@ impl Pool {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         // Entries of peers with no connection left are dropped as we go,
         // so a pod that talked to many peers once does not keep them all.
-        if entries.len() > 64 {
-            entries.retain(|_, e| Arc::strong_count(e) > 1 || e.len() > 0);
+        if entries.map.len() > entries.sweep_at.max(SWEEP_FLOOR) {
+            entries
+                .map
+                .retain(|_, e| Arc::strong_count(e) > 1 || e.len() > 0);
+            entries.sweep_at = 2 * entries.map.len();
         }
         let shard = crate::runtime::shard();
-        entries.entry((shard, key.clone())).or_default().clone()
+        entries.map.entry((shard, key.clone())).or_default().clone()
     }
 
     /// Whether `addr` refused a tunnel within the last `memory`.
@@ -359,5 +373,46 @@ pub async fn open(
             Opened::Refused(StatusCode::BAD_GATEWAY)
         }
         Err(_) => Opened::Refused(StatusCode::GATEWAY_TIMEOUT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> Key {
+        Key {
+            addr: SocketAddr::from(([10, 0, 0, 1], port)),
+            expect: None,
+        }
+    }
+
+    /// Entries nobody holds are swept; held ones survive every sweep, and
+    /// sweeps get rarer as live entries grow (not one per connection).
+    #[test]
+    fn unused_entries_are_swept_and_live_ones_kept() {
+        let pool = Pool::default();
+        for port in 0..1_000 {
+            drop(pool.entry(&key(port)));
+        }
+        let len = pool.entries.lock().unwrap().map.len();
+        assert!(len <= SWEEP_FLOOR + 1, "{len} unused entries kept");
+
+        let live: Vec<_> = (0..300)
+            .map(|p| (p, pool.entry(&key(10_000 + p))))
+            .collect();
+        for (p, held) in &live {
+            assert!(Arc::ptr_eq(held, &pool.entry(&key(10_000 + p))));
+        }
+        let entries = pool.entries.lock().unwrap();
+        assert!(entries.map.len() >= 300);
+        // The last sweep (at more than 150 entries) set the next one at
+        // twice what it kept, beyond what the map holds now.
+        assert!(
+            entries.sweep_at >= entries.map.len() && entries.sweep_at > 2 * SWEEP_FLOOR,
+            "next sweep at {} with {} entries",
+            entries.sweep_at,
+            entries.map.len()
+        );
     }
 }
