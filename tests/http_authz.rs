@@ -528,3 +528,56 @@ async fn a_request_followed_by_a_half_close_is_answered() {
         assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
     }
 }
+
+/// Writes `request` and reads until the sidecar closes the connection.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the sidecar answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Requests an app would read but that do not look like textbook HTTP/1
+/// (bare LF, runs of spaces, a request line over 8 KiB) are still parsed
+/// as HTTP, so a caller's forged `x-forwarded-client-cert` never reaches
+/// the app, with no rules at all (where nothing else would stop them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_request_lines_are_still_http_and_cannot_forge_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let app = app().await;
+    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
+    b_args.extend(["--inbound-target".into(), app.to_string()]);
+    let b = Sidecar::start(&b_args).await;
+    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
+    a_args.extend([
+        "--upstream".into(),
+        format!("127.0.0.1:0={}", b.addrs.inbound),
+    ]);
+    let a = Sidecar::start(&a_args).await;
+    let forged = "x-forwarded-client-cert: URI=spiffe://cluster.local/ns/prod/sa/admin";
+    let long = format!("/?{}", "p".repeat(9_000));
+    let requests = [
+        format!("GET /lf HTTP/1.1\nhost: s\n{forged}\nconnection: close\n\n"),
+        format!("GET  /spaces  HTTP/1.1\r\nhost: s\r\n{forged}\r\nconnection: close\r\n\r\n"),
+        format!("GET {long} HTTP/1.1\r\nhost: s\r\n{forged}\r\nconnection: close\r\n\r\n"),
+    ];
+    for request in &requests {
+        let answer = exchange(a.upstream(), request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+        assert!(
+            !answer.contains("sa/admin"),
+            "the forged header arrived: {answer}"
+        );
+        if answer.starts_with("HTTP/1.1 200") {
+            assert!(
+                answer.contains("xfcc=URI=spiffe://cluster.local/ns/default/sa/client"),
+                "{answer}"
+            );
+        }
+    }
+}

@@ -223,7 +223,8 @@ pub enum AppProtocol {
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// A request line longer than this is not worth waiting for.
+/// A line that starts like a request and runs longer than this without
+/// ending is read as HTTP without waiting for the rest of it.
 const LINE_LIMIT: usize = 8 * 1024;
 
 /// Reads the first bytes of `stream` (at most `wait`) to tell HTTP/1.x and
@@ -260,14 +261,28 @@ fn classify_http(buf: &[u8]) -> Option<AppProtocol> {
     if !could_start_request_line(buf) {
         return Some(AppProtocol::Opaque);
     }
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-        return (buf.len() >= LINE_LIMIT).then_some(AppProtocol::Opaque);
+    // Fail closed: whatever starts like a request line is parsed as HTTP
+    // (and refused there if it is not valid), so an app that reads bare
+    // LF, extra spaces or a very long line never gets a request that the
+    // rules and the header rewrite did not see.
+    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+        return (buf.len() >= LINE_LIMIT).then_some(AppProtocol::Http1);
     };
-    Some(if is_http1_request_line(&buf[..end]) {
+    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+    Some(if names_an_http_version(line) {
         AppProtocol::Http1
     } else {
         AppProtocol::Opaque
     })
+}
+
+/// Whether a word of `line` after the first starts with `HTTP/` (any
+/// case): the version of a request line, however it is spaced.
+fn names_an_http_version(line: &[u8]) -> bool {
+    line.split(|b| b.is_ascii_whitespace())
+        .filter(|word| !word.is_empty())
+        .skip(1)
+        .any(|word| word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"HTTP/"))
 }
 
 /// Whether `buf` can still grow into `METHOD SP target …`: a letters-only
@@ -294,7 +309,10 @@ fn could_start_request_line(buf: &[u8]) -> bool {
     if method_len == 0 || buf[method_len] != b' ' {
         return false;
     }
-    match buf.get(method_len + 1) {
+    // Servers differ on runs of spaces (nginx reads `GET  /`), so a run is
+    // still a request line here.
+    let spaces = buf[method_len..].iter().take_while(|b| **b == b' ').count();
+    match buf.get(method_len + spaces) {
         None => true,
         Some(b) if lowercase => matches!(b, b'/' | b'*' | b'h' | b'H'),
         Some(b) => *b == b'/' || *b == b'*' || b.is_ascii_alphanumeric() || *b == b'[',
@@ -309,21 +327,6 @@ fn is_standard_method_prefix(m: &[u8]) -> bool {
     METHODS
         .iter()
         .any(|full| full.len() >= m.len() && full[..m.len()].eq_ignore_ascii_case(m))
-}
-
-/// `METHOD SP request-target SP HTTP/1.x`
-fn is_http1_request_line(line: &[u8]) -> bool {
-    let mut parts = line.split(|b| *b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    !method.is_empty()
-        && method.iter().all(token)
-        && !target.is_empty()
-        && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
 }
 
 /// The pure steps of [`detect`] and [`sniff_http`] over bytes already in
@@ -357,7 +360,17 @@ mod tests {
             (b"PRI * HTTP/2", None),
             (b"SSH-2.0-OpenSSH_9.2\r\n", Some(AppProtocol::Opaque)),
             (b"\x00\x01binary", Some(AppProtocol::Opaque)),
-            (b"GET / HTTP/2.0\r\n", Some(AppProtocol::Opaque)),
+            (b"GET / HTTP/2.0\r\n", Some(AppProtocol::Http1)),
+            (b"GET / HTTP/1.1\nHost: x\n", Some(AppProtocol::Http1)),
+            (b"GET  /  HTTP/1.1 \r\n", Some(AppProtocol::Http1)),
+            (b"GET / http/1.1\r\n", Some(AppProtocol::Http1)),
+            (b"GET /\r\n", Some(AppProtocol::Opaque)),
+            (b"SET key value\r\n", Some(AppProtocol::Opaque)),
+            (
+                b"CONNECT {\"verbose\":false}\r\n",
+                Some(AppProtocol::Opaque),
+            ),
+            (b"get key\r\n", Some(AppProtocol::Opaque)),
             (b"*1\r\n$4\r\nPING\r\n", Some(AppProtocol::Opaque)),
             (b"ping 00000001", Some(AppProtocol::Opaque)),
             (b"get / HTTP/1.1\r\n", Some(AppProtocol::Http1)),
@@ -366,13 +379,18 @@ mod tests {
             (b"get 1", Some(AppProtocol::Opaque)),
             (b"PING", None),
             (b"PING ", None),
-            (b"PING  x", Some(AppProtocol::Opaque)),
+            (b"PING  x", None),
+            (b"PING  x\r\n", Some(AppProtocol::Opaque)),
             (b"GET /no/line/end/yet", None),
             (b"HELLO world", None),
             (b"HELLO world\r\n", Some(AppProtocol::Opaque)),
             (b"direct", Some(AppProtocol::Opaque)),
             (b"", None),
         ];
+        let mut long = b"GET /?".to_vec();
+        long.resize(LINE_LIMIT, b'p');
+        assert_eq!(classify_http(&long[..LINE_LIMIT - 1]), None);
+        assert_eq!(classify_http(&long), Some(AppProtocol::Http1));
         for (bytes, want) in cases {
             assert_eq!(
                 classify_http(bytes),
