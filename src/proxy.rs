@@ -55,10 +55,11 @@ mod plan;
 mod policy;
 mod read_ahead;
 mod rewind;
+mod silent;
 mod splice;
 pub mod tunnel;
 
-pub use detect::{classify_buffered, detect, sniff_http, AppProtocol, Detected};
+pub use detect::{classify_buffered, detect, sniff_http, sniff_http_after, AppProtocol, Detected};
 pub use http::AppClients;
 pub use inbound::{Inbound, PendingHandshakes};
 pub use orig_dst::original_destination;

@@ -581,3 +581,59 @@ async fn odd_request_lines_are_still_http_and_cannot_forge_the_caller() {
         }
     }
 }
+
+/// A client that connects and says nothing for longer than the detect
+/// timeout, then sends HTTP (a warm connection pool): the request is still
+/// parsed, authorized and rewritten, with and without HTTP rules on the
+/// port; a forged caller header never reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_after_a_silence_is_still_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let app = app().await;
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    write_rules(&rules, "policy.yaml", &rules_for(app.port()));
+    let forged = "x-forwarded-client-cert: URI=spiffe://cluster.local/ns/prod/sa/admin";
+    for with_rules in [false, true] {
+        let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
+        b_args.extend([
+            "--inbound-target".into(),
+            app.to_string(),
+            "--detect-timeout".into(),
+            "200ms".into(),
+        ]);
+        if with_rules {
+            b_args.extend(["--rules-dir".into(), rules.display().to_string()]);
+        }
+        let b = Sidecar::start(&b_args).await;
+        let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
+        a_args.extend([
+            "--upstream".into(),
+            format!("127.0.0.1:0={}", b.addrs.inbound),
+        ]);
+        let a = Sidecar::start(&a_args).await;
+        let mut s = TcpStream::connect(a.upstream()).await.unwrap();
+        // Past the detect timeout (200 ms) several times over.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let request = format!(
+            "GET /public/late HTTP/1.1\r\nhost: s\r\n{forged}\r\nconnection: close\r\n\r\n"
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "rules {with_rules}: {answer}"
+        );
+        assert!(
+            answer
+                .ends_with("GET /public/late xfcc=URI=spiffe://cluster.local/ns/default/sa/client"),
+            "rules {with_rules}: {answer}"
+        );
+    }
+}

@@ -234,9 +234,20 @@ pub async fn sniff_http<S>(stream: &mut S, wait: Duration) -> (AppProtocol, byte
 where
     S: tokio::io::AsyncRead + Unpin,
 {
+    sniff_http_after(stream, wait, Vec::with_capacity(1024)).await
+}
+
+/// [`sniff_http`] for a stream whose first bytes, `buf`, were read already.
+pub async fn sniff_http_after<S>(
+    stream: &mut S,
+    wait: Duration,
+    mut buf: Vec<u8>,
+) -> (AppProtocol, bytes::Bytes)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
     use tokio::io::AsyncReadExt;
     let deadline = Instant::now() + wait;
-    let mut buf = Vec::with_capacity(1024);
     loop {
         if let Some(p) = classify_http(&buf) {
             return (p, buf.into());

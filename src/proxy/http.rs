@@ -43,7 +43,7 @@ use meter::{Metered, ResponseSize};
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Who is calling and where the connection was going.
 #[derive(Clone)]

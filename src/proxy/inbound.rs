@@ -14,6 +14,7 @@ use tracing::{debug, info};
 
 use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
+use super::silent::FirstWord;
 use super::tunnel::{ConnHealth, TunnelConn};
 use super::{
     detect, original_destination, sniff_http, splice, AppProtocol, ConnGuard, Detected, ReadAhead,
@@ -442,10 +443,26 @@ where
     // `portcullis_tls_handshakes_total{result}` alone, so a port scan cannot
     // grow the number of series.
     let guard = ConnGuard::new(&shared.metrics, "inbound", conn.target.port(), &conn.peer);
+    let mut app = None;
     let (protocol, prefix) = if shared.is_opaque(conn.target.port()) {
         (AppProtocol::Opaque, Bytes::new())
     } else {
-        sniff_http(&mut io, shared.detect_timeout).await
+        match sniff_http(&mut io, shared.detect_timeout).await {
+            (AppProtocol::Opaque, silence) if silence.is_empty() => {
+                match super::silent::first_word(&shared, &mut io, &conn).await {
+                    Some(FirstWord::Client(protocol, bytes, connected)) => {
+                        app = connected.filter(|_| protocol == AppProtocol::Opaque);
+                        (protocol, bytes)
+                    }
+                    Some(FirstWord::App(connected)) => {
+                        app = Some(connected);
+                        (AppProtocol::Opaque, Bytes::new())
+                    }
+                    None => return,
+                }
+            }
+            sniffed => sniffed,
+        }
     };
     let io = Rewind::new(prefix, io);
     if protocol != AppProtocol::Opaque {
@@ -467,13 +484,16 @@ where
             )
         });
     }
-    let app = match shared.connect(conn.target).await {
-        Ok(s) => s,
-        Err(e) => {
-            return shared.log_refusal(("inbound", "app_unreachable"), |count| {
-                info!(peer = %conn.peer, error = %e, count, "inbound connection dropped: app unreachable")
-            })
-        }
+    let app = match app {
+        Some(app) => app,
+        None => match shared.connect(conn.target).await {
+            Ok(s) => s,
+            Err(e) => {
+                return shared.log_refusal(("inbound", "app_unreachable"), |count| {
+                    info!(peer = %conn.peer, error = %e, count, "inbound connection dropped: app unreachable")
+                })
+            }
+        },
     };
     forward_opaque(&shared, io, app, &conn, decision.rule, guard).await;
 }
