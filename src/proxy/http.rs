@@ -18,7 +18,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -60,6 +60,42 @@ struct ConnMetrics {
     peer: Arc<PeerLabel>,
     request_size: Histogram,
     response_size: Histogram,
+    duration: Histogram,
+    /// `portcullis_http_requests_total` by the (method, status) pairs this
+    /// connection has seen, so a keep-alive connection looks each up once.
+    requests: std::sync::Mutex<Vec<(&'static str, StatusCode, IntCounter)>>,
+}
+
+/// The most (method, status) counters one connection keeps at hand.
+const CACHED_REQUEST_COUNTERS: usize = 8;
+
+impl ConnMetrics {
+    fn count_request(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        method: &'static str,
+        status: StatusCode,
+    ) {
+        let mut cached = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, counter)) = cached.iter().find(|(m, s, _)| *m == method && *s == status)
+        {
+            return counter.inc();
+        }
+        let [td, ns, sa] = self.peer.values();
+        let counter = metrics.http_requests.with_label_values(&[
+            "inbound",
+            &self.port,
+            method,
+            status.as_str(),
+            td,
+            ns,
+            sa,
+        ]);
+        counter.inc();
+        if cached.len() < CACHED_REQUEST_COUNTERS {
+            cached.push((method, status, counter));
+        }
+    }
 }
 
 /// Serves HTTP/1.x or HTTP/2 on one accepted connection until it closes
@@ -72,9 +108,15 @@ where
 {
     let port = guard.port().to_string();
     let sizes = ["inbound", port.as_str()];
+    let [td, ns, sa] = guard.peer().values();
     let metrics = Arc::new(ConnMetrics {
         request_size: shared.metrics.http_request_size.with_label_values(&sizes),
         response_size: shared.metrics.http_response_size.with_label_values(&sizes),
+        duration: shared
+            .metrics
+            .http_request_duration
+            .with_label_values(&["inbound", &port, td, ns, sa]),
+        requests: Default::default(),
         peer: guard.peer().clone(),
         port,
     });
@@ -130,17 +172,8 @@ async fn handle(
             *resp
         }
     };
-    let [td, ns, sa] = m.peer.values();
-    let status = resp.status();
-    let metrics = &shared.metrics;
-    metrics
-        .http_requests
-        .with_label_values(&["inbound", &m.port, method, status.as_str(), td, ns, sa])
-        .inc();
-    metrics
-        .http_request_duration
-        .with_label_values(&["inbound", &m.port, td, ns, sa])
-        .observe(started.elapsed().as_secs_f64());
+    m.count_request(&shared.metrics, method, resp.status());
+    m.duration.observe(started.elapsed().as_secs_f64());
     resp
 }
 
