@@ -98,11 +98,12 @@ impl ConnMetrics {
     }
 }
 
-/// Serves HTTP/1.x or HTTP/2 on one accepted connection until it closes
-/// (or, for an upgraded connection, until the upgraded tunnel ends).
-/// `guard` counts the connection as open; its bytes are counted under the
-/// same labels.
-pub async fn serve<S>(shared: Arc<Shared>, io: S, conn: ConnInfo, guard: ConnGuard)
+/// Serves HTTP/1.x, or HTTP/2 when `http2` (the detection already read
+/// the preface, so hyper is not asked to guess again), on one accepted
+/// connection until it closes (or, for an upgraded connection, until the
+/// upgraded tunnel ends). `guard` counts the connection as open; its bytes
+/// are counted under the same labels.
+pub async fn serve<S>(shared: Arc<Shared>, io: S, conn: ConnInfo, guard: ConnGuard, http2: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -130,20 +131,26 @@ where
         let metrics = metrics.clone();
         async move { Ok::<_, Infallible>(handle(&shared, &conn, &metrics, &fragments, req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // A client that never finishes its headers is closed (slowloris). One
-    // that shuts down its sending side after a request still gets the
-    // answer, as it would from the app directly (`printf … | nc -N`).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .half_close(true);
-    builder.http2().timer(TokioTimer::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), super::access_log::Logged(service))
-        .await
-    {
+    let io = TokioIo::new(io);
+    let service = super::access_log::Logged(service);
+    let served = if http2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        // A client that never finishes its headers is closed (slowloris).
+        // One that shuts down its sending side after a request still gets
+        // the answer, as it would from the app directly (`printf … | nc -N`).
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .half_close(true)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = served {
         debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }

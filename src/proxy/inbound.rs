@@ -466,7 +466,8 @@ where
     };
     let io = Rewind::new(prefix, io);
     if protocol != AppProtocol::Opaque {
-        return http::serve(shared, io, conn, guard).await;
+        let http2 = protocol == AppProtocol::Http2;
+        return http::serve(shared, io, conn, guard, http2).await;
     }
     let decision = shared.policy.authorize_tcp(&conn);
     let started = std::time::Instant::now();
