@@ -123,20 +123,8 @@ async fn mesh() -> Mesh {
     let rules = dir.path().join("rules");
     std::fs::create_dir(&rules).unwrap();
     write_rules(&rules, "policy.yaml", &rules_for(app.port()));
-    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
-    b_args.extend([
-        "--inbound-target".into(),
-        app.to_string(),
-        "--rules-dir".into(),
-        rules.display().to_string(),
-    ]);
-    let b = Sidecar::start(&b_args).await;
-    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
-    a_args.extend([
-        "--upstream".into(),
-        format!("127.0.0.1:0={}", b.addrs.inbound),
-    ]);
-    let a = Sidecar::start(&a_args).await;
+    let b = server_with(&ca, app, &["--rules-dir", &rules.display().to_string()]).await;
+    let a = client_of(&ca, &b, &[]).await;
     Mesh {
         app_port: app.port(),
         pair_a: a,
@@ -145,6 +133,25 @@ async fn mesh() -> Mesh {
         ca,
         _dir: dir,
     }
+}
+
+/// A server sidecar in front of `app`, with `extra` flags.
+async fn server_with(ca: &Ca, app: SocketAddr, extra: &[&str]) -> Sidecar {
+    let mut args = issuer_args(ca, &ca.files.cert, "server");
+    args.extend(["--inbound-target".into(), app.to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Sidecar::start(&args).await
+}
+
+/// A client sidecar whose upstream listener leads to `b`, with `extra` flags.
+async fn client_of(ca: &Ca, b: &Sidecar, extra: &[&str]) -> Sidecar {
+    let mut args = issuer_args(ca, &ca.files.cert, "client");
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend([
+        "--upstream".into(),
+        format!("127.0.0.1:0={}", b.addrs.inbound),
+    ]);
+    Sidecar::start(&args).await
 }
 
 type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -488,12 +495,16 @@ async fn a_rule_change_closes_only_the_tcp_connections_it_denies() {
     );
 }
 
-/// Writes `request`, shuts down the sending side, and reads until the
-/// sidecar closes: what `printf 'GET …' | nc -N` sees.
-async fn half_closed_exchange(addr: SocketAddr, request: &str) -> String {
+/// Connects to `addr`, stays silent for `silence`, writes `request`
+/// (then shuts down the sending side when `half_close`: what
+/// `printf 'GET …' | nc -N` does), and reads until the sidecar closes.
+async fn exchange(addr: SocketAddr, silence: Duration, request: &str, half_close: bool) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(silence).await;
     s.write_all(request.as_bytes()).await.unwrap();
-    s.shutdown().await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
         .await
@@ -508,37 +519,20 @@ async fn half_closed_exchange(addr: SocketAddr, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_followed_by_a_half_close_is_answered() {
     let m = mesh().await;
-    let mut args = issuer_args(&m.ca, &m.ca.files.cert, "client");
-    args.extend([
-        "--tunnel=off".into(),
-        "--upstream".into(),
-        format!("127.0.0.1:0={}", m.b.addrs.inbound),
-    ]);
-    let own_connection = Sidecar::start(&args).await;
+    let own_connection = client_of(&m.ca, &m.b, &["--tunnel=off"]).await;
+    let half_closed = |front, request| exchange(front, Duration::ZERO, request, true);
     for front in [m.pair_a.upstream(), own_connection.upstream()] {
-        let ok = half_closed_exchange(front, "GET /public/x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+        let ok = half_closed(front, "GET /public/x HTTP/1.1\r\nhost: s\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(
             ok.ends_with("GET /public/x xfcc=URI=spiffe://cluster.local/ns/default/sa/client"),
             "{ok}"
         );
-        let old = half_closed_exchange(front, "GET /public/y HTTP/1.0\r\n\r\n").await;
+        let old = half_closed(front, "GET /public/y HTTP/1.0\r\n\r\n").await;
         assert!(old.starts_with("HTTP/1.0 200"), "{old}");
-        let denied = half_closed_exchange(front, "GET /admin/x HTTP/1.1\r\nhost: s\r\n\r\n").await;
+        let denied = half_closed(front, "GET /admin/x HTTP/1.1\r\nhost: s\r\n\r\n").await;
         assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
     }
-}
-
-/// Writes `request` and reads until the sidecar closes the connection.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-        .await
-        .expect("the sidecar answers and closes")
-        .unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// Requests an app would read but that do not look like textbook HTTP/1
@@ -549,16 +543,8 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
 async fn odd_request_lines_are_still_http_and_cannot_forge_the_caller() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
-    let app = app().await;
-    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
-    b_args.extend(["--inbound-target".into(), app.to_string()]);
-    let b = Sidecar::start(&b_args).await;
-    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
-    a_args.extend([
-        "--upstream".into(),
-        format!("127.0.0.1:0={}", b.addrs.inbound),
-    ]);
-    let a = Sidecar::start(&a_args).await;
+    let b = server_with(&ca, app().await, &[]).await;
+    let a = client_of(&ca, &b, &[]).await;
     let forged = "x-forwarded-client-cert: URI=spiffe://cluster.local/ns/prod/sa/admin";
     let long = format!("/?{}", "p".repeat(9_000));
     let requests = [
@@ -567,7 +553,7 @@ async fn odd_request_lines_are_still_http_and_cannot_forge_the_caller() {
         format!("GET {long} HTTP/1.1\r\nhost: s\r\n{forged}\r\nconnection: close\r\n\r\n"),
     ];
     for request in &requests {
-        let answer = exchange(a.upstream(), request.as_bytes()).await;
+        let answer = exchange(a.upstream(), Duration::ZERO, request, false).await;
         assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
         assert!(
             !answer.contains("sa/admin"),
@@ -596,36 +582,18 @@ async fn a_request_after_a_silence_is_still_http() {
     write_rules(&rules, "policy.yaml", &rules_for(app.port()));
     let forged = "x-forwarded-client-cert: URI=spiffe://cluster.local/ns/prod/sa/admin";
     for with_rules in [false, true] {
-        let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
-        b_args.extend([
-            "--inbound-target".into(),
-            app.to_string(),
-            "--detect-timeout".into(),
-            "200ms".into(),
-        ]);
+        let rules_dir = rules.display().to_string();
+        let mut extra = vec!["--detect-timeout", "200ms"];
         if with_rules {
-            b_args.extend(["--rules-dir".into(), rules.display().to_string()]);
+            extra.extend(["--rules-dir", &rules_dir]);
         }
-        let b = Sidecar::start(&b_args).await;
-        let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
-        a_args.extend([
-            "--upstream".into(),
-            format!("127.0.0.1:0={}", b.addrs.inbound),
-        ]);
-        let a = Sidecar::start(&a_args).await;
-        let mut s = TcpStream::connect(a.upstream()).await.unwrap();
-        // Past the detect timeout (200 ms) several times over.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        let b = server_with(&ca, app, &extra).await;
+        let a = client_of(&ca, &b, &[]).await;
         let request = format!(
             "GET /public/late HTTP/1.1\r\nhost: s\r\n{forged}\r\nconnection: close\r\n\r\n"
         );
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-            .await
-            .expect("answered and closed")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        // Past the detect timeout (200 ms) several times over.
+        let answer = exchange(a.upstream(), Duration::from_millis(800), &request, false).await;
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "rules {with_rules}: {answer}"
