@@ -447,6 +447,9 @@ async fn api_server_trouble_is_503_with_retry_after() {
         ..Default::default()
     });
     let addr = ca.addr;
+    // Counted before the slow request starts: it may reach the API server
+    // before this task runs again.
+    let n = f.api.arrivals();
     let slow = {
         let (bundle, body) = (bundle.clone(), body.clone());
         tokio::spawn(async move {
@@ -454,7 +457,6 @@ async fn api_server_trouble_is_503_with_retry_after() {
             c.certify(Some("client-token"), &body).await.status
         })
     };
-    let n = f.api.arrivals();
     let api = f.api.clone();
     eventually(
         "the slow review reached the API server",
