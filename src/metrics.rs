@@ -100,6 +100,9 @@ pub struct Metrics {
     pub peers: peers::PeerLabels,
     /// `portcullis_access_log_dropped_total`: lines lost to a full queue.
     pub access_log_dropped: prometheus::IntCounter,
+    /// `portcullis_opaque_request_lines_total`: connections carried as
+    /// opaque bytes reset because their first line became a request line.
+    pub opaque_request_lines: prometheus::IntCounter,
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -263,6 +266,15 @@ impl Metrics {
                 let c = prometheus::IntCounter::new(
                     "portcullis_access_log_dropped_total",
                     "Access log lines dropped because the writer lagged behind (the data path never waits for it).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            opaque_request_lines: {
+                let c = prometheus::IntCounter::new(
+                    "portcullis_opaque_request_lines_total",
+                    "Inbound connections reset because their first line, sent late, slowly or after bytes the HTTP sniff gave up on, turned out to be an HTTP request line (the app never gets it unparsed).",
                 )
                 .expect("valid metric");
                 r.register(Box::new(c.clone())).expect("unique metric");

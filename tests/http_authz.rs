@@ -3,6 +3,8 @@
 //! `x-forwarded-client-cert`), and live rule reloads.
 
 mod common;
+#[path = "http_authz/evasion.rs"]
+mod evasion;
 #[path = "http_authz/raw.rs"]
 mod raw;
 

@@ -11,6 +11,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::request_line::{LineScan, Verdict};
 use crate::tls::ALPN;
 
 /// What a client sent first.
@@ -223,8 +224,8 @@ pub enum AppProtocol {
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// A line that starts like a request and runs longer than this without
-/// ending is read as HTTP without waiting for the rest of it.
+/// A first line that may still become a request line and runs longer than
+/// this without ending is read as HTTP without waiting for the rest of it.
 const LINE_LIMIT: usize = 8 * 1024;
 
 /// Reads the first bytes of `stream` (at most `wait`) to tell HTTP/1.x and
@@ -255,6 +256,10 @@ where
         let mut chunk = [0u8; 2048];
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => return (classify_at_end(&buf), buf.into()),
+            // Out of time, or a failed read: opaque, which the caller
+            // carries behind a `FirstLineGuard` (a late request line is
+            // still caught there).
             _ => return (AppProtocol::Opaque, buf.into()),
         }
     }
@@ -269,75 +274,33 @@ fn classify_http(buf: &[u8]) -> Option<AppProtocol> {
     if buf[..n] == H2_PREFACE[..n] {
         return (n == H2_PREFACE.len()).then_some(AppProtocol::Http2);
     }
-    if !could_start_request_line(buf) {
-        return Some(AppProtocol::Opaque);
-    }
-    // Fail closed: whatever starts like a request line is parsed as HTTP
-    // (and refused there if it is not valid), so an app that reads bare
-    // LF, extra spaces or a very long line never gets a request that the
-    // rules and the header rewrite did not see.
-    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-        return (buf.len() >= LINE_LIMIT).then_some(AppProtocol::Http1);
-    };
-    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
-    Some(if names_an_http_version(line) {
-        AppProtocol::Http1
-    } else {
-        AppProtocol::Opaque
-    })
-}
-
-/// Whether a word of `line` after the first starts with `HTTP/` (any
-/// case): the version of a request line, however it is spaced.
-fn names_an_http_version(line: &[u8]) -> bool {
-    line.split(|b| b.is_ascii_whitespace())
-        .filter(|word| !word.is_empty())
-        .skip(1)
-        .any(|word| word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"HTTP/"))
-}
-
-/// Whether `buf` can still grow into `METHOD SP target …`: a letters-only
-/// method, one space, then a target starting like an origin (`/`), an
-/// asterisk, an absolute URI or an authority. Deciding early keeps other
-/// client-first protocols from waiting for a line end that never comes.
-fn could_start_request_line(buf: &[u8]) -> bool {
-    let method_len = buf
-        .iter()
-        .take_while(|b| b.is_ascii_alphabetic() || matches!(b, b'-' | b'_'))
-        .count();
-    // A method with lowercase letters is still read as HTTP (and then
-    // refused), so that `get / HTTP/1.1` never reaches the app as opaque
-    // bytes; only the standard methods count, and only with a path or
-    // absolute-URI target, so lowercase text protocols (`ping 1`) are
-    // told apart at once.
-    let lowercase = buf[..method_len].iter().any(u8::is_ascii_lowercase);
-    if lowercase && !is_standard_method_prefix(&buf[..method_len]) {
-        return false;
-    }
-    if method_len == buf.len() {
-        return method_len <= 20;
-    }
-    if method_len == 0 || buf[method_len] != b' ' {
-        return false;
-    }
-    // Servers differ on runs of spaces (nginx reads `GET  /`), so a run is
-    // still a request line here.
-    let spaces = buf[method_len..].iter().take_while(|b| **b == b' ').count();
-    match buf.get(method_len + spaces) {
-        None => true,
-        Some(b) if lowercase => matches!(b, b'/' | b'*' | b'h' | b'H'),
-        Some(b) => *b == b'/' || *b == b'*' || b.is_ascii_alphanumeric() || *b == b'[',
+    // Fail closed: whatever a lenient server would read as a request line is
+    // parsed as HTTP (and refused there if it is not valid HTTP/1.1).
+    let mut scan = LineScan::default();
+    match scan.feed(buf) {
+        Some(Verdict::Request) => Some(AppProtocol::Http1),
+        Some(Verdict::NotRequest) => Some(AppProtocol::Opaque),
+        // Binary bytes after a word: not a text line to wait for. Carried
+        // opaque behind a `FirstLineGuard`, which still resets the
+        // connection if the line ends as a request line.
+        None if scan.saw_control() => Some(AppProtocol::Opaque),
+        None if buf.len() >= LINE_LIMIT => Some(AppProtocol::Http1),
+        None => None,
     }
 }
 
-/// Whether `m` is the start of a standard method name, in any case.
-fn is_standard_method_prefix(m: &[u8]) -> bool {
-    const METHODS: [&[u8]; 9] = [
-        b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
-    ];
-    METHODS
-        .iter()
-        .any(|full| full.len() >= m.len() && full[..m.len()].eq_ignore_ascii_case(m))
+/// What `buf` is when the client stopped sending after it: a line servers
+/// would take as a request even without its end is HTTP.
+fn classify_at_end(buf: &[u8]) -> AppProtocol {
+    if let Some(p) = classify_http(buf) {
+        return p;
+    }
+    let mut scan = LineScan::default();
+    scan.feed(buf);
+    match scan.at_end() {
+        Verdict::Request => AppProtocol::Http1,
+        Verdict::NotRequest => AppProtocol::Opaque,
+    }
 }
 
 /// The pure steps of [`detect`] and [`sniff_http`] over bytes already in
@@ -375,7 +338,15 @@ mod tests {
             (b"GET / HTTP/1.1\nHost: x\n", Some(AppProtocol::Http1)),
             (b"GET  /  HTTP/1.1 \r\n", Some(AppProtocol::Http1)),
             (b"GET / http/1.1\r\n", Some(AppProtocol::Http1)),
-            (b"GET /\r\n", Some(AppProtocol::Opaque)),
+            (b"GET /\r\n", Some(AppProtocol::Http1)),
+            (b"\r\nGET / HTTP/1.1\r\n", Some(AppProtocol::Http1)),
+            (b"GET\t/\tHTTP/1.1\r\n", Some(AppProtocol::Http1)),
+            (b"M-SEARCH2 * HTTP/1.1\r\n", Some(AppProtocol::Http1)),
+            (b"get http/abc\r\n", Some(AppProtocol::Opaque)),
+            (
+                b"0032git-upload-pack /p.git\0host=x\0",
+                Some(AppProtocol::Opaque),
+            ),
             (b"SET key value\r\n", Some(AppProtocol::Opaque)),
             (
                 b"CONNECT {\"verbose\":false}\r\n",
@@ -383,11 +354,11 @@ mod tests {
             ),
             (b"get key\r\n", Some(AppProtocol::Opaque)),
             (b"*1\r\n$4\r\nPING\r\n", Some(AppProtocol::Opaque)),
-            (b"ping 00000001", Some(AppProtocol::Opaque)),
+            (b"ping 00000001", None),
             (b"get / HTTP/1.1\r\n", Some(AppProtocol::Http1)),
             (b"Delete /x HTTP/1.1\r\n", Some(AppProtocol::Http1)),
             (b"get", None),
-            (b"get 1", Some(AppProtocol::Opaque)),
+            (b"get 1", None),
             (b"PING", None),
             (b"PING ", None),
             (b"PING  x", None),
@@ -395,7 +366,8 @@ mod tests {
             (b"GET /no/line/end/yet", None),
             (b"HELLO world", None),
             (b"HELLO world\r\n", Some(AppProtocol::Opaque)),
-            (b"direct", Some(AppProtocol::Opaque)),
+            (b"direct", None),
+            (b"direct\n", Some(AppProtocol::Opaque)),
             (b"", None),
         ];
         let mut long = b"GET /?".to_vec();
@@ -405,6 +377,26 @@ mod tests {
         for (bytes, want) in cases {
             assert_eq!(
                 classify_http(bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn a_line_cut_short_by_the_end_of_the_stream() {
+        let cases: &[(&[u8], AppProtocol)] = &[
+            (b"GET /eof09", AppProtocol::Http1),
+            (b"GET / HTTP/1.1", AppProtocol::Http1),
+            (b"PRI * HTTP/2", AppProtocol::Http1),
+            (b"ping 00000001", AppProtocol::Opaque),
+            (b"direct", AppProtocol::Opaque),
+            (b"", AppProtocol::Opaque),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                classify_at_end(bytes),
                 *want,
                 "{:?}",
                 String::from_utf8_lossy(bytes)

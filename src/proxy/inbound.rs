@@ -14,11 +14,13 @@ use tracing::{debug, info};
 
 use super::detect::{progress_now, Progress};
 use super::http::{self, ConnInfo};
+use super::opaque::{forward_opaque, tcp_entry};
+use super::request_line::FirstLineGuard;
 use super::silent::FirstWord;
 use super::tunnel::{ConnHealth, TunnelConn};
 use super::{
-    detect, original_destination, sniff_http, splice, AppProtocol, ConnGuard, Detected, ReadAhead,
-    Rewind, Shared, REFUSAL_LOG_INTERVAL,
+    detect, original_destination, sniff_http, AppProtocol, ConnGuard, Detected, ReadAhead, Rewind,
+    Shared, REFUSAL_LOG_INTERVAL,
 };
 use crate::authz::Peer;
 use crate::config::InboundMode;
@@ -444,7 +446,12 @@ where
     // grow the number of series.
     let guard = ConnGuard::new(&shared.metrics, "inbound", conn.target.port(), &conn.peer);
     let mut app = None;
+    // Carried opaque because the sniff saw no request line (yet): the
+    // first line is still watched (see `FirstLineGuard`). Not on opaque
+    // ports (the operator said so), nor once the app has spoken first.
+    let mut watch_first_line = true;
     let (protocol, prefix) = if shared.is_opaque(conn.target.port()) {
+        watch_first_line = false;
         (AppProtocol::Opaque, Bytes::new())
     } else {
         match sniff_http(&mut io, shared.detect_timeout).await {
@@ -456,6 +463,7 @@ where
                     }
                     Some(FirstWord::App(connected)) => {
                         app = Some(connected);
+                        watch_first_line = false;
                         (AppProtocol::Opaque, Bytes::new())
                     }
                     None => return,
@@ -496,42 +504,11 @@ where
             }
         },
     };
-    forward_opaque(&shared, io, app, &conn, decision.rule, guard).await;
-}
-
-/// Copies an allowed opaque connection to the app until either side ends,
-/// or until a rule change denies it; `guard` counts it open meanwhile.
-pub(super) async fn forward_opaque<S>(
-    shared: &Shared,
-    io: S,
-    app: tokio::net::TcpStream,
-    conn: &ConnInfo,
-    rule: String,
-    guard: ConnGuard,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let started = std::time::Instant::now();
-    let log = &shared.policy.access_log;
-    debug!(peer = %conn.peer, target = %conn.target, "inbound connection forwarded");
-    let traffic = guard.traffic(&shared.metrics);
-    tokio::select! {
-        r = splice(io, app, shared.idle_timeout, &traffic) => {
-            if let Err(e) = &r {
-                debug!(peer = %conn.peer, error = %e, "inbound connection ended with an error");
-            }
-            log.write_with(|| tcp_entry(conn, true, &rule, started, r.ok()));
-        }
-        rule = shared.policy.denied_later(conn, None) => {
-            log.write_with(|| tcp_entry(conn, false, &rule, started, None));
-            info!(
-                peer = %conn.peer,
-                source = %conn.source.ip(),
-                port = conn.target.port(),
-                rule = %rule,
-                "open connection closed: the new rules deny it"
-            );
-        }
+    if watch_first_line {
+        let io = FirstLineGuard::new(io);
+        forward_opaque(&shared, io, app, &conn, decision.rule, guard).await;
+    } else {
+        forward_opaque(&shared, io, app, &conn, decision.rule, guard).await;
     }
 }
 
@@ -544,30 +521,4 @@ pub(super) fn localhost(dest: SocketAddr) -> SocketAddr {
         std::net::Ipv6Addr::LOCALHOST.into()
     };
     SocketAddr::new(ip, dest.port())
-}
-
-/// The access log line of an opaque connection: `rule` decided it (or, for
-/// one closed by a rule change, closed it); bytes when it ended cleanly.
-fn tcp_entry(
-    conn: &ConnInfo,
-    allowed: bool,
-    rule: &str,
-    started: std::time::Instant,
-    bytes: Option<(u64, u64)>,
-) -> super::access_log::Entry {
-    super::access_log::Entry {
-        time: super::access_log::now_rfc3339(),
-        kind: "tcp",
-        peer: conn.peer.to_string(),
-        method: None,
-        authority: None,
-        path: None,
-        status: None,
-        decision: if allowed { "allow" } else { "deny" }.into(),
-        rule: rule.to_string(),
-        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes_received: bytes.map(|b| b.0),
-        bytes_sent: bytes.map(|b| b.1),
-        upstream: conn.target.to_string(),
-    }
 }

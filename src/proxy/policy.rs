@@ -36,6 +36,13 @@ impl Policy {
         decision
     }
 
+    /// Whether an opaque connection would be allowed, without counting or
+    /// logging the decision (the one that lets it through does that).
+    pub fn allows_tcp(&self, conn: &ConnInfo) -> bool {
+        let rules = self.rules.current();
+        authorize(&rules, &self.td, self.default, &connection(conn), None).allowed
+    }
+
     /// Resolves, with the deciding rule's name, when a newly loaded rule set
     /// denies this connection — an opaque one (`http` = `None`) or an
     /// upgraded one, judged by the request that upgraded it; never while it

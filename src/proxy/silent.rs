@@ -23,19 +23,21 @@ pub enum FirstWord {
     /// The client spoke: what its bytes are, the bytes (to replay), and
     /// the app connection opened meanwhile, if any.
     Client(AppProtocol, Bytes, Option<TcpStream>),
-    /// The app spoke first (or closed): opaque, on this app connection.
+    /// The app spoke first (or closed), or the client closed its side
+    /// without a word: opaque, on this app connection.
     App(TcpStream),
 }
 
 /// Waits for the first word on a connection whose client was silent for
-/// the detect timeout. `None`: the client left or stayed silent (for the
-/// idle timeout, or the header timeout when only HTTP could be allowed),
-/// or the app could not be reached (logged).
+/// the detect timeout. `None`: the client left (or closed its side with no
+/// app to hear), stayed silent (for the idle timeout, or the header
+/// timeout when only HTTP could be allowed), or the app could not be
+/// reached (logged).
 pub async fn first_word<S>(shared: &Shared, io: &mut S, conn: &ConnInfo) -> Option<FirstWord>
 where
     S: AsyncRead + Unpin,
 {
-    let app = if shared.policy.authorize_tcp(conn).allowed {
+    let app = if shared.policy.allows_tcp(conn) {
         match shared.connect(conn.target).await {
             Ok(app) => Some(app),
             Err(e) => {
@@ -67,6 +69,9 @@ where
         _ = app_spoke => return app.map(FirstWord::App),
         read = tokio::time::timeout(wait, io.read(&mut first)) => match read {
             Ok(Ok(n)) if n > 0 => n,
+            // Done sending without a word (`nc -N host port </dev/null`):
+            // it may still want to hear the app's banner.
+            Ok(Ok(_)) => return app.map(FirstWord::App),
             _ => return None,
         },
     };

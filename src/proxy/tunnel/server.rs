@@ -19,7 +19,8 @@ use super::stream::H2Stream;
 use super::{Open, TunnelSettings};
 use crate::authz::Peer;
 use crate::proxy::http::ConnInfo;
-use crate::proxy::inbound::{forward_opaque, localhost, serve_app};
+use crate::proxy::inbound::{localhost, serve_app};
+use crate::proxy::opaque::forward_opaque;
 use crate::proxy::{ConnGuard, Shared};
 
 /// One accepted tunnel connection: who the peer is and where it came in.
