@@ -304,3 +304,50 @@ async fn server_first_protocol_on_opaque_port_in_permissive_mode() {
         "greeting came without waiting for the client"
     );
 }
+
+/// On a port that is not opaque, a silent plaintext client hears a
+/// server-speaks-first app once `--detect-timeout` has passed since it
+/// connected, not once the TLS detection's wait and then the HTTP
+/// detection's wait have passed one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_first_protocol_on_any_port_waits_one_detect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            let _ = s.write_all(b"220 hello\r\n").await;
+        }
+    });
+    let mut args = issuer_args(&ca, &ca.files.cert, "server");
+    args.extend(
+        [
+            "--inbound-target",
+            &app_addr.to_string(),
+            "--inbound-mode",
+            "permissive",
+            "--default-policy",
+            "allow",
+            "--detect-timeout",
+            "1s",
+            "--hello-timeout",
+            "1s",
+        ]
+        .map(String::from),
+    );
+    let b = Sidecar::start(&args).await;
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(b.addrs.inbound).await.unwrap();
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"220 hello\r\n");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1800),
+        "greeting after {waited:?}: one detect timeout (1 s), not two"
+    );
+}

@@ -253,14 +253,20 @@ async fn serve(
             };
             refused(&shared, port, result, &"strict mode accepts only mesh mTLS");
         }
-        (_, InboundMode::Permissive) => {
+        (detected, InboundMode::Permissive) => {
             drop(slot);
             let conn = ConnInfo {
                 peer: Arc::new(Peer::Unauthenticated),
                 source,
                 target,
             };
-            serve_app(shared, stream, conn).await
+            // A silent client has used part of its detect timeout already.
+            let silent_for = if detected == Detected::Silent {
+                wait
+            } else {
+                Duration::ZERO
+            };
+            serve_app(shared, stream, conn, silent_for).await
         }
     }
 }
@@ -431,13 +437,19 @@ async fn serve_mesh(
         source,
         target,
     };
-    serve_app(shared, tls, conn).await;
+    serve_app(shared, tls, conn, Duration::ZERO).await;
 }
 
 /// HTTP goes to the per-request path; anything else is authorized once as
 /// a connection and copied, and closed if a rule change denies it later.
-pub(super) async fn serve_app<S>(shared: Arc<Shared>, mut io: S, conn: ConnInfo)
-where
+/// `silent_for`: how long the client has already been silent (it counts
+/// against `--detect-timeout`).
+pub(super) async fn serve_app<S>(
+    shared: Arc<Shared>,
+    mut io: S,
+    conn: ConnInfo,
+    silent_for: Duration,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Counted by port and peer only once accepted (mesh identity, or
@@ -454,7 +466,8 @@ where
         watch_first_line = false;
         (AppProtocol::Opaque, Bytes::new())
     } else {
-        match sniff_http(&mut io, shared.detect_timeout).await {
+        let wait = shared.detect_timeout.saturating_sub(silent_for);
+        match sniff_http(&mut io, wait).await {
             (AppProtocol::Opaque, silence) if silence.is_empty() => {
                 match super::silent::first_word(&shared, &mut io, &conn).await {
                     Some(FirstWord::Client(protocol, bytes, connected)) => {

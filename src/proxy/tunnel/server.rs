@@ -196,7 +196,7 @@ async fn stream(
             return;
         };
         let _active = Open::new(metrics.streams_active.with_label_values(&["inbound"]));
-        return serve_app(shared.clone(), io, info).await;
+        return serve_app(shared.clone(), io, info, std::time::Duration::ZERO).await;
     }
     let decision = shared.policy.authorize_tcp(&info);
     if !decision.allowed {
