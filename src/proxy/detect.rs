@@ -280,13 +280,63 @@ fn classify_http(buf: &[u8]) -> Option<AppProtocol> {
     match scan.feed(buf) {
         Some(Verdict::Request) => Some(AppProtocol::Http1),
         Some(Verdict::NotRequest) => Some(AppProtocol::Opaque),
-        // Binary bytes after a word: not a text line to wait for. Carried
-        // opaque behind a `FirstLineGuard`, which still resets the
-        // connection if the line ends as a request line.
-        None if scan.saw_control() => Some(AppProtocol::Opaque),
+        // Not the start of a request as clients write them (binary bytes,
+        // a lowercase word that is no method): no line end to wait for.
+        // Carried opaque behind a `FirstLineGuard`, which still resets the
+        // connection if the line ends as a request line after all.
+        None if scan.saw_control() || !looks_like_a_request_start(&buf[scan.line_start()..]) => {
+            Some(AppProtocol::Opaque)
+        }
         None if buf.len() >= LINE_LIMIT => Some(AppProtocol::Http1),
         None => None,
     }
+}
+
+/// Whether `buf`, a first line without its end yet, starts the way HTTP
+/// clients write requests: an optional blank line, a letters-only method
+/// (lowercase only for a standard one, at most 20 letters), spaces, then
+/// a target starting like a path, `*`, an absolute URI or an authority.
+/// Only such starts are worth waiting for; the rest is decided at once.
+fn looks_like_a_request_start(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+        .count();
+    let buf = &buf[start..];
+    let method_len = buf
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic() || matches!(b, b'-' | b'_'))
+        .count();
+    let method = &buf[..method_len];
+    let lowercase = method.iter().any(u8::is_ascii_lowercase);
+    if lowercase && !is_standard_method_prefix(method) {
+        return false;
+    }
+    if method_len == buf.len() {
+        return method_len <= 20;
+    }
+    if method_len == 0 || !matches!(buf[method_len], b' ' | b'\t') {
+        return false;
+    }
+    let spaces = buf[method_len..]
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    match buf.get(method_len + spaces) {
+        None => true,
+        Some(b) if lowercase => matches!(b, b'/' | b'*' | b'h' | b'H'),
+        Some(b) => matches!(b, b'/' | b'*' | b'[') || b.is_ascii_alphanumeric(),
+    }
+}
+
+/// Whether `m` is the start of a standard method name, in any case.
+fn is_standard_method_prefix(m: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+    ];
+    METHODS
+        .iter()
+        .any(|full| full.len() >= m.len() && full[..m.len()].eq_ignore_ascii_case(m))
 }
 
 /// What `buf` is when the client stopped sending after it: a line servers
@@ -342,7 +392,17 @@ mod tests {
             (b"\r\nGET / HTTP/1.1\r\n", Some(AppProtocol::Http1)),
             (b"GET\t/\tHTTP/1.1\r\n", Some(AppProtocol::Http1)),
             (b"M-SEARCH2 * HTTP/1.1\r\n", Some(AppProtocol::Http1)),
-            (b"get http/abc\r\n", Some(AppProtocol::Opaque)),
+            (b"get http/abc\r\n", Some(AppProtocol::Http1)),
+            (b"GET /x RTSP/1.1\r\n", Some(AppProtocol::Http1)),
+            (b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nGET /x", None),
+            (
+                b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nping 1",
+                Some(AppProtocol::Opaque),
+            ),
+            (
+                b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nGET / HTTP/1.1\r\n",
+                Some(AppProtocol::Http1),
+            ),
             (
                 b"0032git-upload-pack /p.git\0host=x\0",
                 Some(AppProtocol::Opaque),
@@ -354,11 +414,11 @@ mod tests {
             ),
             (b"get key\r\n", Some(AppProtocol::Opaque)),
             (b"*1\r\n$4\r\nPING\r\n", Some(AppProtocol::Opaque)),
-            (b"ping 00000001", None),
+            (b"ping 00000001", Some(AppProtocol::Opaque)),
             (b"get / HTTP/1.1\r\n", Some(AppProtocol::Http1)),
             (b"Delete /x HTTP/1.1\r\n", Some(AppProtocol::Http1)),
             (b"get", None),
-            (b"get 1", None),
+            (b"get 1", Some(AppProtocol::Opaque)),
             (b"PING", None),
             (b"PING ", None),
             (b"PING  x", None),
@@ -366,7 +426,14 @@ mod tests {
             (b"GET /no/line/end/yet", None),
             (b"HELLO world", None),
             (b"HELLO world\r\n", Some(AppProtocol::Opaque)),
-            (b"direct", None),
+            (b"direct", Some(AppProtocol::Opaque)),
+            (b"\r\nGET /", None),
+            (b"\tGET\t/x", None),
+            (b"AVERYLONGMETHODNAMEOVERTWENTY", Some(AppProtocol::Opaque)),
+            (
+                b"AVERYLONGMETHODNAMEOVERTWENTY / HTTP/1.1\r\n",
+                Some(AppProtocol::Http1),
+            ),
             (b"direct\n", Some(AppProtocol::Opaque)),
             (b"", None),
         ];

@@ -34,30 +34,72 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// How many bytes of each word are kept: enough for `HTTP/1`.
-const HEAD: usize = 6;
+/// How many bytes of each word are kept: enough for `https://`.
+const HEAD: usize = 8;
 
-/// Reads a stream's first line a few bytes at a time, keeping a few bytes
-/// of state (never the line), so it can follow a connection of any length.
+/// What starts a binary PROXY protocol (v2) header; 4 more bytes follow,
+/// the last two the length of the rest.
+const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Where the scan is in the stream.
+#[derive(Debug, Clone, Copy)]
+enum Prelude {
+    /// At the start: this many bytes matched the PROXY v2 signature.
+    Signature(usize),
+    /// In a PROXY v2 header: bytes read after the signature, and the
+    /// length of its addresses once known.
+    V2 { read: usize, len: usize },
+    /// Reading lines; `proxy_seen` once a PROXY header (v1 or v2) was
+    /// skipped, as an app that takes PROXY headers would skip it.
+    Lines { proxy_seen: bool },
+}
+
+/// The first line being read (a few bytes of state, never the line).
 #[derive(Debug, Clone, Default)]
-pub struct LineScan {
-    verdict: Option<Verdict>,
-    /// Empty lines and whitespace before the method are skipped, as servers
-    /// skip them.
+struct Line {
+    /// Empty lines and whitespace before the method are skipped, as
+    /// servers skip them.
     started: bool,
     in_word: bool,
     words: u8,
+    /// The method's first bytes, and its whole length.
+    method: [u8; HEAD],
+    method_len: usize,
     method_has_lowercase: bool,
     /// The first bytes of the word being read.
     head: [u8; HEAD],
     head_len: usize,
-    /// A word after the method starts with `HTTP/` and a digit.
+    /// The last word so far is a protocol version (`HTTP/…`).
     version: bool,
-    /// The second word starts like a target (`/`, `*`, `http`).
+    /// The second word starts like a target (`/`, `*`, `http://`).
     target: bool,
-    /// A control byte in the line: not text a line protocol sends, so the
-    /// sniff need not wait for the line to end.
+    /// A control byte after the method: not text a line protocol sends,
+    /// so the sniff need not wait for the line to end.
     control: bool,
+}
+
+/// Reads a stream's first line a few bytes at a time, so it can follow a
+/// connection of any length.
+#[derive(Debug, Clone)]
+pub struct LineScan {
+    verdict: Option<Verdict>,
+    prelude: Prelude,
+    line: Line,
+    /// Bytes read so far, and where the line being read starts.
+    fed: usize,
+    line_start: usize,
+}
+
+impl Default for LineScan {
+    fn default() -> Self {
+        LineScan {
+            verdict: None,
+            prelude: Prelude::Signature(0),
+            line: Line::default(),
+            fed: 0,
+            line_start: 0,
+        }
+    }
 }
 
 impl LineScan {
@@ -68,6 +110,7 @@ impl LineScan {
             return self.verdict;
         }
         for &b in bytes {
+            self.fed += 1;
             if let Some(v) = self.step(b) {
                 self.verdict = Some(v);
                 return Some(v);
@@ -82,77 +125,143 @@ impl LineScan {
         if let Some(v) = self.verdict {
             return v;
         }
-        let mut ended = self.clone();
-        ended.end_word();
-        ended.judge()
+        let mut line = self.line.clone();
+        line.end_word();
+        line.judge()
     }
 
-    /// Whether the line so far holds a control byte.
+    /// Whether the line being read holds a control byte.
     pub fn saw_control(&self) -> bool {
-        self.control
+        self.line.control
+    }
+
+    /// Where, in the bytes fed, the line being read starts (past a PROXY
+    /// protocol header).
+    pub fn line_start(&self) -> usize {
+        self.line_start
     }
 
     fn step(&mut self, b: u8) -> Option<Verdict> {
-        if !self.started {
+        match self.prelude {
+            Prelude::Signature(n) if b == PROXY_V2_SIGNATURE[n] => {
+                self.prelude = if n + 1 == PROXY_V2_SIGNATURE.len() {
+                    Prelude::V2 { read: 0, len: 0 }
+                } else {
+                    Prelude::Signature(n + 1)
+                };
+                None
+            }
+            Prelude::Signature(n) => {
+                // Not a PROXY v2 header: read what was held back as text.
+                self.prelude = Prelude::Lines { proxy_seen: false };
+                PROXY_V2_SIGNATURE[..n]
+                    .iter()
+                    .chain(std::iter::once(&b))
+                    .find_map(|&b| self.step_line(b))
+            }
+            Prelude::V2 { read, len } => {
+                let read = read + 1;
+                let len = match read {
+                    3 => usize::from(b) << 8,
+                    4 => len | usize::from(b),
+                    _ => len,
+                };
+                if read >= 4 && read == 4 + len {
+                    self.next_line();
+                } else {
+                    self.prelude = Prelude::V2 { read, len };
+                }
+                None
+            }
+            Prelude::Lines { .. } => self.step_line(b),
+        }
+    }
+
+    fn step_line(&mut self, b: u8) -> Option<Verdict> {
+        let line = &mut self.line;
+        if !line.started {
             if b == b'\n' || is_space(b) {
                 return None;
             }
             if !is_tchar(b) {
                 return Some(Verdict::NotRequest);
             }
-            self.started = true;
+            line.started = true;
         }
         if b == b'\n' {
-            self.end_word();
-            return Some(self.judge());
+            line.end_word();
+            let proxy_v1 = &line.method[..line.method_len.min(HEAD)] == b"PROXY";
+            if proxy_v1 && matches!(self.prelude, Prelude::Lines { proxy_seen: false }) {
+                self.next_line();
+                return None;
+            }
+            return Some(line.judge());
         }
         if is_space(b) {
-            self.end_word();
+            line.end_word();
             return None;
         }
-        if !self.in_word {
-            self.in_word = true;
-            self.words = self.words.saturating_add(1);
-            self.head_len = 0;
+        if !line.in_word {
+            line.in_word = true;
+            line.words = line.words.saturating_add(1);
+            line.head_len = 0;
         }
-        if self.words == 1 {
+        if line.words == 1 {
             if !is_tchar(b) {
                 return Some(Verdict::NotRequest);
             }
-            self.method_has_lowercase |= b.is_ascii_lowercase();
+            line.method_has_lowercase |= b.is_ascii_lowercase();
+            if line.method_len < HEAD {
+                line.method[line.method_len] = b;
+            }
+            line.method_len += 1;
         } else if b < 0x20 || b == 0x7f {
-            self.control = true;
+            line.control = true;
         }
-        if self.head_len < HEAD {
-            self.head[self.head_len] = b;
-            self.head_len += 1;
+        if line.head_len < HEAD {
+            line.head[line.head_len] = b;
+            line.head_len += 1;
         }
         None
     }
 
+    /// Starts over on the line after a PROXY header.
+    fn next_line(&mut self) {
+        self.prelude = Prelude::Lines { proxy_seen: true };
+        self.line = Line::default();
+        self.line_start = self.fed;
+    }
+}
+
+impl Line {
     fn end_word(&mut self) {
         if !self.in_word {
             return;
         }
         self.in_word = false;
         let head = &self.head[..self.head_len];
+        let starts = |prefix: &[u8]| {
+            head.len() >= prefix.len() && head[..prefix.len()].eq_ignore_ascii_case(prefix)
+        };
         if self.words >= 2 {
-            self.version |= head.len() == HEAD
-                && head[..5].eq_ignore_ascii_case(b"HTTP/")
-                && head[5].is_ascii_digit();
+            // Node's parser also serves `RTSP/` and `ICE/` versions.
+            self.version = starts(b"HTTP/") || starts(b"RTSP/") || starts(b"ICE/");
         }
         if self.words == 2 {
             self.target = matches!(head.first(), Some(b'/' | b'*'))
-                || (head.len() >= 4 && head[..4].eq_ignore_ascii_case(b"http"));
+                || starts(b"http://")
+                || starts(b"https://");
         }
     }
 
-    /// `METHOD target … HTTP/x` however spaced, or the HTTP/0.9 form
-    /// `METHOD target` with an uppercase method (lowercase two-word lines
-    /// are text protocols: memcached's `get key`).
+    /// `METHOD target … VERSION` however spaced, or the HTTP/0.9 form
+    /// `METHOD target`: `GET` with any target (Python serves `GET a/b`),
+    /// another uppercase method with a path or absolute URI (lowercase
+    /// two-word lines are text protocols: memcached's `get key`).
     fn judge(&self) -> Verdict {
         let versioned = self.words >= 2 && self.version;
-        let simple = self.words == 2 && self.target && !self.method_has_lowercase;
+        let get = &self.method[..self.method_len.min(HEAD)] == b"GET";
+        let simple = self.words == 2 && (get || (self.target && !self.method_has_lowercase));
         if versioned || simple {
             Verdict::Request
         } else {

@@ -177,6 +177,18 @@ async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
             "control byte first",
             vec![text("GET /a\0b"), pause(100), rest(" HTTP/1.1")],
         ),
+        (
+            "an unusual method first",
+            vec![text("foo"), pause(100), rest(" / HTTP/1.1")],
+        ),
+        (
+            "a PROXY header first",
+            vec![
+                text("PROXY TCP4 10.9.9.9 10.0.0.1 1111 80\r\nGET /px"),
+                pause(700),
+                rest(" HTTP/1.1"),
+            ],
+        ),
     ];
     let mut cut = 0;
     for (what, parts) in cut_off {
@@ -189,10 +201,12 @@ async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
             b_metrics.metric("portcullis_opaque_request_lines_total", &[]) == cut as f64
         })
         .await;
-        // The app saw a reset (if it was connected at all), never a line end.
+        // The app saw a reset (if it was connected at all), never the
+        // request line's end (its version comes with it).
         let got = received.lock().unwrap()[before..].to_vec();
         for r in &got {
-            assert!(!r.bytes.contains(&b'\n'), "{what}: {r:?}");
+            let seen = String::from_utf8_lossy(&r.bytes);
+            assert!(!seen.contains("HTTP/"), "{what}: {seen:?}");
             assert!(r.reset || r.bytes.is_empty(), "{what}: {r:?}");
         }
     }
@@ -219,6 +233,25 @@ async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
         (
             "control byte",
             vec![text(&request("GET /a\0b HTTP/1.1", "\r\n"))],
+        ),
+        (
+            "HTTP/0.9, relative",
+            vec![text(&request("GET admin/x", "\r\n"))],
+        ),
+        (
+            "RTSP version",
+            vec![text(&request("GET /admin/x RTSP/1.1", "\r\n"))],
+        ),
+        (
+            "signed version",
+            vec![text(&request("GET /admin/x HTTP/+1.1", "\r\n"))],
+        ),
+        (
+            "PROXY header",
+            vec![text(&format!(
+                "PROXY TCP4 10.9.9.9 10.0.0.1 1111 80\r\n{}",
+                request("GET /admin/x HTTP/1.1", "\r\n")
+            ))],
         ),
         (
             "long method",

@@ -34,6 +34,17 @@ fn request_lines_however_spaced_or_named() {
         b"GET /path\r\n",
         b"GET *\r\n",
         b"POST http://example/\r\n",
+        b"GET admin/x\r\n",
+        b"GET %2Fadmin/x\r\n",
+        // Node serves RTSP and ICE versions as HTTP/1.
+        b"GET /admin/x RTSP/1.1\r\n",
+        b"SOURCE /admin/x ICE/1.0\r\n",
+        // Python checks only the `HTTP/` prefix (`int('+1')` parses).
+        b"GET /admin/x HTTP/+1.1\r\n",
+        b"get http/abc\r\n",
+        // Past a PROXY protocol header, which an app may skip.
+        b"PROXY TCP4 10.9.9.9 10.0.0.1 1111 80\r\nGET /admin/x HTTP/1.1\r\n",
+        b"PROXY UNKNOWN\r\n\r\n GET / HTTP/1.1\r\n",
     ];
     for line in requests {
         let text = String::from_utf8_lossy(line);
@@ -48,7 +59,14 @@ fn other_first_lines() {
         b"get key\r\n",
         b"get /key\r\n",
         b"SET key value\r\n",
-        b"get http/abc\r\n",
+        b"EHLO httpgw.example.com\r\n",
+        b"NICK httpbot\r\n",
+        // The version must be the last word: an access log line is not a request.
+        b"127.0.0.1 - - [04/Dec/2026] \"GET /x HTTP/1.1\" 200 12\n",
+        b"GET / HTTP/1.1 200\r\n",
+        b"PROXY TCP4 10.9.9.9 10.0.0.1 1111 80\r\nget key\r\n",
+        // One PROXY header only.
+        b"PROXY TCP4 a\r\nPROXY TCP4 b\r\nGET / HTTP/1.1\r\n",
         b"PING\r\n",
         b"PING x\r\n",
         b"HELLO world\r\n",
@@ -88,6 +106,27 @@ fn an_unended_line_is_judged_as_if_the_stream_ended() {
         );
         assert_eq!(scan.at_end(), *want, "{:?}", String::from_utf8_lossy(bytes));
     }
+}
+
+#[test]
+fn a_binary_proxy_header_is_skipped() {
+    let mut header = PROXY_V2_SIGNATURE.to_vec();
+    // v2 PROXY, TCP over IPv4: 12 address bytes.
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    header.extend_from_slice(&[10, 9, 9, 9, 10, 0, 0, 1, 4, 87, 0, 80]);
+    let mut request = header.clone();
+    request.extend_from_slice(b"GET /admin/x HTTP/1.1\r\n");
+    assert_eq!(whole(&request), Some(Verdict::Request));
+    assert_eq!(drip(&request), Some(Verdict::Request));
+    let mut scan = LineScan::default();
+    assert_eq!(scan.feed(&header), None);
+    assert_eq!(scan.line_start(), header.len());
+    let mut other = header;
+    other.extend_from_slice(b"get key\r\n");
+    assert_eq!(whole(&other), Some(Verdict::NotRequest));
+    // A start like the signature that is not one is read as text.
+    assert_eq!(whole(b"\r\n\r\nGET / HTTP/1.1\r\n"), Some(Verdict::Request));
+    assert_eq!(whole(b"\r\n\r\n\0\r\nQUIX"), Some(Verdict::NotRequest));
 }
 
 #[test]
