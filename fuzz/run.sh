@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-60}"
-targets="${FUZZ_TARGETS:-rules path_host http_head client_hello admission csr}"
+targets="${FUZZ_TARGETS:-rules path_host http_head client_hello first_line admission csr}"
 
 if ! command -v rustup >/dev/null 2>&1 || ! rustup toolchain list | grep -q '^nightly'; then
     echo "make fuzz: no nightly toolchain (rustup toolchain install nightly); skipping"

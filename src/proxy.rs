@@ -69,6 +69,7 @@ pub use outbound::{Outbound, UpstreamListener};
 pub use plan::{plan, OutboundPolicy, Route};
 pub use policy::Policy;
 pub use read_ahead::ReadAhead;
+pub use request_line::{LineScan, Verdict};
 pub use rewind::Rewind;
 pub use splice::{splice, Traffic};
 pub use tunnel::TunnelSettings;
