@@ -175,11 +175,11 @@ async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
         ),
         (
             "control byte first",
-            vec![text("GET /a\0b"), pause(100), rest(" HTTP/1.1")],
+            vec![text("GET /a\0b"), pause(500), rest(" HTTP/1.1")],
         ),
         (
             "an unusual method first",
-            vec![text("foo"), pause(100), rest(" / HTTP/1.1")],
+            vec![text("foo"), pause(500), rest(" / HTTP/1.1")],
         ),
         (
             "a PROXY header first",
