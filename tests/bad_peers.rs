@@ -266,18 +266,23 @@ async fn permissive_accepts_plaintext_strict_refuses_it() {
     assert!(strict.ping(b"mesh hello").await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_first_protocol_on_opaque_port_in_permissive_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::root(dir.path(), "ca", TD);
-    // An app that greets first, like SMTP or MySQL.
+/// An app that greets first, like SMTP or MySQL.
+async fn greeting_app() -> std::net::SocketAddr {
     let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
+    let addr = app.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = app.accept().await {
             let _ = s.write_all(b"220 hello\r\n").await;
         }
     });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_first_protocol_on_opaque_port_in_permissive_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let app_addr = greeting_app().await;
     let port = app_addr.port().to_string();
     let mut args = issuer_args(&ca, &ca.files.cert, "server");
     args.extend([
@@ -313,13 +318,7 @@ async fn server_first_protocol_on_opaque_port_in_permissive_mode() {
 async fn server_first_protocol_on_any_port_waits_one_detect_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
-    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = app.accept().await {
-            let _ = s.write_all(b"220 hello\r\n").await;
-        }
-    });
+    let app_addr = greeting_app().await;
     let mut args = issuer_args(&ca, &ca.files.cert, "server");
     args.extend(
         [
