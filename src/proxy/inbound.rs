@@ -197,7 +197,6 @@ async fn serve(
     explicit: Option<SocketAddr>,
     mut slot: Slot,
 ) {
-    let _ = stream.set_nodelay(true);
     let started = Instant::now();
     if kind == Listener::Tunnel {
         return serve_tunnel_listener(shared, stream, source, explicit, slot).await;

@@ -105,7 +105,6 @@ async fn to_sidecar(
     expect: Option<SpiffeId>,
     transparent: bool,
 ) {
-    let _ = app.set_nodelay(true);
     if shared.tunnel.client {
         let addr = if transparent {
             SocketAddr::new(dest.ip(), shared.tunnel.peer_port)
@@ -182,7 +181,6 @@ async fn carry<S>(
 /// TCP to where it was going. One whose original destination cannot be
 /// read is refused, never looped.
 async fn transparent(shared: Arc<Shared>, app: TcpStream) {
-    let _ = app.set_nodelay(true);
     let dest = match original_destination(&app) {
         Ok(d) => d,
         Err(e) => {
