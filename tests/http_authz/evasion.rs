@@ -142,18 +142,11 @@ fn request(line: &str, eol: &str) -> String {
     format!("{line}{eol}host: s{eol}{FORGED}{eol}connection: close{eol}{eol}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::root(dir.path(), "ca", TD);
-    let (app, received) = recording_app().await;
-    let b = server_with(&ca, app, &["--detect-timeout", "200ms"]).await;
-    let a = client_of(&ca, &b, &[]).await;
+/// Requests sent so that the sniff gives up on them before their request
+/// line ends (what `FirstLineGuard` must catch).
+fn cut_off_cases() -> Vec<(&'static str, Vec<Part>)> {
     let rest = |line_end: &str| text(&request(line_end, "\r\n"));
-
-    // Carried opaque once the sniff gives up, then reset as the request
-    // line ends: the app gets at most the line's start.
-    let cut_off: Vec<(&str, Vec<Part>)> = vec![
+    vec![
         (
             "paused",
             vec![text("GET /slow"), pause(700), rest(" HTTP/1.1")],
@@ -189,25 +182,40 @@ async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
                 rest(" HTTP/1.1"),
             ],
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let (app, received) = recording_app().await;
+    let b = server_with(&ca, app, &["--detect-timeout", "200ms"]).await;
+    let a = client_of(&ca, &b, &[]).await;
+
+    // Carried opaque once the sniff gives up, then reset as the request
+    // line ends: the app gets at most the line's start, then a reset.
+    // Through the tunnel and over a connection of its own.
+    let own_connection = client_of(&ca, &b, &["--tunnel=off"]).await;
     let mut cut = 0;
-    for (what, parts) in cut_off {
-        let before = received.lock().unwrap().len();
-        let answer = send(a.upstream(), parts).await;
-        assert!(!answer.contains("200 OK"), "{what}: {answer}");
-        cut += 1;
-        let b_metrics = &b;
-        eventually(what, Duration::from_secs(5), || async move {
-            b_metrics.metric("portcullis_opaque_request_lines_total", &[]) == cut as f64
-        })
-        .await;
-        // The app saw a reset (if it was connected at all), never the
-        // request line's end (its version comes with it).
-        let got = received.lock().unwrap()[before..].to_vec();
-        for r in &got {
-            let seen = String::from_utf8_lossy(&r.bytes);
-            assert!(!seen.contains("HTTP/"), "{what}: {seen:?}");
-            assert!(r.reset || r.bytes.is_empty(), "{what}: {r:?}");
+    for front in [a.upstream(), own_connection.upstream()] {
+        for (what, parts) in cut_off_cases() {
+            let before = received.lock().unwrap().len();
+            let answer = send(front, parts).await;
+            assert!(!answer.contains("200 OK"), "{what}: {answer}");
+            cut += 1;
+            let (b, received) = (&b, &received);
+            eventually(what, Duration::from_secs(5), || async move {
+                b.metric("portcullis_opaque_request_lines_total", &[]) == cut as f64
+                    && received.lock().unwrap().len() > before
+            })
+            .await;
+            let got = received.lock().unwrap()[before..].to_vec();
+            for r in &got {
+                let seen = String::from_utf8_lossy(&r.bytes);
+                assert!(!seen.contains("HTTP/"), "{what}: {seen:?}");
+                assert!(r.reset, "{what}: {r:?}");
+            }
         }
     }
 
