@@ -149,6 +149,15 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     g
 }
 
+/// A counter without labels, registered.
+fn single_counter(registry: &Registry, name: &str, help: &str) -> prometheus::IntCounter {
+    let c = prometheus::IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry
@@ -253,33 +262,21 @@ impl Metrics {
                 "trust bundle",
             ),
             issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
-            peers: peers::PeerLabels::new({
-                let c = prometheus::IntCounter::new(
-                    "portcullis_metrics_peers_overflow_total",
-                    "Connections whose peer was counted as \"other\" because --metrics-max-peers distinct peers already have their own series.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(c.clone())).expect("unique metric");
-                c
-            }),
-            access_log_dropped: {
-                let c = prometheus::IntCounter::new(
-                    "portcullis_access_log_dropped_total",
-                    "Access log lines dropped because the writer lagged behind (the data path never waits for it).",
-                )
-                .expect("valid metric");
-                r.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
-            opaque_request_lines: {
-                let c = prometheus::IntCounter::new(
-                    "portcullis_opaque_request_lines_total",
-                    "Inbound connections reset because their first line, sent late, slowly or after bytes the HTTP sniff gave up on, turned out to be an HTTP request line (the app never gets it unparsed).",
-                )
-                .expect("valid metric");
-                r.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
+            peers: peers::PeerLabels::new(single_counter(
+                r,
+                "portcullis_metrics_peers_overflow_total",
+                "Connections whose peer was counted as \"other\" because --metrics-max-peers distinct peers already have their own series.",
+            )),
+            access_log_dropped: single_counter(
+                r,
+                "portcullis_access_log_dropped_total",
+                "Access log lines dropped because the writer lagged behind (the data path never waits for it).",
+            ),
+            opaque_request_lines: single_counter(
+                r,
+                "portcullis_opaque_request_lines_total",
+                "Inbound connections reset because their first line, sent late, slowly or after bytes the HTTP sniff gave up on, turned out to be an HTTP request line (the app never gets it unparsed).",
+            ),
             ready: {
                 let g = IntGauge::new(
                     "portcullis_ready",

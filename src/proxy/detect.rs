@@ -340,14 +340,14 @@ fn is_standard_method_prefix(m: &[u8]) -> bool {
 }
 
 /// What `buf` is when the client stopped sending after it: a line servers
-/// would take as a request even without its end is HTTP.
+/// would take as a request even without its end is HTTP. Nothing more can
+/// come, so the sniff's early guesses do not apply.
 fn classify_at_end(buf: &[u8]) -> AppProtocol {
-    if let Some(p) = classify_http(buf) {
-        return p;
+    if buf.starts_with(H2_PREFACE) {
+        return AppProtocol::Http2;
     }
     let mut scan = LineScan::default();
-    scan.feed(buf);
-    match scan.at_end() {
+    match scan.feed(buf).unwrap_or_else(|| scan.at_end()) {
         Verdict::Request => AppProtocol::Http1,
         Verdict::NotRequest => AppProtocol::Opaque,
     }
@@ -458,6 +458,8 @@ mod tests {
             (b"GET / HTTP/1.1", AppProtocol::Http1),
             (b"PRI * HTTP/2", AppProtocol::Http1),
             (b"ping 00000001", AppProtocol::Opaque),
+            (b"foo / HTTP/1.1", AppProtocol::Http1),
+            (b"GET /a\0b HTTP/1.1", AppProtocol::Http1),
             (b"direct", AppProtocol::Opaque),
             (b"", AppProtocol::Opaque),
         ];

@@ -30,8 +30,7 @@ fn connection(conn: &ConnInfo) -> Connection<'_> {
 impl Policy {
     /// Decides an opaque (non-HTTP) connection.
     pub fn authorize_tcp(&self, conn: &ConnInfo) -> Decision {
-        let rules = self.rules.current();
-        let decision = authorize(&rules, &self.td, self.default, &connection(conn), None);
+        let decision = self.decide_tcp(conn);
         self.record(conn, &decision);
         decision
     }
@@ -39,8 +38,12 @@ impl Policy {
     /// Whether an opaque connection would be allowed, without counting or
     /// logging the decision (the one that lets it through does that).
     pub fn allows_tcp(&self, conn: &ConnInfo) -> bool {
+        self.decide_tcp(conn).allowed
+    }
+
+    fn decide_tcp(&self, conn: &ConnInfo) -> Decision {
         let rules = self.rules.current();
-        authorize(&rules, &self.td, self.default, &connection(conn), None).allowed
+        authorize(&rules, &self.td, self.default, &connection(conn), None)
     }
 
     /// Resolves, with the deciding rule's name, when a newly loaded rule set

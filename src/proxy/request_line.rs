@@ -309,23 +309,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstLineGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.scan.verdict.is_some() {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        let tripped = || {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                RequestLineInOpaque,
+            )))
+        };
+        match this.scan.verdict {
+            Some(Verdict::Request) => return tripped(),
+            // Past the first line, or no room to read into (which reads
+            // nothing without being the end of the stream).
+            Some(Verdict::NotRequest) => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            None if buf.remaining() == 0 => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            None => {}
         }
         let before = buf.filled().len();
         std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         let new = &buf.filled()[before..];
         let verdict = if new.is_empty() {
-            Some(this.scan.at_end())
+            this.scan.at_end()
         } else {
-            this.scan.feed(new)
+            this.scan.feed(new).unwrap_or(Verdict::NotRequest)
         };
-        if verdict == Some(Verdict::Request) {
+        if verdict == Verdict::Request {
+            this.scan.verdict = Some(Verdict::Request);
             buf.set_filled(before);
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                RequestLineInOpaque,
-            )));
+            return tripped();
         }
         Poll::Ready(Ok(()))
     }
