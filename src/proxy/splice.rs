@@ -82,10 +82,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; FIRST_BUFFER];
+    // Read into spare capacity: no zeroing of a buffer per connection.
+    let mut buf = Vec::with_capacity(FIRST_BUFFER);
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf).await {
+        buf.clear();
+        let n = match r.read_buf(&mut buf).await {
             Ok(n) => n,
             // A TLS peer that closes TCP without close_notify: treat as end of stream.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
@@ -98,8 +100,8 @@ where
         }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf = vec![0u8; buf.len() * 4];
+        if n == buf.capacity() && n < MAX_BUFFER {
+            buf = Vec::with_capacity(n * 4);
         }
         counter.inc_by(n as u64);
         total += n as u64;

@@ -190,14 +190,17 @@ pub fn admit_head(
         return Err(Refusal::Denied(decision));
     }
     let authority = host.unwrap_or_else(|| conn.target.to_string());
-    let query = parts
-        .uri
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    parts.uri = format!("http://{authority}{path}{query}")
-        .parse::<Uri>()
-        .map_err(|_| Refusal::Target("the rewritten target is not a URI"))?;
+    let query = parts.uri.query().unwrap_or_default();
+    let mut target = String::with_capacity(8 + authority.len() + path.len() + query.len());
+    target.push_str("http://");
+    target.push_str(&authority);
+    target.push_str(&path);
+    if parts.uri.query().is_some() {
+        target.push('?');
+        target.push_str(query);
+    }
+    parts.uri =
+        Uri::try_from(target).map_err(|_| Refusal::Target("the rewritten target is not a URI"))?;
     Ok(Admitted { decision, upgrade })
 }
 
@@ -392,32 +395,39 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `Connection: upgrade` and `Upgrade` when passing an upgrade on, and
 /// `te: trailers` (gRPC needs it).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Only names that are present are made into `HeaderName`s: the usual
+    // `close` and `keep-alive` tokens name no header and cost nothing.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && headers.contains_key(*t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in listed {
         if !(keep_upgrade && name == header::UPGRADE) {
             headers.remove(name);
         }
     }
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    // One pass over the names instead of a removal per hop-by-hop name:
+    // most messages carry none but `Connection`.
+    let hop = |n: &&HeaderName| {
+        *n == header::TRANSFER_ENCODING
+            || *n == header::PROXY_AUTHENTICATE
+            || *n == header::PROXY_AUTHORIZATION
+            || *n == KEEP_ALIVE
+            || *n == PROXY_CONNECTION
+            || (!keep_upgrade && (*n == header::CONNECTION || *n == header::UPGRADE))
+            || (*n == header::TE && headers.get(header::TE).is_some_and(|v| v != "trailers"))
+    };
+    // Names are unique and only eight can match.
+    let mut doomed: [Option<HeaderName>; 8] = Default::default();
+    for (slot, name) in doomed.iter_mut().zip(headers.keys().filter(hop)) {
+        *slot = Some(name.clone());
+    }
+    for name in doomed.into_iter().flatten() {
         headers.remove(name);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
-    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
-        headers.remove(header::TE);
     }
 }

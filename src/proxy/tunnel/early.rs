@@ -9,11 +9,18 @@
 //! it would have anyway. The peer forwards nothing before it has
 //! authorized the stream.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
 /// The most taken from the app before the answer.
 const MAX_EARLY: usize = 16 * 1024;
+
+thread_local! {
+    /// Where [`Early::read`] reads, reused by every connection of a thread.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(MAX_EARLY));
+}
 
 /// One app connection's early bytes, across its attempts.
 #[derive(Default)]
@@ -40,16 +47,19 @@ impl Early {
     /// that follows sees again).
     pub fn read(&mut self, app: &TcpStream) -> Option<Bytes> {
         self.read = true;
-        // Read on the stack and keep only what came: a request is usually
-        // a few hundred bytes, and it is held until the peer answers.
-        let mut buf = [0u8; MAX_EARLY];
-        match app.try_read(&mut buf) {
-            Ok(n) if n > 0 => {
-                self.bytes = Bytes::copy_from_slice(&buf[..n]);
-                Some(self.bytes.clone())
+        // Read into this thread's scratch buffer (spare capacity, never
+        // zeroed) and keep only what came: a request is usually a few
+        // hundred bytes, and it is held until the peer answers.
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            match app.try_read_buf(buf) {
+                Ok(n) if n > 0 => {
+                    self.bytes = Bytes::copy_from_slice(&buf[..n]);
+                    Some(self.bytes.clone())
+                }
+                _ => None,
             }
-            _ => None,
-        }
+        })
     }
 
     /// How many bytes went to the peer this way.

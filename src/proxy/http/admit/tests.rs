@@ -44,6 +44,44 @@ fn hop_by_hop_headers_are_removed() {
     assert!(h.is_empty(), "{h:?}");
 }
 
+/// Every hop-by-hop name goes, however many of them a message carries;
+/// `te` stays only as `trailers`.
+#[test]
+fn every_hop_by_hop_name_is_removed() {
+    let hop = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+    ];
+    // All of them, then all but one in turn.
+    for left_out in 0..=hop.len() {
+        let mut h = HeaderMap::new();
+        for (i, name) in hop.iter().enumerate() {
+            if i != left_out {
+                h.insert(*name, HeaderValue::from_static("gzip"));
+            }
+        }
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"], "{left_out}");
+    }
+    let mut h = HeaderMap::new();
+    h.insert(header::TE, HeaderValue::from_static("trailers"));
+    h.insert(
+        "proxy-authorization",
+        HeaderValue::from_static("Basic eA=="),
+    );
+    strip_hop_by_hop(&mut h, false);
+    let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["te"]);
+}
+
 #[test]
 fn one_host_form_for_rules_and_app() {
     let cases = [
