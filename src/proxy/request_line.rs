@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// What a first line turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,13 @@ fn is_tchar(b: u8) -> bool {
 /// How many bytes of each word are kept: enough for `https://`.
 const HEAD: usize = 8;
 
+/// The longest first line any common server reads as a request: Go's
+/// limit on a whole request head (1 MiB, plus the 4 KiB it allows over);
+/// Python stops at 64 KiB, Node at 16 KiB, nginx at 8 KiB. A line still
+/// going past it is not a request, and an opaque stream of token bytes
+/// without a line end is no longer scanned byte by byte.
+pub const MAX_FIRST_LINE: usize = (1 << 20) + 4096;
+
 /// What starts a binary PROXY protocol (v2) header; 4 more bytes follow,
 /// the last two the length of the rest.
 const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -60,6 +67,8 @@ struct Line {
     /// Empty lines and whitespace before the method are skipped, as
     /// servers skip them.
     started: bool,
+    /// Bytes since the line started (blank lines before it not counted).
+    len: usize,
     in_word: bool,
     words: u8,
     /// The method's first bytes, and its whole length.
@@ -187,6 +196,10 @@ impl LineScan {
                 return Some(Verdict::NotRequest);
             }
             line.started = true;
+        }
+        line.len += 1;
+        if line.len > MAX_FIRST_LINE {
+            return Some(Verdict::NotRequest);
         }
         if b == b'\n' {
             line.end_word();
@@ -340,35 +353,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstLineGuard<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for FirstLineGuard<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
+write_through!(FirstLineGuard);
 
 #[cfg(test)]
 mod tests;

@@ -137,3 +137,32 @@ fn control_bytes_are_noticed_and_the_verdict_stays() {
     assert_eq!(scan.feed(b"\n"), Some(Verdict::NotRequest));
     assert_eq!(scan.feed(b"GET / HTTP/1.1\r\n"), Some(Verdict::NotRequest));
 }
+
+/// A first line longer than any common server reads is not a request, and
+/// the scan ends there: an opaque stream of token bytes with no line end
+/// is not scanned to its end. Blank lines before the line do not count.
+#[test]
+fn a_first_line_past_the_longest_servers_read_is_not_a_request() {
+    let mut scan = LineScan::default();
+    let token = vec![b'Z'; MAX_FIRST_LINE];
+    assert_eq!(
+        scan.feed(&token),
+        None,
+        "up to the limit it could still be one"
+    );
+    assert_eq!(scan.feed(b"Z"), Some(Verdict::NotRequest));
+
+    let mut long = b"GET /".to_vec();
+    long.resize(MAX_FIRST_LINE - b" HTTP/1.1\n".len(), b'a');
+    long.extend_from_slice(b" HTTP/1.1\n");
+    assert_eq!(long.len(), MAX_FIRST_LINE);
+    assert_eq!(
+        whole(&long),
+        Some(Verdict::Request),
+        "a line just within it"
+    );
+
+    let mut after_blank_lines = vec![b'\n'; MAX_FIRST_LINE];
+    after_blank_lines.extend_from_slice(b"GET / HTTP/1.1\r\n");
+    assert_eq!(whole(&after_blank_lines), Some(Verdict::Request));
+}
