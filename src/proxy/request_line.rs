@@ -40,9 +40,9 @@ const HEAD: usize = 8;
 /// The longest first line any common server reads as a request: Go's
 /// limit on a whole request head (1 MiB, plus the 4 KiB it allows over);
 /// Python stops at 64 KiB, Node at 16 KiB, nginx at 8 KiB. A line still
-/// going past it is not a request, and an opaque stream of token bytes
-/// without a line end is no longer scanned byte by byte.
-pub const MAX_FIRST_LINE: usize = (1 << 20) + 4096;
+/// going past it is not a request, so an opaque stream of token bytes
+/// without a line end is not scanned to its end.
+const MAX_FIRST_LINE: usize = (1 << 20) + 4096;
 
 /// What starts a binary PROXY protocol (v2) header; 4 more bytes follow,
 /// the last two the length of the rest.

@@ -190,14 +190,15 @@ pub fn admit_head(
         return Err(Refusal::Denied(decision));
     }
     let authority = host.unwrap_or_else(|| conn.target.to_string());
-    let query = parts.uri.query().unwrap_or_default();
-    let mut target = String::with_capacity(8 + authority.len() + path.len() + query.len());
+    let query = parts.uri.query();
+    let query_len = query.map_or(0, |q| q.len() + 1);
+    let mut target = String::with_capacity(7 + authority.len() + path.len() + query_len);
     target.push_str("http://");
     target.push_str(&authority);
     target.push_str(&path);
-    if parts.uri.query().is_some() {
+    if let Some(q) = query {
         target.push('?');
-        target.push_str(query);
+        target.push_str(q);
     }
     parts.uri =
         Uri::try_from(target).map_err(|_| Refusal::Target("the rewritten target is not a URI"))?;
