@@ -16,6 +16,7 @@ mod matchers;
 mod metrics;
 mod model;
 mod path;
+mod port_index;
 mod ruleset;
 
 #[cfg(test)]

@@ -21,17 +21,17 @@ pub fn authorize(
     http: Option<&HttpRequest>,
 ) -> Decision {
     let audits: Vec<String> = rules
-        .audits()
+        .audits(conn.port)
         .filter(|r| r.matches(conn, http))
         .map(|r| r.name.clone())
         .collect();
     let decided = rules
-        .denies()
+        .denies(conn.port)
         .find(|r| r.matches(conn, http))
         .map(|r| (false, r, DecidedBy::Deny))
         .or_else(|| {
             rules
-                .allows()
+                .allows(conn.port)
                 .find(|r| r.matches(conn, http))
                 .map(|r| (true, r, DecidedBy::Allow))
         });

@@ -1,8 +1,9 @@
 //! The compiled, immutable rule set: what [`super::authorize`] reads.
 //!
-//! Rules are split by action once, and the ports covered by `allow` rules
-//! are merged into sorted ranges, so a decision walks each list at most
-//! once and never allocates beyond its result.
+//! Rules are split by action once, each action's rules are indexed by the
+//! ports they list, and the ports covered by `allow` rules are merged into
+//! sorted ranges, so a decision walks only the rules that can apply on its
+//! port, each at most once, and never allocates beyond its result.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::SystemTime;
 
 use super::matchers::{Cidr, HeaderCond, HostPattern, IdentityPattern, PathPattern, PortRange};
 use super::model::{FromModel, HttpModel, RuleModel};
+use super::port_index::PortIndex;
 use super::Action;
 use crate::identity::TrustDomain;
 
@@ -109,9 +111,9 @@ impl Rule {
 #[derive(Debug, Clone)]
 pub struct RuleSet {
     rules: Vec<Rule>,
-    denies: Vec<usize>,
-    allows: Vec<usize>,
-    audits: Vec<usize>,
+    denies: PortIndex,
+    allows: PortIndex,
+    audits: PortIndex,
     /// Merged, sorted ranges of ports that some `allow` rule covers.
     allow_ports: Vec<PortRange>,
     /// Every header name some rule reads, sorted and deduplicated: as
@@ -155,6 +157,8 @@ impl RuleSet {
                 _ => allow_ports.push(r),
             }
         }
+        let index = |ids: &[usize]| PortIndex::new(ids, |i| rules[i].ports.as_deref());
+        let (denies, allows, audits) = (index(&denies), index(&allows), index(&audits));
         let mut header_names: Vec<String> = rules
             .iter()
             .filter_map(|r| r.http.as_ref()?.headers.as_ref())
@@ -231,16 +235,19 @@ impl RuleSet {
             && self.header_names.binary_search(&name).is_err()
     }
 
-    pub(crate) fn denies(&self) -> impl Iterator<Item = &Rule> {
-        self.denies.iter().map(|&i| &self.rules[i])
+    /// The `deny` rules that can apply on `port`, in file order.
+    pub(crate) fn denies(&self, port: u16) -> impl Iterator<Item = &Rule> {
+        self.denies.on_port(port).map(|i| &self.rules[i])
     }
 
-    pub(crate) fn allows(&self) -> impl Iterator<Item = &Rule> {
-        self.allows.iter().map(|&i| &self.rules[i])
+    /// The `allow` rules that can apply on `port`, in file order.
+    pub(crate) fn allows(&self, port: u16) -> impl Iterator<Item = &Rule> {
+        self.allows.on_port(port).map(|i| &self.rules[i])
     }
 
-    pub(crate) fn audits(&self) -> impl Iterator<Item = &Rule> {
-        self.audits.iter().map(|&i| &self.rules[i])
+    /// The `audit` rules that can apply on `port`, in file order.
+    pub(crate) fn audits(&self, port: u16) -> impl Iterator<Item = &Rule> {
+        self.audits.on_port(port).map(|i| &self.rules[i])
     }
 }
 
