@@ -30,11 +30,13 @@ use crate::authz::Peer;
 use crate::metrics::peers::PeerLabel;
 
 mod admit;
+mod app_pool;
 mod fragment;
 mod meter;
 
 pub use admit::{admit_head, normalize_host, AdmitSettings, Admitted, FragmentSeen, Refusal, XFCC};
 use admit::{is_upgrade, strip_hop_by_hop};
+use app_pool::AppPool;
 use fragment::Fragments;
 pub use meter::NoTrailers;
 use meter::{Metered, ResponseSize};
@@ -268,17 +270,28 @@ async fn forward(
         host: req.uri().authority().map(|a| a.to_string()),
         headers: req.headers().clone(),
     });
-    let client = shared
-        .app_clients
-        .get(conn.target, req.version() == Version::HTTP_2);
-    let mut resp = match client.request(req).await {
+    let size = m.response_size.clone();
+    let sent: Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> =
+        if req.version() == Version::HTTP_2 {
+            let client = shared.app_clients.http2(conn.target);
+            match client.request(req).await {
+                Ok(r) => Ok(r.map(|b| ResponseSize::new(b, size).boxed())),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            match shared.app_clients.http1.send(conn.target, req).await {
+                Ok(r) => Ok(r.map(|b| ResponseSize::new(b, size).boxed())),
+                Err(e) => Err(e.into()),
+            }
+        };
+    let mut resp = match sent {
         Ok(r) => r,
         Err(e) => {
             shared.log_refusal(("inbound", "app_request_failed"), |count| {
                 info!(
                     peer = %conn.peer,
                     target = %conn.target,
-                    error = %error_chain(&e),
+                    error = %error_chain(e.as_ref()),
                     count,
                     "app request failed: answered 502"
                 )
@@ -322,8 +335,7 @@ async fn forward(
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    let size = m.response_size.clone();
-    resp.map(|b| ResponseSize::new(b, size).boxed())
+    resp
 }
 
 /// An error and its sources, `: `-separated: hyper's client errors say
@@ -391,17 +403,18 @@ pub fn method_label(m: &hyper::Method) -> &'static str {
     }
 }
 
-/// The app's address, whether it speaks HTTP/2, and the shard.
-type AppClientKey = (SocketAddr, bool, usize);
+/// The app's address and the shard.
+type AppClientKey = (SocketAddr, usize);
 
 /// The most app pools kept at once: far more than the ports a pod serves,
 /// few enough that peers sending requests to every port cost little.
 const MAX_APP_CLIENTS: usize = 512;
 
-/// Pooled HTTP clients to the app, one per target address, protocol and
-/// shard (an app connection's task stays on the shard that made it).
-#[derive(Default)]
+/// Connections to the app: HTTP/1 requests through [`AppPool`], HTTP/2
+/// ones through a pooled HTTP/2 client per target address and shard (an
+/// app connection's task stays on the shard that made it).
 pub struct AppClients {
+    pub http1: AppPool,
     clients: Mutex<HashMap<AppClientKey, Client<FixedConnector, NoTrailers>>>,
     connect_timeout: Duration,
 }
@@ -409,13 +422,14 @@ pub struct AppClients {
 impl AppClients {
     pub fn new(connect_timeout: Duration) -> Self {
         AppClients {
+            http1: AppPool::new(connect_timeout),
             clients: Mutex::default(),
             connect_timeout,
         }
     }
 
-    fn get(&self, target: SocketAddr, h2: bool) -> Client<FixedConnector, NoTrailers> {
-        let key = (target, h2, crate::runtime::shard());
+    fn http2(&self, target: SocketAddr) -> Client<FixedConnector, NoTrailers> {
+        let key = (target, crate::runtime::shard());
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if clients.len() >= MAX_APP_CLIENTS && !clients.contains_key(&key) {
             // A peer naming port after port must not grow this without
@@ -429,8 +443,8 @@ impl AppClients {
             .entry(key)
             .or_insert_with(|| {
                 Client::builder(TokioExecutor::new())
-                    .http2_only(h2)
-                    .pool_idle_timeout(Duration::from_secs(90))
+                    .http2_only(true)
+                    .pool_idle_timeout(app_pool::IDLE_TIMEOUT)
                     // `admit_head` sets `Host` whenever the rules saw one;
                     // an HTTP/1.0 request without one reaches the app so.
                     .set_host(false)
@@ -484,12 +498,12 @@ mod tests {
     async fn app_pools_are_bounded() {
         let clients = AppClients::new(Duration::from_secs(1));
         for port in 1..=2_000u16 {
-            clients.get(SocketAddr::from(([127, 0, 0, 1], port)), false);
+            clients.http2(SocketAddr::from(([127, 0, 0, 1], port)));
         }
         let len = || clients.clients.lock().unwrap().len();
         assert_eq!(len(), MAX_APP_CLIENTS);
         let last = SocketAddr::from(([127, 0, 0, 1], 2_000));
-        clients.get(last, false);
+        clients.http2(last);
         assert_eq!(len(), MAX_APP_CLIENTS, "a known target adds no pool");
     }
 

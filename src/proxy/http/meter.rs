@@ -173,13 +173,13 @@ impl Body for NoTrailers {
 
 /// The app's response body on its way to the peer; its size goes to
 /// `portcullis_http_response_size_bytes`.
-pub struct ResponseSize {
-    body: Incoming,
+pub struct ResponseSize<B = Incoming> {
+    body: B,
     size: BodySize,
 }
 
-impl ResponseSize {
-    pub fn new(body: Incoming, histogram: Histogram) -> Self {
+impl<B> ResponseSize<B> {
+    pub fn new(body: B, histogram: Histogram) -> Self {
         ResponseSize {
             body,
             size: BodySize::new(histogram),
@@ -187,7 +187,7 @@ impl ResponseSize {
     }
 }
 
-impl Body for ResponseSize {
+impl<B: Body<Data = Bytes, Error = hyper::Error> + Unpin> Body for ResponseSize<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 

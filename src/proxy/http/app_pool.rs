@@ -1,0 +1,344 @@
+//! Pooled HTTP/1.1 connections from the serving sidecar to the app.
+//!
+//! Every allowed HTTP/1 request goes to the app over an idle connection
+//! of this pool, or a new one. A connection is handed back when its
+//! response body has been read to the end, by the body itself, so no task
+//! waits per request for the connection to become free, and a shard only
+//! ever takes back its own connections (their tasks run on that shard).
+//! A request that a pooled connection did not send (the app had closed
+//! it) goes out again on another one; idle connections are closed after
+//! [`IDLE_TIMEOUT`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::NoTrailers;
+
+/// What a request body must be to go to the app.
+pub trait RequestBody:
+    Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+impl<B> RequestBody for B where
+    B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
+/// An idle connection to the app is closed after this long unused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The most idle connections one sidecar keeps (all apps, all shards):
+/// enough for a burst of that many requests at once to find them again,
+/// bounded so peers naming port after port cannot hold file descriptors
+/// without end. A connection finishing past it is closed instead.
+const MAX_IDLE: usize = 1024;
+
+/// How often a shard looks for connections idle past [`IDLE_TIMEOUT`].
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+/// An app address, and the shard whose task drives the connection.
+type Key = (SocketAddr, usize);
+
+struct Idle<B> {
+    send: SendRequest<B>,
+    since: Instant,
+}
+
+struct Inner<B> {
+    idle: HashMap<Key, Vec<Idle<B>>>,
+    /// Connections in `idle`, over all keys.
+    count: usize,
+    /// Shards that have a sweeper running.
+    sweeping: Vec<usize>,
+}
+
+/// Why a request did not reach the app.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("connect to app")]
+    Connect(#[source] std::io::Error),
+    #[error("connect to app timed out")]
+    ConnectTimeout,
+    #[error("app connection")]
+    Http(#[source] hyper::Error),
+}
+
+/// The pool of one sidecar (all shards), for requests with bodies of type
+/// `B`; cheap to clone.
+pub struct AppPool<B = NoTrailers> {
+    inner: Arc<Mutex<Inner<B>>>,
+    connect_timeout: Duration,
+    max_idle: usize,
+}
+
+impl<B> Clone for AppPool<B> {
+    fn clone(&self) -> Self {
+        AppPool {
+            inner: self.inner.clone(),
+            connect_timeout: self.connect_timeout,
+            max_idle: self.max_idle,
+        }
+    }
+}
+
+impl<B: RequestBody> AppPool<B> {
+    pub fn new(connect_timeout: Duration) -> Self {
+        AppPool {
+            inner: Arc::new(Mutex::new(Inner {
+                idle: HashMap::new(),
+                count: 0,
+                sweeping: Vec::new(),
+            })),
+            connect_timeout,
+            max_idle: MAX_IDLE,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<B>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Idle connections to `target` held by the calling shard.
+    #[cfg(test)]
+    fn idle_count(&self, target: SocketAddr) -> usize {
+        let key = (target, crate::runtime::shard());
+        self.lock().idle.get(&key).map_or(0, Vec::len)
+    }
+
+    /// Makes every idle connection look unused for `by` longer.
+    #[cfg(test)]
+    fn age(&self, by: Duration) {
+        for idle in self.lock().idle.values_mut().flatten() {
+            idle.since -= by;
+        }
+    }
+
+    /// Sends `req` (its URI already rewritten; sent in origin form) to the
+    /// app at `target`. The response body hands the connection back when it
+    /// has been read to the end; an upgrade (`101`) keeps it.
+    pub async fn send(
+        &self,
+        target: SocketAddr,
+        mut req: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, AppError> {
+        origin_form(req.uri_mut());
+        let key = (target, crate::runtime::shard());
+        // Idle connections first, newest first; one the app closed is
+        // dropped, and a request it did not send goes to the next one.
+        while let Some(mut send) = self.take(key) {
+            if send.ready().await.is_err() {
+                continue;
+            }
+            match send.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(key, send, resp)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(AppError::Http(e.into_error())),
+                },
+            }
+        }
+        let mut send = self.connect(target).await?;
+        match send.send_request(req).await {
+            Ok(resp) => Ok(self.wrap(key, send, resp)),
+            Err(e) => Err(AppError::Http(e)),
+        }
+    }
+
+    /// The newest idle connection of `key`, dropping any found closed or
+    /// idle too long on the way.
+    fn take(&self, key: Key) -> Option<SendRequest<B>> {
+        let mut inner = self.lock();
+        let list = inner.idle.get_mut(&key)?;
+        let mut found = None;
+        let before = list.len();
+        while let Some(idle) = list.pop() {
+            if !idle.send.is_closed() && idle.since.elapsed() < IDLE_TIMEOUT {
+                found = Some(idle.send);
+                break;
+            }
+        }
+        let taken = before - list.len();
+        if list.is_empty() {
+            inner.idle.remove(&key);
+        }
+        inner.count -= taken;
+        found
+    }
+
+    /// Hands a connection whose exchange is over back to its shard's list.
+    fn put(&self, key: Key, send: SendRequest<B>) {
+        if send.is_closed() {
+            return;
+        }
+        let start_sweeper = {
+            let mut inner = self.lock();
+            if inner.count >= self.max_idle {
+                return;
+            }
+            inner.count += 1;
+            inner.idle.entry(key).or_default().push(Idle {
+                send,
+                since: Instant::now(),
+            });
+            let new = !inner.sweeping.contains(&key.1);
+            if new {
+                inner.sweeping.push(key.1);
+            }
+            new
+        };
+        if start_sweeper {
+            self.spawn_sweeper(key.1);
+        }
+    }
+
+    /// Closes this shard's connections idle past [`IDLE_TIMEOUT`] (and
+    /// those the app closed), until the shard has none left.
+    fn spawn_sweeper(&self, shard: usize) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                if !pool.sweep(shard) {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Drops `shard`'s connections that are closed or idle too long;
+    /// whether the shard still has any (else its sweeper stops).
+    fn sweep(&self, shard: usize) -> bool {
+        let mut inner = self.lock();
+        let mut dropped = 0;
+        inner.idle.retain(|key, list| {
+            if key.1 == shard {
+                let before = list.len();
+                list.retain(|i| !i.send.is_closed() && i.since.elapsed() < IDLE_TIMEOUT);
+                dropped += before - list.len();
+            }
+            !list.is_empty()
+        });
+        inner.count -= dropped;
+        let left = inner.idle.keys().any(|key| key.1 == shard);
+        if !left {
+            inner.sweeping.retain(|&s| s != shard);
+        }
+        left
+    }
+
+    async fn connect(&self, target: SocketAddr) -> Result<SendRequest<B>, AppError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target))
+            .await
+            .map_err(|_| AppError::ConnectTimeout)?
+            .map_err(AppError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(AppError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "app connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+
+    fn wrap(
+        &self,
+        key: Key,
+        send: SendRequest<B>,
+        resp: Response<Incoming>,
+    ) -> Response<PooledBody<B>> {
+        // After a `101` the connection is no longer HTTP: never reused.
+        let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Return {
+            pool: self.clone(),
+            key,
+            send,
+        });
+        resp.map(|body| PooledBody {
+            body,
+            back,
+            ended: false,
+        })
+    }
+}
+
+/// The request line's target as an origin server expects it: the path and
+/// query (`/` when empty).
+fn origin_form(uri: &mut Uri) {
+    *uri = match uri.path_and_query() {
+        Some(pq) if pq.as_str() != "/" => Uri::from(pq.clone()),
+        _ => Uri::from_static("/"),
+    };
+}
+
+/// Where a connection goes back once its response is read.
+struct Return<B: RequestBody> {
+    pool: AppPool<B>,
+    key: Key,
+    send: SendRequest<B>,
+}
+
+/// A response body from the app. Read to its end, it returns its
+/// connection to the pool; dropped before that, the connection is not
+/// reused (hyper closes it once the rest of the response is discarded).
+pub struct PooledBody<B: RequestBody = NoTrailers> {
+    body: Incoming,
+    back: Option<Return<B>>,
+    /// The body said it ended (a chunked body does only so).
+    ended: bool,
+}
+
+impl<B: RequestBody> Body for PooledBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B: RequestBody> Drop for PooledBody<B> {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take() {
+            if self.ended || self.body.is_end_stream() {
+                back.pool.put(back.key, back.send);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,201 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+
+/// How the test app answers each request it reads.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// `200` with a 2-byte body, connection kept.
+    Length,
+    /// `200` with a chunked body, connection kept.
+    Chunked,
+    /// `200` with a 2-byte body, then the app closes the connection.
+    Close,
+    /// `200` with a body of 1 MiB.
+    Large,
+}
+
+/// An app on loopback: counts connections, records request heads.
+struct App {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+async fn app(answer: Answer) -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let (count, seen) = (accepted.clone(), heads.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        let reply: Vec<u8> = match answer {
+                            Answer::Length => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            Answer::Chunked => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(),
+                            Answer::Close => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec(),
+                            Answer::Large => {
+                                let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+                                r.resize(r.len() + (1 << 20), b'x');
+                                r
+                            }
+                        };
+                        if s.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                        if let Answer::Close = answer {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    App {
+        addr,
+        accepted,
+        heads,
+    }
+}
+
+type TestPool = AppPool<Empty<Bytes>>;
+
+fn get(uri: &str) -> Request<Empty<Bytes>> {
+    Request::get(uri)
+        .header(hyper::header::HOST, "app.test")
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// Sends one request and reads the whole body.
+async fn exchange(pool: &TestPool, target: SocketAddr, uri: &str) -> Bytes {
+    let resp = pool.send(target, get(uri)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+#[tokio::test]
+async fn requests_read_to_the_end_share_one_connection() {
+    for answer in [Answer::Length, Answer::Chunked] {
+        let app = app(answer).await;
+        let pool = TestPool::new(Duration::from_secs(5));
+        for _ in 0..5 {
+            assert_eq!(exchange(&pool, app.addr, "/x").await, "ok");
+        }
+        assert_eq!(app.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(app.addr), 1);
+    }
+}
+
+#[tokio::test]
+async fn the_app_receives_the_target_in_origin_form() {
+    let app = app(Answer::Length).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    exchange(&pool, app.addr, "http://app.test/a/b?c=d").await;
+    exchange(&pool, app.addr, "http://app.test").await;
+    let heads = app.heads.lock().unwrap().clone();
+    assert!(
+        heads[0].starts_with("GET /a/b?c=d HTTP/1.1\r\n"),
+        "{heads:?}"
+    );
+    assert!(heads[1].starts_with("GET / HTTP/1.1\r\n"), "{heads:?}");
+}
+
+#[tokio::test]
+async fn a_body_dropped_before_its_end_does_not_return_the_connection() {
+    let app = app(Answer::Large).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    let resp = pool.send(app.addr, get("/big")).await.unwrap();
+    drop(resp);
+    assert_eq!(pool.idle_count(app.addr), 0);
+    let body = exchange(&pool, app.addr, "/big").await;
+    assert_eq!(body.len(), 1 << 20);
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.idle_count(app.addr), 1);
+}
+
+/// The app closes each connection after one answer: the pooled connection
+/// is found closed and the next request goes out on a new one.
+#[tokio::test]
+async fn a_connection_the_app_closed_is_not_used_again() {
+    let app = app(Answer::Close).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    for _ in 0..4 {
+        assert_eq!(exchange(&pool, app.addr, "/x").await, "ok");
+    }
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn an_unreachable_app_is_an_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let pool = TestPool::new(Duration::from_secs(5));
+    let err = pool.send(addr, get("/x")).await.err().unwrap();
+    assert!(matches!(err, AppError::Connect(_)), "{err:?}");
+}
+
+/// Connections idle past the timeout are not handed out again, and the
+/// sweeper closes them.
+#[tokio::test]
+async fn idle_connections_expire() {
+    let app = app(Answer::Length).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    exchange(&pool, app.addr, "/x").await;
+    pool.age(IDLE_TIMEOUT);
+    exchange(&pool, app.addr, "/x").await;
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 2, "a new connection");
+    assert_eq!(pool.idle_count(app.addr), 1);
+    let shard = crate::runtime::shard();
+    assert!(pool.sweep(shard), "a fresh connection is kept");
+    pool.age(IDLE_TIMEOUT);
+    assert!(!pool.sweep(shard), "nothing left: the sweeper stops");
+    assert_eq!(pool.idle_count(app.addr), 0);
+}
+
+/// Past its limit of idle connections, a finished one is closed instead
+/// of kept.
+#[tokio::test]
+async fn idle_connections_are_bounded() {
+    const MAX: usize = 8;
+    let app = app(Answer::Length).await;
+    let mut pool = TestPool::new(Duration::from_secs(5));
+    pool.max_idle = MAX;
+    // Responses held open at once need a connection each.
+    let mut open = Vec::new();
+    for _ in 0..MAX + 3 {
+        open.push(pool.send(app.addr, get("/x")).await.unwrap());
+    }
+    for resp in open {
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(app.accepted.load(Ordering::SeqCst), MAX + 3);
+    assert_eq!(pool.idle_count(app.addr), MAX);
+    assert_eq!(pool.lock().count, MAX);
+    // Taking one makes room for one.
+    exchange(&pool, app.addr, "/x").await;
+    assert_eq!(pool.lock().count, MAX);
+    assert_eq!(app.accepted.load(Ordering::SeqCst), MAX + 3);
+}
