@@ -71,11 +71,11 @@ fn a_double_encoding_built_by_decoding_is_refused() {
         }
     }
     let td = TrustDomain::new("cluster.local").unwrap();
-    let conn = ConnInfo {
-        peer: Arc::new(Peer::Unauthenticated),
-        source: "10.0.0.1:40000".parse().unwrap(),
-        target: "127.0.0.1:8080".parse().unwrap(),
-    };
+    let conn = ConnInfo::new(
+        Arc::new(Peer::Unauthenticated),
+        "10.0.0.1:40000".parse().unwrap(),
+        "127.0.0.1:8080".parse().unwrap(),
+    );
     let settings = AdmitSettings {
         td: &td,
         default: DefaultPolicy::Allow,

@@ -61,10 +61,12 @@ fn fixed() -> &'static Fixed {
             path: "rules.yaml".into(),
             text: RULES.into(),
         };
-        let conn = |peer: Peer| ConnInfo {
-            peer: Arc::new(peer),
-            source: "10.0.0.1:40000".parse().expect("an address"),
-            target: "127.0.0.1:8080".parse().expect("an address"),
+        let conn = |peer: Peer| {
+            ConnInfo::new(
+                Arc::new(peer),
+                "10.0.0.1:40000".parse().expect("an address"),
+                "127.0.0.1:8080".parse().expect("an address"),
+            )
         };
         let frontend =
             SpiffeId::parse("spiffe://cluster.local/ns/web/sa/frontend").expect("a valid id");

@@ -92,11 +92,11 @@ fn fixed() -> &'static Fixed {
     FIXED.get_or_init(|| Fixed {
         rules: RuleSet::empty(),
         td: TrustDomain::new("cluster.local").expect("a valid trust domain"),
-        conn: ConnInfo {
-            peer: Arc::new(Peer::Unauthenticated),
-            source: "10.0.0.1:40000".parse().expect("an address"),
-            target: "127.0.0.1:8080".parse().expect("an address"),
-        },
+        conn: ConnInfo::new(
+            Arc::new(Peer::Unauthenticated),
+            "10.0.0.1:40000".parse().expect("an address"),
+            "127.0.0.1:8080".parse().expect("an address"),
+        ),
     })
 }
 

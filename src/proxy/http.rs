@@ -53,6 +53,29 @@ pub struct ConnInfo {
     pub peer: Arc<Peer>,
     pub source: SocketAddr,
     pub target: SocketAddr,
+    /// The `x-forwarded-client-cert` value for the app, made once per
+    /// connection (a mesh peer's; none for an unauthenticated one).
+    xfcc: Option<HeaderValue>,
+}
+
+impl ConnInfo {
+    pub fn new(peer: Arc<Peer>, source: SocketAddr, target: SocketAddr) -> Self {
+        let xfcc = match peer.as_ref() {
+            Peer::Mesh(id) => HeaderValue::from_str(&format!("URI={id}")).ok(),
+            Peer::Unauthenticated => None,
+        };
+        ConnInfo {
+            peer,
+            source,
+            target,
+            xfcc,
+        }
+    }
+
+    /// The `x-forwarded-client-cert` value the app receives.
+    pub fn xfcc(&self) -> Option<&HeaderValue> {
+        self.xfcc.as_ref()
+    }
 }
 
 /// The metrics of one connection's requests, resolved once per connection:

@@ -254,11 +254,7 @@ async fn serve(
         }
         (detected, InboundMode::Permissive) => {
             drop(slot);
-            let conn = ConnInfo {
-                peer: Arc::new(Peer::Unauthenticated),
-                source,
-                target,
-            };
+            let conn = ConnInfo::new(Arc::new(Peer::Unauthenticated), source, target);
             // A silent client has used part of its detect timeout already.
             let silent_for = if detected == Detected::Silent {
                 wait
@@ -431,11 +427,7 @@ async fn serve_mesh(
         };
         return super::tunnel::serve(shared, tls, conn).await;
     }
-    let conn = ConnInfo {
-        peer,
-        source,
-        target,
-    };
+    let conn = ConnInfo::new(peer, source, target);
     serve_app(shared, tls, conn, Duration::ZERO).await;
 }
 

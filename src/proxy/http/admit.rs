@@ -15,8 +15,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Versi
 
 use super::ConnInfo;
 use crate::authz::{
-    authorize, normalize_path, Connection, Decision, DefaultPolicy, HttpRequest, PathError, Peer,
-    RuleSet,
+    authorize, normalize_path, Connection, Decision, DefaultPolicy, HttpRequest, PathError, RuleSet,
 };
 use crate::identity::TrustDomain;
 
@@ -134,11 +133,11 @@ impl Refusal {
 /// let rules = load_paths(&["rules/policy.yaml".into()]).unwrap();
 /// let td = TrustDomain::new("cluster.local").unwrap();
 /// let settings = AdmitSettings { td: &td, default: DefaultPolicy::Authenticated, allow_encoded_slash: false };
-/// let conn = ConnInfo {
-///     peer: Arc::new(Peer::Unauthenticated),
-///     source: "10.0.0.1:40000".parse().unwrap(),
-///     target: "127.0.0.1:8080".parse().unwrap(),
-/// };
+/// let conn = ConnInfo::new(
+///     Arc::new(Peer::Unauthenticated),
+///     "10.0.0.1:40000".parse().unwrap(),
+///     "127.0.0.1:8080".parse().unwrap(),
+/// );
 /// let req = http::Request::get("/api/users").header("host", "api.example").body(()).unwrap();
 /// let (mut parts, _body) = req.into_parts();
 /// match admit_head(&mut parts, &conn, &rules, settings) {
@@ -215,10 +214,8 @@ fn rewrite_headers(parts: &mut Parts, conn: &ConnInfo, host: Option<&str>, upgra
     strip_hop_by_hop(headers, upgrade);
     headers.remove(header::TRAILER);
     strip_client_cert_headers(headers);
-    if let Peer::Mesh(id) = conn.peer.as_ref() {
-        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-            headers.insert(XFCC_NAME, v);
-        }
+    if let Some(v) = conn.xfcc() {
+        headers.insert(XFCC_NAME, v.clone());
     }
     match (host, parts.version < Version::HTTP_2) {
         // For an absolute-form target the host is the URI's authority,

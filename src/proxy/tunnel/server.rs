@@ -182,11 +182,7 @@ async fn stream(
         debug!(peer = %conn.peer, reason = stale.label(), "tunnel stream refused: the connection's certificates no longer hold");
         return refuse(&shared, respond, StatusCode::MISDIRECTED_REQUEST, "stale");
     }
-    let info = ConnInfo {
-        peer: conn.peer.clone(),
-        source: conn.source,
-        target,
-    };
+    let info = ConnInfo::new(conn.peer.clone(), conn.source, target);
     let body = request.into_body();
     let metrics = &shared.metrics.tunnel;
     if !shared.is_opaque(target.port()) {

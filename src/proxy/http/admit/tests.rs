@@ -3,7 +3,7 @@
 use http::{header, HeaderMap, HeaderValue};
 
 use super::*;
-use crate::authz::DefaultPolicy;
+use crate::authz::{DefaultPolicy, Peer};
 
 #[test]
 fn hop_by_hop_headers_are_removed() {
@@ -136,11 +136,11 @@ fn rules(yaml: &str) -> (tempfile::TempDir, RuleSet) {
 fn conn() -> ConnInfo {
     let id =
         crate::identity::SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
-    ConnInfo {
-        peer: std::sync::Arc::new(Peer::Mesh(id)),
-        source: "10.0.0.1:40000".parse().unwrap(),
-        target: "127.0.0.1:8080".parse().unwrap(),
-    }
+    ConnInfo::new(
+        std::sync::Arc::new(Peer::Mesh(id)),
+        "10.0.0.1:40000".parse().unwrap(),
+        "127.0.0.1:8080".parse().unwrap(),
+    )
 }
 
 /// Admits a request built by `build` against `yaml`: the status the
