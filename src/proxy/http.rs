@@ -468,8 +468,8 @@ impl AppClients {
                 Client::builder(TokioExecutor::new())
                     .http2_only(true)
                     .pool_idle_timeout(app_pool::IDLE_TIMEOUT)
-                    // `admit_head` sets `Host` whenever the rules saw one;
-                    // an HTTP/1.0 request without one reaches the app so.
+                    // The app gets the `:authority` the rules saw, and no
+                    // `host` header besides.
                     .set_host(false)
                     .build(FixedConnector {
                         target,

@@ -5,9 +5,13 @@
 //! response body has been read to the end, by the body itself, so no task
 //! waits per request for the connection to become free, and a shard only
 //! ever takes back its own connections (their tasks run on that shard).
-//! A request that a pooled connection did not send (the app had closed
-//! it) goes out again on another one; idle connections are closed after
-//! [`IDLE_TIMEOUT`].
+//! Only a connection that is free at that moment goes back: one still
+//! sending a request body (the app answered early) is closed once the body
+//! is through, never reused, so no request waits behind another peer's
+//! upload, and no answer the app gives to leftover body bytes can reach
+//! the next request. A request that a pooled connection did not send (the
+//! app had closed it) goes out again on another one; idle connections are
+//! closed after [`IDLE_TIMEOUT`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -77,6 +81,8 @@ pub enum AppError {
     ConnectTimeout,
     #[error("app connection")]
     Http(#[source] hyper::Error),
+    #[error("not an HTTP/1 request this pool sends")]
+    Unsupported,
 }
 
 /// The pool of one sidecar (all shards), for requests with bodies of type
@@ -137,16 +143,22 @@ impl<B: RequestBody> AppPool<B> {
         target: SocketAddr,
         mut req: Request<B>,
     ) -> Result<Response<PooledBody<B>>, AppError> {
+        // hyper's HTTP/1 client sends only these (admission refuses
+        // CONNECT before a request gets here).
+        let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
+        if !http1 || req.method() == Method::CONNECT {
+            return Err(AppError::Unsupported);
+        }
         origin_form(req.uri_mut());
+        // An HTTP/1.0 exchange ends with the app closing, unless both
+        // sides asked to keep it: not worth keeping.
+        let keep = req.version() == Version::HTTP_11;
         let key = (target, crate::runtime::shard());
-        // Idle connections first, newest first; one the app closed is
-        // dropped, and a request it did not send goes to the next one.
+        // Idle connections first, newest first; a request one of them did
+        // not send (the app had just closed it) goes to the next one.
         while let Some(mut send) = self.take(key) {
-            if send.ready().await.is_err() {
-                continue;
-            }
             match send.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(key, send, resp)),
+                Ok(resp) => return Ok(self.wrap(key, send, resp, keep)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(AppError::Http(e.into_error())),
@@ -155,20 +167,20 @@ impl<B: RequestBody> AppPool<B> {
         }
         let mut send = self.connect(target).await?;
         match send.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(key, send, resp)),
+            Ok(resp) => Ok(self.wrap(key, send, resp, keep)),
             Err(e) => Err(AppError::Http(e)),
         }
     }
 
-    /// The newest idle connection of `key`, dropping any found closed or
-    /// idle too long on the way.
+    /// The newest idle connection of `key`, dropping any found closed, no
+    /// longer free, or idle too long on the way.
     fn take(&self, key: Key) -> Option<SendRequest<B>> {
         let mut inner = self.lock();
         let list = inner.idle.get_mut(&key)?;
         let mut found = None;
         let before = list.len();
         while let Some(idle) = list.pop() {
-            if !idle.send.is_closed() && idle.since.elapsed() < IDLE_TIMEOUT {
+            if idle.send.is_ready() && idle.since.elapsed() < IDLE_TIMEOUT {
                 found = Some(idle.send);
                 break;
             }
@@ -181,21 +193,37 @@ impl<B: RequestBody> AppPool<B> {
         found
     }
 
-    /// Hands a connection whose exchange is over back to its shard's list.
+    /// Hands a connection whose exchange is over back to its shard's list,
+    /// if it is free for the next request. When the pool is full, it
+    /// replaces the oldest idle connection to the same app, if any.
     fn put(&self, key: Key, send: SendRequest<B>) {
-        if send.is_closed() {
+        // A request still being written, or a closed connection: not reused.
+        if !send.is_ready() {
             return;
         }
+        // The sweeper (and hyper's connection task) need a runtime; a body
+        // dropped outside one just closes its connection.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let start_sweeper = {
             let mut inner = self.lock();
-            if inner.count >= self.max_idle {
-                return;
+            let full = inner.count >= self.max_idle;
+            let list = inner.idle.entry(key).or_default();
+            if full {
+                if list.is_empty() {
+                    inner.idle.remove(&key);
+                    return;
+                }
+                list.remove(0);
             }
-            inner.count += 1;
-            inner.idle.entry(key).or_default().push(Idle {
+            list.push(Idle {
                 send,
                 since: Instant::now(),
             });
+            if !full {
+                inner.count += 1;
+            }
             let new = !inner.sweeping.contains(&key.1);
             if new {
                 inner.sweeping.push(key.1);
@@ -203,15 +231,15 @@ impl<B: RequestBody> AppPool<B> {
             new
         };
         if start_sweeper {
-            self.spawn_sweeper(key.1);
+            self.spawn_sweeper(&runtime, key.1);
         }
     }
 
     /// Closes this shard's connections idle past [`IDLE_TIMEOUT`] (and
     /// those the app closed), until the shard has none left.
-    fn spawn_sweeper(&self, shard: usize) {
+    fn spawn_sweeper(&self, runtime: &tokio::runtime::Handle, shard: usize) {
         let pool = self.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             loop {
                 tokio::time::sleep(SWEEP_EVERY).await;
                 if !pool.sweep(shard) {
@@ -229,7 +257,7 @@ impl<B: RequestBody> AppPool<B> {
         inner.idle.retain(|key, list| {
             if key.1 == shard {
                 let before = list.len();
-                list.retain(|i| !i.send.is_closed() && i.since.elapsed() < IDLE_TIMEOUT);
+                list.retain(|i| i.send.is_ready() && i.since.elapsed() < IDLE_TIMEOUT);
                 dropped += before - list.len();
             }
             !list.is_empty()
@@ -265,9 +293,14 @@ impl<B: RequestBody> AppPool<B> {
         key: Key,
         send: SendRequest<B>,
         resp: Response<Incoming>,
+        keep: bool,
     ) -> Response<PooledBody<B>> {
         // After a `101` the connection is no longer HTTP: never reused.
-        let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Return {
+        // Nor after an HTTP/1.0 request or response.
+        let reusable = keep
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            && resp.version() == Version::HTTP_11;
+        let back = reusable.then(|| Return {
             pool: self.clone(),
             key,
             send,
@@ -276,6 +309,7 @@ impl<B: RequestBody> AppPool<B> {
             body,
             back,
             ended: false,
+            failed: false,
         })
     }
 }
@@ -302,8 +336,11 @@ struct Return<B: RequestBody> {
 pub struct PooledBody<B: RequestBody = NoTrailers> {
     body: Incoming,
     back: Option<Return<B>>,
-    /// The body said it ended (a chunked body does only so).
+    /// The body said it ended: no more frames, or its trailers (a chunked
+    /// body's end is known only so).
     ended: bool,
+    /// A frame was an error: the connection is not reused, whatever follows.
+    failed: bool,
 }
 
 impl<B: RequestBody> Body for PooledBody<B> {
@@ -315,8 +352,11 @@ impl<B: RequestBody> Body for PooledBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.ended = true;
+        match &polled {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.ended = true,
+            Poll::Ready(Some(Err(_))) => self.failed = true,
+            _ => {}
         }
         polled
     }
@@ -333,7 +373,7 @@ impl<B: RequestBody> Body for PooledBody<B> {
 impl<B: RequestBody> Drop for PooledBody<B> {
     fn drop(&mut self) {
         if let Some(back) = self.back.take() {
-            if self.ended || self.body.is_end_stream() {
+            if !self.failed && (self.ended || self.body.is_end_stream()) {
                 back.pool.put(back.key, back.send);
             }
         }

@@ -1,5 +1,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::convert::Infallible;
+
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -17,6 +20,10 @@ enum Answer {
     Close,
     /// `200` with a body of 1 MiB.
     Large,
+    /// `200` with a chunked body and a trailer.
+    Trailers,
+    /// `413` at once, without reading the request body.
+    Early,
 }
 
 /// An app on loopback: counts connections, records request heads.
@@ -55,11 +62,20 @@ async fn app(answer: Answer) -> App {
                             Answer::Length => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                             Answer::Chunked => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(),
                             Answer::Close => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec(),
+                            Answer::Trailers => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\r\n\r\n".to_vec(),
+                            Answer::Early => b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n".to_vec(),
                             Answer::Large => {
                                 let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
                                 r.resize(r.len() + (1 << 20), b'x');
                                 r
                             }
+                        };
+                        // A HEAD answer has the head only.
+                        let reply = if head.starts_with(b"HEAD ") {
+                            let end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                            reply[..end + 4].to_vec()
+                        } else {
+                            reply
                         };
                         if s.write_all(&reply).await.is_err() {
                             return;
@@ -79,13 +95,33 @@ async fn app(answer: Answer) -> App {
     }
 }
 
-type TestPool = AppPool<Empty<Bytes>>;
+type TestBody = BoxBody<Bytes, Infallible>;
+type TestPool = AppPool<TestBody>;
 
-fn get(uri: &str) -> Request<Empty<Bytes>> {
+fn get(uri: &str) -> Request<TestBody> {
     Request::get(uri)
         .header(hyper::header::HOST, "app.test")
-        .body(Empty::new())
+        .body(Empty::new().boxed())
         .unwrap()
+}
+
+/// A request body that sends one byte of the length it announces, then
+/// nothing (an upload that stalls).
+struct Stalled(bool);
+
+impl Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if std::mem::replace(&mut self.0, true) {
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+    }
 }
 
 /// Sends one request and reads the whole body.
@@ -198,4 +234,89 @@ async fn idle_connections_are_bounded() {
     exchange(&pool, app.addr, "/x").await;
     assert_eq!(pool.lock().count, MAX);
     assert_eq!(app.accepted.load(Ordering::SeqCst), MAX + 3);
+}
+
+/// The app answers before it has the request body, which the client never
+/// finishes: that connection is still busy and must not serve the next
+/// request, which gets a connection of its own at once.
+#[tokio::test]
+async fn a_connection_still_sending_a_body_is_not_reused() {
+    let app = app(Answer::Early).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    let upload = Request::post("/upload")
+        .header(hyper::header::HOST, "app.test")
+        .header(hyper::header::CONTENT_LENGTH, "1000000")
+        .body(Stalled(false).boxed())
+        .unwrap();
+    let resp = pool.send(app.addr, upload).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(pool.idle_count(app.addr), 0);
+    let next = tokio::time::timeout(Duration::from_secs(5), pool.send(app.addr, get("/x")))
+        .await
+        .expect("the next request does not wait for the upload")
+        .unwrap();
+    assert_eq!(next.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// A chunked body that ends with trailers is over: its connection is
+/// reused.
+#[tokio::test]
+async fn a_body_ending_in_trailers_returns_the_connection() {
+    let app = app(Answer::Trailers).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    for _ in 0..3 {
+        let resp = pool.send(app.addr, get("/x")).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap();
+        assert_eq!(body.trailers().unwrap()["x-t"], "1");
+    }
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A `HEAD` answer has a length but no body: the connection is free as
+/// soon as the head is in.
+#[tokio::test]
+async fn a_head_answer_returns_the_connection() {
+    let app = app(Answer::Length).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    for _ in 0..3 {
+        let mut req = get("/x");
+        *req.method_mut() = Method::HEAD;
+        let resp = pool.send(app.addr, req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
+    }
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// An HTTP/1.0 exchange is not kept; CONNECT and HTTP/2 requests are not
+/// this pool's to send.
+#[tokio::test]
+async fn http10_is_not_pooled_and_other_requests_are_refused() {
+    let app = app(Answer::Length).await;
+    let pool = TestPool::new(Duration::from_secs(5));
+    let mut req = get("/x");
+    *req.version_mut() = Version::HTTP_10;
+    let resp = pool.send(app.addr, req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(pool.idle_count(app.addr), 0);
+    let mut req = get("/x");
+    *req.version_mut() = Version::HTTP_2;
+    assert!(matches!(
+        pool.send(app.addr, req).await,
+        Err(AppError::Unsupported)
+    ));
+    let mut req = get("app.test:443");
+    *req.method_mut() = Method::CONNECT;
+    assert!(matches!(
+        pool.send(app.addr, req).await,
+        Err(AppError::Unsupported)
+    ));
 }
