@@ -153,7 +153,7 @@ impl App {
                     metrics.access_log_dropped.clone(),
                 ),
             },
-            app_clients: AppClients::new(settings.connect_timeout),
+            app_clients: AppClients::new(settings.connect_timeout, &metrics),
             connect_timeout: settings.connect_timeout,
             handshake_timeout: settings.handshake_timeout,
             pending_handshakes: PendingHandshakes::new(

@@ -9,8 +9,8 @@ use std::time::SystemTime;
 
 use self::peers::PEER_LABELS;
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Buckets of every latency histogram, in seconds: the first ones tell
@@ -121,6 +121,12 @@ pub struct Metrics {
     /// `portcullis_worker_connections{worker}`: connections each worker
     /// thread serves, open now.
     pub worker_connections: IntGaugeVec,
+    /// `portcullis_http_app_connections_opened_total`: HTTP/1 connections
+    /// the inbound path opened to the app (other requests reuse them).
+    pub app_connections_opened: IntCounter,
+    /// `portcullis_http_app_connections_idle`: HTTP/1 connections to the
+    /// app kept for the next request, now.
+    pub app_connections_idle: IntGauge,
 }
 
 fn histogram(
@@ -358,6 +364,20 @@ impl Metrics {
                 "Connections (inbound, tunnel and outbound) each worker thread (--worker-threads) serves, open now.",
                 &["worker"],
             ),
+            app_connections_opened: counter(
+                r,
+                "portcullis_http_app_connections_opened_total",
+                "HTTP/1 connections the inbound path opened to the app; its other requests reused pooled ones.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
+            app_connections_idle: gauge(
+                r,
+                "portcullis_http_app_connections_idle",
+                "HTTP/1 connections to the app kept idle for the next request, now.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
             connections_open,
             tls_handshake_duration,
             cert_expiry,

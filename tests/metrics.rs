@@ -358,12 +358,22 @@ async fn http_connections_count_bytes_body_sizes_and_upgrades() {
     };
     assert_eq!(sizes("portcullis_http_request_size_bytes"), (1.0, 4.0));
     assert_eq!(sizes("portcullis_http_response_size_bytes"), (1.0, 6.0));
+    // The client's `connection: close` is its own: the app connection is
+    // kept for the next request.
+    let app_conns = |b: &Sidecar| {
+        (
+            b.metric("portcullis_http_app_connections_opened_total", &[]),
+            b.metric("portcullis_http_app_connections_idle", &[]),
+        )
+    };
+    assert_eq!(app_conns(&b), (1.0, 1.0));
 
     // An upgrade: counted open, with its bytes, until it closes.
     let upgrade =
         b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
     let (mut ws, head) = send_head(a.upstream(), upgrade).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(app_conns(&b), (1.0, 0.0), "the upgrade took the pooled one");
     for _ in 0..3 {
         ws.write_all(b"frames both ways").await.unwrap();
         let mut back = [0u8; 16];

@@ -443,9 +443,13 @@ pub struct AppClients {
 }
 
 impl AppClients {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, metrics: &crate::metrics::Metrics) -> Self {
         AppClients {
-            http1: AppPool::new(connect_timeout),
+            http1: AppPool::new(
+                connect_timeout,
+                metrics.app_connections_opened.clone(),
+                metrics.app_connections_idle.clone(),
+            ),
             clients: Mutex::default(),
             connect_timeout,
         }
@@ -519,7 +523,8 @@ mod tests {
     /// a port seen again reuses its pool.
     #[tokio::test]
     async fn app_pools_are_bounded() {
-        let clients = AppClients::new(Duration::from_secs(1));
+        let metrics = crate::metrics::Metrics::new();
+        let clients = AppClients::new(Duration::from_secs(1), &metrics);
         for port in 1..=2_000u16 {
             clients.http2(SocketAddr::from(([127, 0, 0, 1], port)));
         }

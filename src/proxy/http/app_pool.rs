@@ -25,6 +25,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
@@ -91,6 +92,9 @@ pub struct AppPool<B = NoTrailers> {
     inner: Arc<Mutex<Inner<B>>>,
     connect_timeout: Duration,
     max_idle: usize,
+    /// Connections opened, and kept idle now (the sidecar's metrics).
+    opened: IntCounter,
+    idle: IntGauge,
 }
 
 impl<B> Clone for AppPool<B> {
@@ -99,12 +103,16 @@ impl<B> Clone for AppPool<B> {
             inner: self.inner.clone(),
             connect_timeout: self.connect_timeout,
             max_idle: self.max_idle,
+            opened: self.opened.clone(),
+            idle: self.idle.clone(),
         }
     }
 }
 
 impl<B: RequestBody> AppPool<B> {
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// A pool that counts the connections it opens in `opened` and keeps
+    /// `idle` at the number it holds.
+    pub fn new(connect_timeout: Duration, opened: IntCounter, idle: IntGauge) -> Self {
         AppPool {
             inner: Arc::new(Mutex::new(Inner {
                 idle: HashMap::new(),
@@ -113,6 +121,8 @@ impl<B: RequestBody> AppPool<B> {
             })),
             connect_timeout,
             max_idle: MAX_IDLE,
+            opened,
+            idle,
         }
     }
 
@@ -190,6 +200,7 @@ impl<B: RequestBody> AppPool<B> {
             inner.idle.remove(&key);
         }
         inner.count -= taken;
+        self.idle.set(inner.count as i64);
         found
     }
 
@@ -224,6 +235,7 @@ impl<B: RequestBody> AppPool<B> {
             if !full {
                 inner.count += 1;
             }
+            self.idle.set(inner.count as i64);
             let new = !inner.sweeping.contains(&key.1);
             if new {
                 inner.sweeping.push(key.1);
@@ -263,6 +275,7 @@ impl<B: RequestBody> AppPool<B> {
             !list.is_empty()
         });
         inner.count -= dropped;
+        self.idle.set(inner.count as i64);
         let left = inner.idle.keys().any(|key| key.1 == shard);
         if !left {
             inner.sweeping.retain(|&s| s != shard);
@@ -280,6 +293,7 @@ impl<B: RequestBody> AppPool<B> {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(AppError::Http)?;
+        self.opened.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 debug!(error = %e, "app connection ended with an error");

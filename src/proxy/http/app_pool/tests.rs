@@ -98,6 +98,13 @@ async fn app(answer: Answer) -> App {
 type TestBody = BoxBody<Bytes, Infallible>;
 type TestPool = AppPool<TestBody>;
 
+/// A pool with metrics of its own (not registered anywhere).
+fn pool() -> TestPool {
+    let opened = IntCounter::new("opened", "opened").unwrap();
+    let idle = IntGauge::new("idle", "idle").unwrap();
+    TestPool::new(Duration::from_secs(5), opened, idle)
+}
+
 fn get(uri: &str) -> Request<TestBody> {
     Request::get(uri)
         .header(hyper::header::HOST, "app.test")
@@ -135,19 +142,25 @@ async fn exchange(pool: &TestPool, target: SocketAddr, uri: &str) -> Bytes {
 async fn requests_read_to_the_end_share_one_connection() {
     for answer in [Answer::Length, Answer::Chunked] {
         let app = app(answer).await;
-        let pool = TestPool::new(Duration::from_secs(5));
+        let pool = pool();
         for _ in 0..5 {
             assert_eq!(exchange(&pool, app.addr, "/x").await, "ok");
         }
         assert_eq!(app.accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(app.addr), 1);
+        assert_eq!(
+            pool.opened.get(),
+            1,
+            "the metric counts what the app accepted"
+        );
+        assert_eq!(pool.idle.get(), 1);
     }
 }
 
 #[tokio::test]
 async fn the_app_receives_the_target_in_origin_form() {
     let app = app(Answer::Length).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     exchange(&pool, app.addr, "http://app.test/a/b?c=d").await;
     exchange(&pool, app.addr, "http://app.test").await;
     let heads = app.heads.lock().unwrap().clone();
@@ -161,7 +174,7 @@ async fn the_app_receives_the_target_in_origin_form() {
 #[tokio::test]
 async fn a_body_dropped_before_its_end_does_not_return_the_connection() {
     let app = app(Answer::Large).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     let resp = pool.send(app.addr, get("/big")).await.unwrap();
     drop(resp);
     assert_eq!(pool.idle_count(app.addr), 0);
@@ -176,7 +189,7 @@ async fn a_body_dropped_before_its_end_does_not_return_the_connection() {
 #[tokio::test]
 async fn a_connection_the_app_closed_is_not_used_again() {
     let app = app(Answer::Close).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     for _ in 0..4 {
         assert_eq!(exchange(&pool, app.addr, "/x").await, "ok");
     }
@@ -188,7 +201,7 @@ async fn an_unreachable_app_is_an_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     let err = pool.send(addr, get("/x")).await.err().unwrap();
     assert!(matches!(err, AppError::Connect(_)), "{err:?}");
 }
@@ -198,7 +211,7 @@ async fn an_unreachable_app_is_an_error() {
 #[tokio::test]
 async fn idle_connections_expire() {
     let app = app(Answer::Length).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     exchange(&pool, app.addr, "/x").await;
     pool.age(IDLE_TIMEOUT);
     exchange(&pool, app.addr, "/x").await;
@@ -209,6 +222,7 @@ async fn idle_connections_expire() {
     pool.age(IDLE_TIMEOUT);
     assert!(!pool.sweep(shard), "nothing left: the sweeper stops");
     assert_eq!(pool.idle_count(app.addr), 0);
+    assert_eq!(pool.idle.get(), 0);
 }
 
 /// Past its limit of idle connections, a finished one is closed instead
@@ -217,7 +231,7 @@ async fn idle_connections_expire() {
 async fn idle_connections_are_bounded() {
     const MAX: usize = 8;
     let app = app(Answer::Length).await;
-    let mut pool = TestPool::new(Duration::from_secs(5));
+    let mut pool = pool();
     pool.max_idle = MAX;
     // Responses held open at once need a connection each.
     let mut open = Vec::new();
@@ -230,6 +244,8 @@ async fn idle_connections_are_bounded() {
     assert_eq!(app.accepted.load(Ordering::SeqCst), MAX + 3);
     assert_eq!(pool.idle_count(app.addr), MAX);
     assert_eq!(pool.lock().count, MAX);
+    assert_eq!(pool.idle.get(), MAX as i64);
+    assert_eq!(pool.opened.get(), (MAX + 3) as u64);
     // Taking one makes room for one.
     exchange(&pool, app.addr, "/x").await;
     assert_eq!(pool.lock().count, MAX);
@@ -242,7 +258,7 @@ async fn idle_connections_are_bounded() {
 #[tokio::test]
 async fn a_connection_still_sending_a_body_is_not_reused() {
     let app = app(Answer::Early).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     let upload = Request::post("/upload")
         .header(hyper::header::HOST, "app.test")
         .header(hyper::header::CONTENT_LENGTH, "1000000")
@@ -265,7 +281,7 @@ async fn a_connection_still_sending_a_body_is_not_reused() {
 #[tokio::test]
 async fn a_body_ending_in_trailers_returns_the_connection() {
     let app = app(Answer::Trailers).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     for _ in 0..3 {
         let resp = pool.send(app.addr, get("/x")).await.unwrap();
         let body = resp.into_body().collect().await.unwrap();
@@ -279,7 +295,7 @@ async fn a_body_ending_in_trailers_returns_the_connection() {
 #[tokio::test]
 async fn a_head_answer_returns_the_connection() {
     let app = app(Answer::Length).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     for _ in 0..3 {
         let mut req = get("/x");
         *req.method_mut() = Method::HEAD;
@@ -301,7 +317,7 @@ async fn a_head_answer_returns_the_connection() {
 #[tokio::test]
 async fn http10_is_not_pooled_and_other_requests_are_refused() {
     let app = app(Answer::Length).await;
-    let pool = TestPool::new(Duration::from_secs(5));
+    let pool = pool();
     let mut req = get("/x");
     *req.version_mut() = Version::HTTP_10;
     let resp = pool.send(app.addr, req).await.unwrap();
