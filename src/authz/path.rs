@@ -80,6 +80,38 @@ fn has_semicolon(raw: &str) -> bool {
 /// refused unless `allow_encoded_slash`, in which case it is kept encoded
 /// (`%2F`, `%5C`) and is part of its segment.
 pub fn normalize_path(raw: &str, allow_encoded_slash: bool) -> Result<String, PathError> {
+    if is_normal(raw) {
+        return Ok(raw.to_owned());
+    }
+    normalize_in_full(raw, allow_encoded_slash)
+}
+
+/// Whether `raw` is its own normal form, which most request paths are: it
+/// starts with `/`, has no `%`, `\`, `;`, `#` or `?` (nothing to decode or
+/// refuse), and no empty, `.` or `..` segment (a final empty one is the
+/// trailing slash, which is kept). One pass over the bytes, no allocation.
+fn is_normal(raw: &str) -> bool {
+    let Some(rest) = raw.strip_prefix('/') else {
+        return false;
+    };
+    if rest
+        .bytes()
+        .any(|b| matches!(b, b'%' | b'\\' | b';' | b'#' | b'?'))
+    {
+        return false;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if matches!(seg, "." | "..") || (seg.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
+}
+
+/// [`normalize_path`] for a path that is not already normal.
+fn normalize_in_full(raw: &str, allow_encoded_slash: bool) -> Result<String, PathError> {
     if raw.contains('#') {
         return Err(PathError::Fragment);
     }

@@ -100,3 +100,54 @@ fn normalizing_twice_changes_nothing() {
         assert_eq!(normalize_path(&once, true).unwrap(), once, "{p}");
     }
 }
+
+/// A path taken as already normal comes out of the full normalization
+/// unchanged, and so does every path the full one produces: checked over
+/// every path of up to six characters from an alphabet with each special
+/// character, and the shortcut is taken for plain paths.
+#[test]
+fn the_already_normal_shortcut_agrees_with_full_normalization() {
+    const ALPHABET: &[u8] = b"/a.%2F;\\#?e";
+    let mut paths = vec![String::new()];
+    let mut all = Vec::new();
+    for _ in 0..6 {
+        let mut longer = Vec::new();
+        for p in &paths {
+            for &c in ALPHABET {
+                let mut q = p.clone();
+                q.push(c as char);
+                longer.push(q);
+            }
+        }
+        all.extend(longer.iter().cloned());
+        paths = longer;
+    }
+    let mut shortcut = 0;
+    for raw in &all {
+        for allow in [false, true] {
+            if is_normal(raw) {
+                shortcut += 1;
+                assert_eq!(
+                    normalize_in_full(raw, allow).as_deref(),
+                    Ok(raw.as_str()),
+                    "{raw:?}"
+                );
+            }
+            if let Ok(normal) = normalize_in_full(raw, allow) {
+                // The full result is normal unless it kept an escape.
+                if !normal.contains('%') {
+                    assert!(is_normal(&normal), "{raw:?} → {normal:?}");
+                }
+            }
+        }
+    }
+    assert!(shortcut > 1000, "{shortcut}");
+    for plain in ["/", "/api", "/api/", "/bench/load", "/a.b/.c/..d/"] {
+        assert!(is_normal(plain), "{plain}");
+    }
+    for not in [
+        "", "api", "//a", "/a//b", "/.", "/a/..", "/a/./", "/%61", "/a;b", "/a\\b",
+    ] {
+        assert!(!is_normal(not), "{not}");
+    }
+}

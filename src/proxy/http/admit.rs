@@ -348,8 +348,20 @@ pub fn normalize_host(value: &[u8]) -> Result<String, &'static str> {
             .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|d| d.parse::<u16>().ok())
             .ok_or("a port that is not 1-5 digits up to 65535")?;
+        // The number without leading zeros, written without `fmt`.
+        let mut digits = [0u8; 5];
+        let mut at = digits.len();
+        let mut rest = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
         out.push(':');
-        out.push_str(&n.to_string());
+        out.extend(digits[at..].iter().map(|&d| char::from(d)));
     } else if !port.is_empty() {
         return Err("a malformed host");
     }

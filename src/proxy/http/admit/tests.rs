@@ -92,6 +92,10 @@ fn one_host_form_for_rules_and_app() {
         ("[::1]", "[::1]"),
         ("10.0.0.1", "10.0.0.1"),
         ("under_score.example:65535", "under_score.example:65535"),
+        ("x:1", "x:1"),
+        ("x:10", "x:10"),
+        ("x:00000", "x:0"),
+        ("x:09", "x:9"),
     ];
     for (h, want) in cases {
         assert_eq!(normalize_host(h.as_bytes()).as_deref(), Ok(want), "{h}");
