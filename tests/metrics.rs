@@ -28,6 +28,8 @@ const NAMES: &[&str] = &[
     "portcullis_ready",
     "portcullis_issuer_valid",
     "portcullis_trust_bundle_valid",
+    "portcullis_http_app_connections_opened_total",
+    "portcullis_http_app_connections_idle",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "process_open_fds",
