@@ -1,9 +1,8 @@
 //! The compiled, immutable rule set: what [`super::authorize`] reads.
 //!
-//! Rules are split by action once, each action's rules are indexed by the
-//! ports they list, and the ports covered by `allow` rules are merged into
-//! sorted ranges, so a decision walks only the rules that can apply on its
-//! port, each at most once, and never allocates beyond its result.
+//! Rules are split by action once and each action's rules are indexed by
+//! the ports they list, so a decision walks only the rules that can apply
+//! on its port, each at most once, and never allocates beyond its result.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -114,8 +113,6 @@ pub struct RuleSet {
     denies: PortIndex,
     allows: PortIndex,
     audits: PortIndex,
-    /// Merged, sorted ranges of ports that some `allow` rule covers.
-    allow_ports: Vec<PortRange>,
     /// Every header name some rule reads, sorted and deduplicated: as
     /// written, and with `_` folded to `-` (see [`RuleSet::underscore_twin`]).
     header_names: Vec<String>,
@@ -137,26 +134,6 @@ impl RuleSet {
         };
         let (denies, allows, audits) =
             (pick(Action::Deny), pick(Action::Allow), pick(Action::Audit));
-        let mut ranges: Vec<PortRange> = Vec::new();
-        for &i in &allows {
-            match &rules[i].ports {
-                None => ranges.push(PortRange {
-                    lo: 1,
-                    hi: u16::MAX,
-                }),
-                Some(p) => ranges.extend(p.iter().copied()),
-            }
-        }
-        ranges.sort();
-        let mut allow_ports: Vec<PortRange> = Vec::new();
-        for r in ranges {
-            match allow_ports.last_mut() {
-                Some(last) if u32::from(r.lo) <= u32::from(last.hi) + 1 => {
-                    last.hi = last.hi.max(r.hi);
-                }
-                _ => allow_ports.push(r),
-            }
-        }
         let index = |ids: &[usize]| PortIndex::new(ids, |i| rules[i].ports.as_deref());
         let (denies, allows, audits) = (index(&denies), index(&allows), index(&audits));
         let mut header_names: Vec<String> = rules
@@ -176,7 +153,6 @@ impl RuleSet {
             denies,
             allows,
             audits,
-            allow_ports,
             header_names,
             folded_header_names,
             hash,
@@ -215,8 +191,9 @@ impl RuleSet {
     /// Whether some `allow` rule covers `port` (then anything not allowed
     /// on it is denied, whatever the default policy).
     pub fn allow_covers_port(&self, port: u16) -> bool {
-        let i = self.allow_ports.partition_point(|r| r.hi < port);
-        self.allow_ports.get(i).is_some_and(|r| r.contains(port))
+        // The index hands out the rules that list the port (every rule,
+        // past its size limit), so the check is what decides.
+        self.allows(port).any(|r| r.covers_port(port))
     }
 
     /// Whether `name` is an underscore twin of a header some rule reads:

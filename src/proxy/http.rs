@@ -294,18 +294,17 @@ async fn forward(
         headers: req.headers().clone(),
     });
     let size = m.response_size.clone();
+    // The two clients' bodies differ in type: each is metered, then boxed.
     let sent: Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> =
         if req.version() == Version::HTTP_2 {
             let client = shared.app_clients.http2(conn.target);
-            match client.request(req).await {
-                Ok(r) => Ok(r.map(|b| ResponseSize::new(b, size).boxed())),
-                Err(e) => Err(e.into()),
-            }
+            let sent = client.request(req).await;
+            sent.map(|r| r.map(|b| ResponseSize::new(b, size).boxed()))
+                .map_err(Into::into)
         } else {
-            match shared.app_clients.http1.send(conn.target, req).await {
-                Ok(r) => Ok(r.map(|b| ResponseSize::new(b, size).boxed())),
-                Err(e) => Err(e.into()),
-            }
+            let sent = shared.app_clients.http1.send(conn.target, req).await;
+            sent.map(|r| r.map(|b| ResponseSize::new(b, size).boxed()))
+                .map_err(Into::into)
         };
     let mut resp = match sent {
         Ok(r) => r,

@@ -9,6 +9,8 @@
 //! removed, our `x-forwarded-client-cert` added). Keeping it pure lets tests
 //! and fuzzers drive it without a server.
 
+use std::fmt::Write as _;
+
 use http::request::Parts;
 use http::uri::Uri;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -348,20 +350,8 @@ pub fn normalize_host(value: &[u8]) -> Result<String, &'static str> {
             .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|d| d.parse::<u16>().ok())
             .ok_or("a port that is not 1-5 digits up to 65535")?;
-        // The number without leading zeros, written without `fmt`.
-        let mut digits = [0u8; 5];
-        let mut at = digits.len();
-        let mut rest = n;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
-        out.push(':');
-        out.extend(digits[at..].iter().map(|&d| char::from(d)));
+        // Into the same string (no second one for the number).
+        let _ = write!(out, ":{n}");
     } else if !port.is_empty() {
         return Err("a malformed host");
     }
