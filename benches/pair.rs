@@ -63,7 +63,7 @@ async fn main() -> Result<()> {
         bail!("PAIR_BENCH_ONLY={only}: expected bulk or http");
     }
     if part("bulk") {
-        let bulk = inproc::run(&ca).await?;
+        let bulk = inproc::run(&ca, &td, dir.path()).await?;
         eprintln!("idle connections: the release binary pair…");
         let idle = idle::run(&ca).await;
         inproc::print_table(&bulk, &idle);

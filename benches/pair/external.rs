@@ -202,14 +202,14 @@ pub async fn nginx_stream_pair(dir: &Path, certs: &Certs, app: SocketAddr) -> Re
     let b_conf = format!(
         "{}stream {{\n  server {{\n    listen {b_listen} ssl;\n    ssl_protocols TLSv1.3;\n\
          ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_client_certificate {};\n\
-         ssl_verify_client on;\n    ssl_session_tickets off;\n    proxy_pass {app};\n  }}\n}}\n",
+         ssl_verify_client on;\n    ssl_session_tickets off;\n    proxy_half_close on;\n    proxy_pass {app};\n  }}\n}}\n",
         nginx_head(dir, "nginx-b", &module),
         certs.server_crt.display(),
         certs.server_key.display(),
         certs.ca.display(),
     );
     let a_conf = format!(
-        "{}stream {{\n  server {{\n    listen {a_listen};\n    proxy_pass {b_listen};\n\
+        "{}stream {{\n  server {{\n    listen {a_listen};\n    proxy_half_close on;\n    proxy_pass {b_listen};\n\
          proxy_ssl on;\n    proxy_ssl_protocols TLSv1.3;\n    proxy_ssl_certificate {};\n\
          proxy_ssl_certificate_key {};\n    proxy_ssl_trusted_certificate {};\n\
          proxy_ssl_verify on;\n    proxy_ssl_verify_depth 2;\n    proxy_ssl_name {SERVER_NAME};\n\

@@ -149,24 +149,28 @@ async fn echo_app(listener: TcpListener) {
 pub fn print_rows(idle: &Result<Idle, String>) {
     let mib = |kib: u64| kib as f64 / 1024.0;
     let Ok(m) = idle else {
-        println!("| idle RSS of one sidecar process (MiB) | — | n/a | — |");
-        println!("| memory per 1,000 idle connections, client sidecar (MiB) | — | n/a | — |");
-        println!("| memory per 1,000 idle connections, server sidecar (MiB) | — | n/a | — |");
+        println!("| idle RSS of one sidecar process (MiB) | — | n/a | — | — | — |");
+        println!(
+            "| memory per 1,000 idle connections, client sidecar (MiB) | — | n/a | — | — | — |"
+        );
+        println!(
+            "| memory per 1,000 idle connections, server sidecar (MiB) | — | n/a | — | — | — |"
+        );
         return;
     };
     println!(
-        "| idle RSS of one sidecar process (MiB) | — | {:.1} | — |",
+        "| idle RSS of one sidecar process (MiB) | — | {:.1} | — | — | — |",
         mib(m.fresh.1)
     );
     let per_1000 = |before: u64, after: u64| {
         after.saturating_sub(before) as f64 / 1024.0 * 1000.0 / m.held as f64
     };
     println!(
-        "| memory per 1,000 idle connections, client sidecar (MiB) | — | {:.1} | — |",
+        "| memory per 1,000 idle connections, client sidecar (MiB) | — | {:.1} | — | — | — |",
         per_1000(m.before.0, m.after.0)
     );
     println!(
-        "| memory per 1,000 idle connections, server sidecar (MiB) | — | {:.1} | — |",
+        "| memory per 1,000 idle connections, server sidecar (MiB) | — | {:.1} | — | — | — |",
         per_1000(m.before.1, m.after.1)
     );
 }

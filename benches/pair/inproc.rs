@@ -1,22 +1,26 @@
 //! Bulk and connection-rate rows: one 1 GiB stream and sequential new
 //! connections, direct and through a sidecar pair running in this process
-//! (`App::bind` → `App::run`). The app echoes the first byte, then counts
-//! bytes until end of stream and answers with the count.
+//! (`App::bind` → `App::run`); the stream also through the nginx TCP-mode
+//! mTLS pair when nginx is installed. The app echoes the first byte, then
+//! counts bytes until end of stream and answers with the count.
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use portcullis::app::{App, BoundAddrs};
 use portcullis::config::{Cli, Command};
-use portcullis::identity::CaFiles;
+use portcullis::identity::{CaFiles, TrustDomain};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
+use crate::external::{self, Certs};
 use crate::idle::Idle;
+use crate::procs::cpu_seconds;
 use crate::{connect, run_args, wait_ok, IO_TIMEOUT, SERVER_ID};
 
 /// Size of the single stream, and the most time it may take.
@@ -38,13 +42,15 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub struct Bulk {
     s_direct: Stream,
     s_pair: Stream,
+    /// Through the nginx TCP-mode pair, or why it did not run.
+    s_nginx: Result<Stream, String>,
     c_direct: Conns,
     c_pair: Conns,
 }
 
-/// Starts the app and the in-process pair, then runs the stream and the
-/// connection rows, direct first.
-pub async fn run(ca: &CaFiles) -> Result<Bulk> {
+/// Starts the app and the in-process pair (and the nginx pair when it is
+/// installed), then runs the stream and the connection rows, direct first.
+pub async fn run(ca: &CaFiles, td: &TrustDomain, dir: &Path) -> Result<Bulk> {
     let server = TcpListener::bind("127.0.0.1:0").await?;
     let direct = server.local_addr()?;
     let app = tokio::spawn(serve(server));
@@ -58,19 +64,28 @@ pub async fn run(ca: &CaFiles) -> Result<Bulk> {
         .first()
         .context("sidecar A bound no upstream listener")?;
 
+    let nginx = nginx_pair(ca, td, dir, direct).await;
+
     // Alternating runs, median of each: one run of the direct path lasts
     // well under a second and moves with whatever else the machine does.
-    let (mut directs, mut pairs) = (Vec::new(), Vec::new());
+    let (mut directs, mut pairs, mut nginxes) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=STREAM_RUNS {
         eprintln!(
-            "stream {run}/{STREAM_RUNS}: {} MiB direct, then through the pair…",
+            "stream {run}/{STREAM_RUNS}: {} MiB direct, then through each pair…",
             STREAM_BYTES >> 20
         );
-        directs.push(stream(direct).await.context("direct stream")?);
-        pairs.push(stream(pair).await.context("stream through the pair")?);
+        directs.push(stream(direct, &[]).await.context("direct stream")?);
+        pairs.push(stream(pair, &[]).await.context("stream through the pair")?);
+        if let Ok(n) = &nginx {
+            nginxes.push(stream(n.front, &n.pids).await.map_err(|e| format!("{e:#}")));
+        }
     }
     let s_direct = median(directs);
     let s_pair = median(pairs);
+    let s_nginx = nginx.and_then(|running| {
+        drop(running);
+        Ok(median(nginxes.into_iter().collect::<Result<_, _>>()?))
+    });
 
     eprintln!("connections: direct…");
     let c_direct = connections(direct).await.context("direct connections")?;
@@ -86,9 +101,26 @@ pub async fn run(ca: &CaFiles) -> Result<Bulk> {
     Ok(Bulk {
         s_direct,
         s_pair,
+        s_nginx,
         c_direct,
         c_pair,
     })
+}
+
+/// The nginx TCP-mode mTLS pair in front of the app, or why it cannot run.
+async fn nginx_pair(
+    ca: &CaFiles,
+    td: &TrustDomain,
+    dir: &Path,
+    app: SocketAddr,
+) -> Result<external::Running, String> {
+    let start = async {
+        let dir = dir.join("bulk-nginx");
+        std::fs::create_dir_all(&dir)?;
+        let certs = Certs::write(ca, td, &dir)?;
+        external::nginx_stream_pair(&dir, &certs, app).await
+    };
+    start.await.map_err(|e| format!("{e:#}"))
 }
 
 /// An in-process sidecar: its drain and its running task.
@@ -163,6 +195,9 @@ async fn sink(mut conn: TcpStream) -> io::Result<()> {
 struct Stream {
     bytes: u64,
     elapsed: Duration,
+    /// CPU time (user + system) of the client, the app and the proxies
+    /// together: what carrying the bytes cost, whatever the parallelism.
+    cpu_secs: f64,
     /// Minor page faults of this whole process (client, app and, through
     /// the pair, both sidecars) during the run: a data path that gives
     /// buffers back to the kernel and faults them in again shows here.
@@ -173,13 +208,19 @@ impl Stream {
     fn mib_per_sec(&self) -> f64 {
         self.bytes as f64 / MIB / self.elapsed.as_secs_f64()
     }
+
+    fn cpu_ms_per_mib(&self) -> f64 {
+        self.cpu_secs * 1000.0 / (self.bytes as f64 / MIB)
+    }
 }
 
 /// Writes `STREAM_BYTES` (less if `STREAM_LIMIT` passes first), half-closes,
 /// and waits for the app's count: throughput is what really arrived, end to
-/// end, including draining the proxies' buffers.
-async fn stream(addr: SocketAddr) -> Result<Stream> {
+/// end, including draining the proxies' buffers. `pids` are proxy
+/// processes outside this one, whose CPU time counts too.
+async fn stream(addr: SocketAddr, pids: &[u32]) -> Result<Stream> {
     let faults_before = minor_faults()?;
+    let cpu_before = own_cpu_seconds()? + cpu_seconds(pids)?;
     let start = Instant::now();
     let mut conn = connect(addr).await?;
     let chunk = vec![0x5a; CHUNK];
@@ -203,8 +244,18 @@ async fn stream(addr: SocketAddr) -> Result<Stream> {
     Ok(Stream {
         bytes: got,
         elapsed,
+        cpu_secs: own_cpu_seconds()? + cpu_seconds(pids)? - cpu_before,
         faults: minor_faults()? - faults_before,
     })
+}
+
+/// CPU time of this process so far (every thread: client, app and the
+/// in-process sidecars), in seconds.
+fn own_cpu_seconds() -> Result<f64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Ok(secs(usage.user_time()) + secs(usage.system_time()))
 }
 
 /// Minor page faults of this process so far.
@@ -284,39 +335,59 @@ pub fn print_table(bulk: &Bulk, idle: &Result<Idle, String>) {
     let Bulk {
         s_direct,
         s_pair,
+        s_nginx,
         c_direct,
         c_pair,
     } = bulk;
-    let row = |measure: &str, direct: f64, pair: f64| {
+    // The nginx pair's cells for a stream row: its value and its ratio.
+    let nginx = |value: fn(&Stream) -> f64, digits: usize| match s_nginx {
+        Ok(n) => format!("{:.digits$} | {:.2}", value(n), value(n) / value(s_direct)),
+        Err(_) => "n/a | —".to_string(),
+    };
+    let row = |measure: &str, direct: f64, pair: f64, digits: usize, nginx: String| {
         println!(
-            "| {measure} | {direct:.0} | {pair:.0} | {:.2} |",
+            "| {measure} | {direct:.digits$} | {pair:.digits$} | {:.2} | {nginx} |",
             pair / direct
         );
     };
     println!();
-    println!("| measure | direct | through portcullis pair | ratio |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| measure | direct | through portcullis pair | ratio | through nginx TCP-mode pair, mTLS | ratio |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     row(
         "1 GiB stream throughput (MiB/s)",
         s_direct.mib_per_sec(),
         s_pair.mib_per_sec(),
+        0,
+        nginx(Stream::mib_per_sec, 0),
+    );
+    row(
+        "CPU time per MiB carried (ms; client, app and proxies)",
+        s_direct.cpu_ms_per_mib(),
+        s_pair.cpu_ms_per_mib(),
+        2,
+        nginx(Stream::cpu_ms_per_mib, 2),
     );
     let per_mib = |s: &Stream| s.faults as f64 / (s.bytes as f64 / MIB);
     println!(
-        "| minor page faults per MiB carried (whole bench process) | {:.1} | {:.1} | — |",
+        "| minor page faults per MiB carried (whole bench process) | {:.1} | {:.1} | — | — | — |",
         per_mib(s_direct),
         per_mib(s_pair)
     );
+    let none = || "— | —".to_string();
     row(
         "new connections per second (sequential)",
         c_direct.per_sec(),
         c_pair.per_sec(),
+        0,
+        none(),
     );
     for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
         row(
             &format!("connection time {name} (µs)"),
             c_direct.quantile_us(q),
             c_pair.quantile_us(q),
+            0,
+            none(),
         );
     }
     crate::idle::print_rows(idle);
@@ -334,6 +405,9 @@ pub fn print_table(bulk: &Bulk, idle: &Result<Idle, String>) {
         c_pair.elapsed,
         crate::idle::note(idle),
     );
+    if let Err(why) = s_nginx {
+        println!("\nnginx stream rows not measured: {why}");
+    }
     if let Err(why) = idle {
         println!("\nMemory rows not measured: {why}");
     }
