@@ -45,6 +45,7 @@ macro_rules! write_through {
 }
 
 pub mod access_log;
+mod chunks;
 mod detect;
 mod dial;
 pub mod http;
@@ -61,6 +62,7 @@ mod silent;
 mod splice;
 pub mod tunnel;
 
+pub use chunks::Chunked;
 pub use detect::{classify_buffered, detect, sniff_http, sniff_http_after, AppProtocol, Detected};
 pub use http::AppClients;
 pub use inbound::{Inbound, PendingHandshakes};

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -19,8 +18,8 @@ use super::request_line::FirstLineGuard;
 use super::silent::FirstWord;
 use super::tunnel::{ConnHealth, TunnelConn};
 use super::{
-    detect, original_destination, sniff_http, AppProtocol, ConnGuard, Detected, ReadAhead, Rewind,
-    Shared, REFUSAL_LOG_INTERVAL,
+    detect, original_destination, sniff_http, AppProtocol, Chunked, ConnGuard, Detected, ReadAhead,
+    Rewind, Shared, REFUSAL_LOG_INTERVAL,
 };
 use crate::authz::Peer;
 use crate::config::InboundMode;
@@ -441,7 +440,7 @@ pub(super) async fn serve_app<S>(
     conn: ConnInfo,
     silent_for: Duration,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Chunked + Send + 'static,
 {
     // Counted by port and peer only once accepted (mesh identity, or
     // plaintext in permissive mode): refused connections are counted by

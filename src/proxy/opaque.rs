@@ -4,12 +4,11 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use super::http::ConnInfo;
 use super::request_line::RequestLineInOpaque;
-use super::{splice, ConnGuard, Shared};
+use super::{splice, Chunked, ConnGuard, Shared};
 
 /// Copies an allowed opaque connection to the app until either side ends,
 /// or until a rule change denies it; `guard` counts it open meanwhile.
@@ -21,7 +20,7 @@ pub(super) async fn forward_opaque<S>(
     rule: String,
     guard: ConnGuard,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Chunked,
 {
     let started = std::time::Instant::now();
     let log = &shared.policy.access_log;

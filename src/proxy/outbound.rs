@@ -166,7 +166,7 @@ async fn carry<S>(
     server: SpiffeId,
     early: u64,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: super::Chunked,
 {
     let server = Peer::Mesh(server);
     let guard = ConnGuard::new(&shared.metrics, "outbound", dest.port(), &server);

@@ -11,7 +11,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
+
+use super::Chunked;
 
 /// What a first line turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +318,27 @@ impl<S> FirstLineGuard<S> {
     }
 }
 
+impl<S> FirstLineGuard<S> {
+    /// Looks at bytes just read (none: the end of the stream); an error if
+    /// they complete an HTTP request line.
+    fn look_at(&mut self, new: &[u8]) -> io::Result<()> {
+        let verdict = if new.is_empty() {
+            self.scan.at_end()
+        } else {
+            self.scan.feed(new).unwrap_or(Verdict::NotRequest)
+        };
+        if verdict == Verdict::Request {
+            self.scan.verdict = Some(Verdict::Request);
+            return Err(tripped());
+        }
+        Ok(())
+    }
+}
+
+fn tripped() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, RequestLineInOpaque)
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for FirstLineGuard<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -322,14 +346,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstLineGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let tripped = || {
-            Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                RequestLineInOpaque,
-            )))
-        };
         match this.scan.verdict {
-            Some(Verdict::Request) => return tripped(),
+            Some(Verdict::Request) => return Poll::Ready(Err(tripped())),
             // Past the first line, or no room to read into (which reads
             // nothing without being the end of the stream).
             Some(Verdict::NotRequest) => return Pin::new(&mut this.inner).poll_read(cx, buf),
@@ -338,22 +356,41 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstLineGuard<S> {
         }
         let before = buf.filled().len();
         std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let new = &buf.filled()[before..];
-        let verdict = if new.is_empty() {
-            this.scan.at_end()
-        } else {
-            this.scan.feed(new).unwrap_or(Verdict::NotRequest)
-        };
-        if verdict == Verdict::Request {
-            this.scan.verdict = Some(Verdict::Request);
+        if let Err(e) = this.look_at(&buf.filled()[before..]) {
             buf.set_filled(before);
-            return tripped();
+            return Poll::Ready(Err(e));
         }
         Poll::Ready(Ok(()))
     }
 }
 
 write_through!(FirstLineGuard);
+
+impl<S: Chunked> Chunked for FirstLineGuard<S> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        match self.scan.verdict {
+            Some(Verdict::Request) => return Poll::Ready(Err(tripped())),
+            Some(Verdict::NotRequest) => return self.inner.poll_read_chunk(cx, buf, want),
+            None => {}
+        }
+        let chunk = std::task::ready!(self.inner.poll_read_chunk(cx, buf, want))?;
+        self.look_at(&chunk)?;
+        Poll::Ready(Ok(chunk))
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_write_chunk(cx, chunk)
+    }
+}
 
 #[cfg(test)]
 mod tests;

@@ -6,8 +6,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
+
+use super::Chunked;
 
 /// `inner`, with `prefix` read first.
 pub struct Rewind<S> {
@@ -38,6 +40,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
 }
 
 write_through!(Rewind);
+
+impl<S: Chunked> Chunked for Rewind<S> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Ok(std::mem::take(&mut self.prefix)));
+        }
+        self.inner.poll_read_chunk(cx, buf, want)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_write_chunk(cx, chunk)
+    }
+}
 
 #[cfg(test)]
 mod tests {

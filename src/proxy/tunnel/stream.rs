@@ -10,6 +10,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::proxy::Chunked;
+
 /// The most one write hands to HTTP/2 at once: a frame's worth of data
 /// keeps a fast writer from queueing more than flow control lets out.
 const MAX_WRITE: usize = 256 * 1024;
@@ -53,6 +55,43 @@ fn io_error(e: h2::Error) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e)
 }
 
+impl H2Stream {
+    /// Waits for the next DATA frame into `pending` (left empty at the end
+    /// of the stream).
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => break,
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                Some(Ok(data)) => {
+                    // The window reopens as soon as the bytes are ours; the
+                    // reader's own buffer is the back-pressure.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.pending = data;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits until HTTP/2 lets at least one of `len` bytes out; how many.
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let want = len.min(MAX_WRITE);
+        self.send.reserve_capacity(want);
+        while self.send.capacity() == 0 {
+            match ready!(self.send.poll_capacity(cx)) {
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                Some(Ok(_)) => {}
+            }
+        }
+        Poll::Ready(Ok(self.send.capacity().min(want)))
+    }
+}
+
 impl Drop for H2Stream {
     fn drop(&mut self) {
         if !self.write_closed {
@@ -69,18 +108,7 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                Some(Ok(data)) => {
-                    // The window reopens as soon as the bytes are ours; the
-                    // reader's own buffer is the back-pressure.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
-                }
-            }
-        }
+        ready!(this.poll_pending(cx))?;
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
         this.pending.advance(n);
@@ -98,22 +126,7 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if this.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        let want = buf.len().min(MAX_WRITE);
-        this.send.reserve_capacity(want);
-        loop {
-            if this.send.capacity() > 0 {
-                break;
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                Some(Ok(_)) => {}
-            }
-        }
-        let n = this.send.capacity().min(want);
+        let n = ready!(this.poll_room(cx, buf.len()))?;
         // `reserve` takes the old allocation back when HTTP/2 is done with it.
         this.out.reserve(n);
         this.out.extend_from_slice(&buf[..n]);
@@ -134,6 +147,37 @@ impl AsyncWrite for H2Stream {
             this.send.reserve_capacity(0);
             this.send.send_data(Bytes::new(), true).map_err(io_error)?;
         }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The stream's DATA frames pass through the copy loop as they are: a
+/// received frame is handed on, and a chunk to send becomes a frame (split
+/// where flow control says), with no copy either way.
+impl Chunked for H2Stream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _buf: &mut BytesMut,
+        _want: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        if self.pending.is_empty() {
+            ready!(self.poll_pending(cx))?;
+        }
+        Poll::Ready(Ok(std::mem::take(&mut self.pending)))
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_room(cx, chunk.len()))?;
+        let frame = chunk.split_to(n);
+        self.send.send_data(frame, false).map_err(io_error)?;
         Poll::Ready(Ok(()))
     }
 }
