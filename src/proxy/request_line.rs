@@ -333,6 +333,18 @@ impl<S> FirstLineGuard<S> {
         }
         Ok(())
     }
+
+    /// A read error from the stream. A TLS peer that drops TCP without
+    /// close_notify ends the stream with `UnexpectedEof`, which the copy
+    /// loop takes as the end: an unended line must be judged then too.
+    fn look_at_error(&mut self, e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            if let Err(tripped) = self.look_at(&[]) {
+                return tripped;
+            }
+        }
+        e
+    }
 }
 
 fn tripped() -> io::Error {
@@ -355,7 +367,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstLineGuard<S> {
             None => {}
         }
         let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Err(e) = std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf)) {
+            return Poll::Ready(Err(this.look_at_error(e)));
+        }
         if let Err(e) = this.look_at(&buf.filled()[before..]) {
             buf.set_filled(before);
             return Poll::Ready(Err(e));
@@ -378,7 +392,10 @@ impl<S: Chunked> Chunked for FirstLineGuard<S> {
             Some(Verdict::NotRequest) => return self.inner.poll_read_chunk(cx, buf, want),
             None => {}
         }
-        let chunk = std::task::ready!(self.inner.poll_read_chunk(cx, buf, want))?;
+        let chunk = match std::task::ready!(self.inner.poll_read_chunk(cx, buf, want)) {
+            Ok(chunk) => chunk,
+            Err(e) => return Poll::Ready(Err(self.look_at_error(e))),
+        };
         self.look_at(&chunk)?;
         Poll::Ready(Ok(chunk))
     }

@@ -346,3 +346,35 @@ async fn a_client_that_only_listens_hears_the_banner() {
     let answer = send(a.upstream(), vec![Part::HalfClose]).await;
     assert_eq!(answer, "220 banner\r\n");
 }
+
+/// A mesh peer that drops TCP without TLS's close_notify ends the stream
+/// with an error rather than an end of stream. A request line left unended
+/// then must be cut off as at a clean end: the app gets a reset, never an
+/// end of stream that a lenient server would take as the line's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unended_request_line_cut_by_a_dropped_tls_connection_is_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let (app, received) = recording_app().await;
+    let b = server_with(&ca, app, &["--detect-timeout", "200ms"]).await;
+    let config = client_config(ca.leaf("client"), &ca.cert_pem());
+    let mut tls = tls_connect(config, b.addrs.inbound).await.unwrap();
+    // Slow enough that the sniff gives up and the bytes go on opaque.
+    tls.write_all(b"GET /dropped").await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tls.write_all(b" HTTP/1.0").await.unwrap();
+    tls.flush().await.unwrap();
+    // Closes TCP without close_notify.
+    let (tcp, _) = tls.into_inner();
+    drop(tcp);
+    eventually(
+        "the app connection ends",
+        Duration::from_secs(5),
+        || async { received.lock().unwrap().len() == 1 },
+    )
+    .await;
+    let got = received.lock().unwrap()[0].clone();
+    assert!(got.reset, "the app saw a clean end of stream: {got:?}");
+    assert_eq!(b.metric("portcullis_opaque_request_lines_total", &[]), 1.0);
+}
