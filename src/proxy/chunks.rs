@@ -91,6 +91,8 @@ impl Chunked for tokio::net::TcpStream {}
 impl<S: AsyncRead + AsyncWrite + Unpin> Chunked for tokio_rustls::client::TlsStream<S> {}
 impl<S: AsyncRead + AsyncWrite + Unpin> Chunked for tokio_rustls::server::TlsStream<S> {}
 impl Chunked for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
+#[cfg(test)]
+impl Chunked for tokio::io::DuplexStream {}
 
 #[cfg(test)]
 mod tests {

@@ -166,3 +166,92 @@ fn a_first_line_past_the_longest_servers_read_is_not_a_request() {
     after_blank_lines.extend_from_slice(b"GET / HTTP/1.1\r\n");
     assert_eq!(whole(&after_blank_lines), Some(Verdict::Request));
 }
+
+/// What a reader got through a `FirstLineGuard`: the bytes handed on, and
+/// whether it ended by tripping on a request line.
+async fn through_guard(pieces: &[Vec<u8>], chunked: bool) -> (Vec<u8>, bool) {
+    use bytes::BytesMut;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mut writer, reader) = tokio::io::duplex(1 << 16);
+    let mut guard = FirstLineGuard::new(reader);
+    let mut got = Vec::new();
+    let mut buf = BytesMut::new();
+    // One piece per read, so both paths see the same boundaries.
+    for piece in pieces.iter().map(Some).chain([None]) {
+        match piece {
+            Some(p) => writer.write_all(p).await.unwrap(),
+            None => writer.shutdown().await.unwrap(),
+        }
+        let want = piece.map_or(0, |p| p.len());
+        let mut read_now = 0;
+        loop {
+            let read = if chunked {
+                poll_fn(|cx| guard.poll_read_chunk(cx, &mut buf, 4096))
+                    .await
+                    .map(|c| c.to_vec())
+            } else {
+                let mut b = vec![0u8; 4096];
+                guard.read(&mut b).await.map(|n| b[..n].to_vec())
+            };
+            match read {
+                Err(e) => {
+                    assert!(RequestLineInOpaque::is(&e), "{e}");
+                    return (got, true);
+                }
+                Ok(bytes) if bytes.is_empty() => return (got, false),
+                Ok(bytes) => {
+                    read_now += bytes.len();
+                    got.extend(bytes);
+                }
+            }
+            if read_now >= want {
+                break;
+            }
+        }
+    }
+    unreachable!("the end of the stream is read last")
+}
+
+/// The copy loop reads through the guard in chunks, other readers through
+/// `poll_read`: for any bytes cut anywhere, both must hand on the same
+/// bytes and trip on the same request lines.
+#[tokio::test]
+async fn chunked_and_byte_reads_through_the_guard_agree() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let words: [&[u8]; 10] = [
+        b"GET",
+        b" ",
+        b"/a",
+        b"HTTP/1.1",
+        b"\r\n",
+        b"\n",
+        b"PROXY TCP4 1 2 3 4",
+        b"x",
+        b"\0",
+        b"PRI * HTTP/2.0",
+    ];
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut tripped = 0;
+    for _ in 0..2_000 {
+        let bytes: Vec<u8> = (0..rng.gen_range(1..8))
+            .flat_map(|_| words[rng.gen_range(0..words.len())].to_vec())
+            .collect();
+        let mut pieces = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = rng.gen_range(1..=rest.len());
+            pieces.push(rest[..n].to_vec());
+            rest = &rest[n..];
+        }
+        let by_chunk = through_guard(&pieces, true).await;
+        let by_byte = through_guard(&pieces, false).await;
+        assert_eq!(by_chunk, by_byte, "{:?}", String::from_utf8_lossy(&bytes));
+        tripped += by_chunk.1 as usize;
+    }
+    assert!(
+        tripped > 100,
+        "too few request lines among the cases: {tripped}"
+    );
+}
