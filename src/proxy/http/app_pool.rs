@@ -10,8 +10,10 @@
 //! is through, never reused, so no request waits behind another peer's
 //! upload, and no answer the app gives to leftover body bytes can reach
 //! the next request. A request that a pooled connection did not send (the
-//! app had closed it) goes out again on another one; idle connections are
-//! closed after [`IDLE_TIMEOUT`].
+//! app had closed it) goes out again on another one, and so does a GET,
+//! HEAD or OPTIONS without a body that a connection idle for a while
+//! failed (see [`RESEND_AFTER_IDLE`]); idle connections are closed after
+//! [`IDLE_TIMEOUT`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -54,6 +56,15 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// without end. A connection finishing past it is closed instead.
 const MAX_IDLE: usize = 1024;
 
+/// App servers close idle keep-alive connections after a few seconds
+/// (Node and uvicorn 5 s, gunicorn 2 s). A request sent on a connection
+/// idle this long can cross the app's close: the app reads it, or not,
+/// and the connection ends without an answer. A GET, HEAD or OPTIONS
+/// without a body is then sent once more on a new connection (as Go's
+/// HTTP client does); anything else gets the error (a 502). Connections
+/// in steady use are never idle this long, so busy paths keep no copy.
+const RESEND_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// How often a shard looks for connections idle past [`IDLE_TIMEOUT`].
 const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
@@ -61,7 +72,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(15);
 type Key = (SocketAddr, usize);
 
 struct Idle<B> {
-    send: SendRequest<B>,
+    send: SendRequest<ToApp<B>>,
     since: Instant,
 }
 
@@ -164,14 +175,23 @@ impl<B: RequestBody> AppPool<B> {
         // sides asked to keep it: not worth keeping.
         let keep = req.version() == Version::HTTP_11;
         let key = (target, crate::runtime::shard());
+        let mut req = req.map(ToApp::Body);
         // Idle connections first, newest first; a request one of them did
         // not send (the app had just closed it) goes to the next one.
-        while let Some(mut send) = self.take(key) {
+        while let Some((mut send, idle_for)) = self.take(key) {
+            let again = (idle_for >= RESEND_AFTER_IDLE)
+                .then(|| resend_copy(&req))
+                .flatten();
             match send.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(key, send, resp, keep)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(AppError::Http(e.into_error())),
+                Err(mut e) => match (e.take_message(), again) {
+                    (Some(unsent), _) => req = unsent,
+                    (None, Some(copy)) if ended_unanswered(e.error()) => {
+                        debug!(error = %e.error(), "idle app connection failed: sending the request again on a new one");
+                        req = copy;
+                        break;
+                    }
+                    (None, _) => return Err(AppError::Http(e.into_error())),
                 },
             }
         }
@@ -182,16 +202,18 @@ impl<B: RequestBody> AppPool<B> {
         }
     }
 
-    /// The newest idle connection of `key`, dropping any found closed, no
-    /// longer free, or idle too long on the way.
-    fn take(&self, key: Key) -> Option<SendRequest<B>> {
+    /// The newest idle connection of `key` and how long it was idle,
+    /// dropping any found closed, no longer free, or idle too long on the
+    /// way.
+    fn take(&self, key: Key) -> Option<(SendRequest<ToApp<B>>, Duration)> {
         let mut inner = self.lock();
         let list = inner.idle.get_mut(&key)?;
         let mut found = None;
         let before = list.len();
         while let Some(idle) = list.pop() {
-            if idle.send.is_ready() && idle.since.elapsed() < IDLE_TIMEOUT {
-                found = Some(idle.send);
+            let idle_for = idle.since.elapsed();
+            if idle.send.is_ready() && idle_for < IDLE_TIMEOUT {
+                found = Some((idle.send, idle_for));
                 break;
             }
         }
@@ -207,7 +229,7 @@ impl<B: RequestBody> AppPool<B> {
     /// Hands a connection whose exchange is over back to its shard's list,
     /// if it is free for the next request. When the pool is full, it
     /// replaces the oldest idle connection to the same app, if any.
-    fn put(&self, key: Key, send: SendRequest<B>) {
+    fn put(&self, key: Key, send: SendRequest<ToApp<B>>) {
         // A request still being written, or a closed connection: not reused.
         if !send.is_ready() {
             return;
@@ -283,7 +305,7 @@ impl<B: RequestBody> AppPool<B> {
         left
     }
 
-    async fn connect(&self, target: SocketAddr) -> Result<SendRequest<B>, AppError> {
+    async fn connect(&self, target: SocketAddr) -> Result<SendRequest<ToApp<B>>, AppError> {
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target))
             .await
             .map_err(|_| AppError::ConnectTimeout)?
@@ -305,7 +327,7 @@ impl<B: RequestBody> AppPool<B> {
     fn wrap(
         &self,
         key: Key,
-        send: SendRequest<B>,
+        send: SendRequest<ToApp<B>>,
         resp: Response<Incoming>,
         keep: bool,
     ) -> Response<PooledBody<B>> {
@@ -328,6 +350,64 @@ impl<B: RequestBody> AppPool<B> {
     }
 }
 
+/// The connection ended (closed, reset) before the app answered, rather
+/// than the app answering something unreadable.
+fn ended_unanswered(e: &hyper::Error) -> bool {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    e.is_incomplete_message() || e.is_closed() || e.is_canceled() || io
+}
+
+/// A copy of `req` to send again if a connection fails it: only a GET,
+/// HEAD or OPTIONS without a body (safe to repeat, and nothing to keep).
+fn resend_copy<B: RequestBody>(req: &Request<ToApp<B>>) -> Option<Request<ToApp<B>>> {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(ToApp::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// What goes to the app: the caller's body, or none (a request sent again,
+/// whose original body was empty and went with the failed attempt).
+pub enum ToApp<B> {
+    Body(B),
+    Empty,
+}
+
+impl<B: RequestBody> Body for ToApp<B> {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ToApp::Body(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ToApp::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ToApp::Body(body) => body.is_end_stream(),
+            ToApp::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ToApp::Body(body) => body.size_hint(),
+            ToApp::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The request line's target as an origin server expects it: the path and
 /// query (`/` when empty).
 fn origin_form(uri: &mut Uri) {
@@ -341,7 +421,7 @@ fn origin_form(uri: &mut Uri) {
 struct Return<B: RequestBody> {
     pool: AppPool<B>,
     key: Key,
-    send: SendRequest<B>,
+    send: SendRequest<ToApp<B>>,
 }
 
 /// A response body from the app. Read to its end, it returns its

@@ -24,6 +24,10 @@ enum Answer {
     Trailers,
     /// `413` at once, without reading the request body.
     Early,
+    /// Answers a connection's first request (kept); on its second, reads
+    /// the head and closes without an answer (an app whose keep-alive
+    /// timeout fired just as the request came).
+    FirstOnly,
 }
 
 /// An app on loopback: counts connections, records request heads.
@@ -46,6 +50,7 @@ async fn app(answer: Answer) -> App {
             let seen = seen.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
+                let mut served = 0;
                 loop {
                     let mut chunk = [0u8; 4096];
                     let n = match s.read(&mut chunk).await {
@@ -58,12 +63,17 @@ async fn app(answer: Answer) -> App {
                         seen.lock()
                             .unwrap()
                             .push(String::from_utf8_lossy(&head).into_owned());
+                        served += 1;
+                        if matches!(answer, Answer::FirstOnly) && served > 1 {
+                            return;
+                        }
                         let reply: Vec<u8> = match answer {
                             Answer::Length => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                             Answer::Chunked => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(),
                             Answer::Close => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec(),
                             Answer::Trailers => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\r\n\r\n".to_vec(),
                             Answer::Early => b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                            Answer::FirstOnly => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                             Answer::Large => {
                                 let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
                                 r.resize(r.len() + (1 << 20), b'x');
@@ -335,4 +345,63 @@ async fn http10_is_not_pooled_and_other_requests_are_refused() {
         pool.send(app.addr, req).await,
         Err(AppError::Unsupported)
     ));
+}
+
+/// Sends `req` on the app's one pooled connection, after it sat idle for
+/// `idle`: the app closes it without answering.
+async fn on_a_closing_connection(
+    idle: Duration,
+    req: Request<TestBody>,
+) -> (Result<StatusCode, AppError>, usize) {
+    let app = app(Answer::FirstOnly).await;
+    let pool = pool();
+    assert_eq!(exchange(&pool, app.addr, "/first").await, "ok");
+    pool.age(idle);
+    let status = pool.send(app.addr, req).await.map(|r| r.status());
+    (status, app.accepted.load(Ordering::SeqCst))
+}
+
+#[tokio::test]
+async fn a_safe_request_an_idle_connection_failed_is_sent_again_on_a_new_one() {
+    for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+        let mut req = get("/again");
+        *req.method_mut() = method.clone();
+        let (status, accepted) = on_a_closing_connection(RESEND_AFTER_IDLE, req).await;
+        assert_eq!(status.unwrap(), StatusCode::OK, "{method}");
+        assert_eq!(accepted, 2, "{method}: one new connection");
+    }
+}
+
+#[tokio::test]
+async fn requests_that_are_not_safe_to_repeat_are_not_sent_again() {
+    let with_body = Request::post("/upload")
+        .header(hyper::header::HOST, "app.test")
+        .body(http_body_util::Full::new(Bytes::from_static(b"data")).boxed())
+        .unwrap();
+    let mut delete = get("/thing");
+    *delete.method_mut() = Method::DELETE;
+    let mut get_with_body = Request::get("/odd")
+        .header(hyper::header::HOST, "app.test")
+        .body(http_body_util::Full::new(Bytes::from_static(b"x")).boxed())
+        .unwrap();
+    get_with_body
+        .headers_mut()
+        .insert("x-case", "body".parse().unwrap());
+    for req in [with_body, delete, get_with_body] {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (status, accepted) = on_a_closing_connection(RESEND_AFTER_IDLE, req).await;
+        assert!(
+            matches!(status, Err(AppError::Http(_))),
+            "{what}: {status:?}"
+        );
+        assert_eq!(accepted, 1, "{what}: sent again");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_in_steady_use_is_not_second_guessed() {
+    // Idle for less than the threshold: the failure is the app's answer.
+    let (status, accepted) = on_a_closing_connection(Duration::ZERO, get("/busy")).await;
+    assert!(matches!(status, Err(AppError::Http(_))), "{status:?}");
+    assert_eq!(accepted, 1);
 }
