@@ -127,6 +127,9 @@ pub struct Metrics {
     /// `portcullis_http_app_connections_idle`: HTTP/1 connections to the
     /// app kept for the next request, now.
     pub app_connections_idle: IntGauge,
+    /// `portcullis_http_app_requests_resent_total`: requests sent again on
+    /// a new connection after an idle one ended without an answer.
+    pub app_requests_resent: IntCounter,
 }
 
 fn histogram(
@@ -375,6 +378,13 @@ impl Metrics {
                 r,
                 "portcullis_http_app_connections_idle",
                 "HTTP/1 connections to the app kept idle for the next request, now.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
+            app_requests_resent: counter(
+                r,
+                "portcullis_http_app_requests_resent_total",
+                "GET, HEAD and OPTIONS requests without a body sent again on a new HTTP/1 connection to the app after a connection idle for 1 s or more ended without an answer.",
                 &[],
             )
             .with_label_values::<&str>(&[]),

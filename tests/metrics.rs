@@ -30,6 +30,7 @@ const NAMES: &[&str] = &[
     "portcullis_trust_bundle_valid",
     "portcullis_http_app_connections_opened_total",
     "portcullis_http_app_connections_idle",
+    "portcullis_http_app_requests_resent_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "process_open_fds",

@@ -446,8 +446,11 @@ impl AppClients {
         AppClients {
             http1: AppPool::new(
                 connect_timeout,
-                metrics.app_connections_opened.clone(),
-                metrics.app_connections_idle.clone(),
+                app_pool::PoolMetrics {
+                    opened: metrics.app_connections_opened.clone(),
+                    idle: metrics.app_connections_idle.clone(),
+                    resent: metrics.app_requests_resent.clone(),
+                },
             ),
             clients: Mutex::default(),
             connect_timeout,

@@ -103,9 +103,18 @@ pub struct AppPool<B = NoTrailers> {
     inner: Arc<Mutex<Inner<B>>>,
     connect_timeout: Duration,
     max_idle: usize,
-    /// Connections opened, and kept idle now (the sidecar's metrics).
-    opened: IntCounter,
-    idle: IntGauge,
+    metrics: PoolMetrics,
+}
+
+/// What the pool counts (the sidecar's metrics).
+#[derive(Clone)]
+pub struct PoolMetrics {
+    /// Connections opened.
+    pub opened: IntCounter,
+    /// Connections kept idle, now.
+    pub idle: IntGauge,
+    /// Requests sent again after an idle connection ended unanswered.
+    pub resent: IntCounter,
 }
 
 impl<B> Clone for AppPool<B> {
@@ -114,16 +123,14 @@ impl<B> Clone for AppPool<B> {
             inner: self.inner.clone(),
             connect_timeout: self.connect_timeout,
             max_idle: self.max_idle,
-            opened: self.opened.clone(),
-            idle: self.idle.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
 
 impl<B: RequestBody> AppPool<B> {
-    /// A pool that counts the connections it opens in `opened` and keeps
-    /// `idle` at the number it holds.
-    pub fn new(connect_timeout: Duration, opened: IntCounter, idle: IntGauge) -> Self {
+    /// A pool that counts what it does in `metrics`.
+    pub fn new(connect_timeout: Duration, metrics: PoolMetrics) -> Self {
         AppPool {
             inner: Arc::new(Mutex::new(Inner {
                 idle: HashMap::new(),
@@ -132,8 +139,7 @@ impl<B: RequestBody> AppPool<B> {
             })),
             connect_timeout,
             max_idle: MAX_IDLE,
-            opened,
-            idle,
+            metrics,
         }
     }
 
@@ -188,6 +194,7 @@ impl<B: RequestBody> AppPool<B> {
                     (Some(unsent), _) => req = unsent,
                     (None, Some(copy)) if ended_unanswered(e.error()) => {
                         debug!(error = %e.error(), "idle app connection failed: sending the request again on a new one");
+                        self.metrics.resent.inc();
                         req = copy;
                         break;
                     }
@@ -222,7 +229,7 @@ impl<B: RequestBody> AppPool<B> {
             inner.idle.remove(&key);
         }
         inner.count -= taken;
-        self.idle.set(inner.count as i64);
+        self.metrics.idle.set(inner.count as i64);
         found
     }
 
@@ -257,7 +264,7 @@ impl<B: RequestBody> AppPool<B> {
             if !full {
                 inner.count += 1;
             }
-            self.idle.set(inner.count as i64);
+            self.metrics.idle.set(inner.count as i64);
             let new = !inner.sweeping.contains(&key.1);
             if new {
                 inner.sweeping.push(key.1);
@@ -297,7 +304,7 @@ impl<B: RequestBody> AppPool<B> {
             !list.is_empty()
         });
         inner.count -= dropped;
-        self.idle.set(inner.count as i64);
+        self.metrics.idle.set(inner.count as i64);
         let left = inner.idle.keys().any(|key| key.1 == shard);
         if !left {
             inner.sweeping.retain(|&s| s != shard);
@@ -315,7 +322,7 @@ impl<B: RequestBody> AppPool<B> {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(AppError::Http)?;
-        self.opened.inc();
+        self.metrics.opened.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 debug!(error = %e, "app connection ended with an error");

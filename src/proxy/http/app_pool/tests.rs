@@ -110,9 +110,14 @@ type TestPool = AppPool<TestBody>;
 
 /// A pool with metrics of its own (not registered anywhere).
 fn pool() -> TestPool {
-    let opened = IntCounter::new("opened", "opened").unwrap();
+    let counter = |name: &str| IntCounter::new(name, name).unwrap();
     let idle = IntGauge::new("idle", "idle").unwrap();
-    TestPool::new(Duration::from_secs(5), opened, idle)
+    let metrics = PoolMetrics {
+        opened: counter("opened"),
+        idle,
+        resent: counter("resent"),
+    };
+    TestPool::new(Duration::from_secs(5), metrics)
 }
 
 fn get(uri: &str) -> Request<TestBody> {
@@ -159,11 +164,11 @@ async fn requests_read_to_the_end_share_one_connection() {
         assert_eq!(app.accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(app.addr), 1);
         assert_eq!(
-            pool.opened.get(),
+            pool.metrics.opened.get(),
             1,
             "the metric counts what the app accepted"
         );
-        assert_eq!(pool.idle.get(), 1);
+        assert_eq!(pool.metrics.idle.get(), 1);
     }
 }
 
@@ -232,7 +237,7 @@ async fn idle_connections_expire() {
     pool.age(IDLE_TIMEOUT);
     assert!(!pool.sweep(shard), "nothing left: the sweeper stops");
     assert_eq!(pool.idle_count(app.addr), 0);
-    assert_eq!(pool.idle.get(), 0);
+    assert_eq!(pool.metrics.idle.get(), 0);
 }
 
 /// Past its limit of idle connections, a finished one is closed instead
@@ -254,8 +259,8 @@ async fn idle_connections_are_bounded() {
     assert_eq!(app.accepted.load(Ordering::SeqCst), MAX + 3);
     assert_eq!(pool.idle_count(app.addr), MAX);
     assert_eq!(pool.lock().count, MAX);
-    assert_eq!(pool.idle.get(), MAX as i64);
-    assert_eq!(pool.opened.get(), (MAX + 3) as u64);
+    assert_eq!(pool.metrics.idle.get(), MAX as i64);
+    assert_eq!(pool.metrics.opened.get(), (MAX + 3) as u64);
     // Taking one makes room for one.
     exchange(&pool, app.addr, "/x").await;
     assert_eq!(pool.lock().count, MAX);
@@ -358,7 +363,9 @@ async fn on_a_closing_connection(
     assert_eq!(exchange(&pool, app.addr, "/first").await, "ok");
     pool.age(idle);
     let status = pool.send(app.addr, req).await.map(|r| r.status());
-    (status, app.accepted.load(Ordering::SeqCst))
+    let accepted = app.accepted.load(Ordering::SeqCst);
+    assert_eq!(pool.metrics.resent.get() as usize, accepted - 1, "resent");
+    (status, accepted)
 }
 
 #[tokio::test]
