@@ -384,7 +384,7 @@ impl Metrics {
             app_requests_resent: counter(
                 r,
                 "portcullis_http_app_requests_resent_total",
-                "GET, HEAD and OPTIONS requests without a body sent again on a new HTTP/1 connection to the app after a connection idle for 1 s or more ended without an answer.",
+                "GET, HEAD and OPTIONS requests without a body sent again on a new HTTP/1 connection to the app after a connection idle for 1 s or more ended at once without one byte of an answer.",
                 &[],
             )
             .with_label_values::<&str>(&[]),

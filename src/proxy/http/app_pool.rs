@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -65,6 +66,11 @@ const MAX_IDLE: usize = 1024;
 /// in steady use are never idle this long, so busy paths keep no copy.
 const RESEND_AFTER_IDLE: Duration = Duration::from_secs(1);
 
+/// ... and only if the connection failed this soon after the request went
+/// out, without one byte of an answer: an app that worked on a request and
+/// then died is not given it twice.
+const RESEND_WITHIN: Duration = Duration::from_millis(250);
+
 /// How often a shard looks for connections idle past [`IDLE_TIMEOUT`].
 const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
@@ -72,8 +78,15 @@ const SWEEP_EVERY: Duration = Duration::from_secs(15);
 type Key = (SocketAddr, usize);
 
 struct Idle<B> {
-    send: SendRequest<ToApp<B>>,
+    conn: Conn<B>,
     since: Instant,
+}
+
+/// A connection to the app: hyper's handle, and how many bytes the app
+/// has sent on it (an answer begun cannot be asked for again).
+struct Conn<B> {
+    send: SendRequest<ToApp<B>>,
+    read: Arc<AtomicU64>,
 }
 
 struct Inner<B> {
@@ -184,27 +197,36 @@ impl<B: RequestBody> AppPool<B> {
         let mut req = req.map(ToApp::Body);
         // Idle connections first, newest first; a request one of them did
         // not send (the app had just closed it) goes to the next one.
-        while let Some((mut send, idle_for)) = self.take(key) {
+        let mut resending = false;
+        while let Some((mut conn, idle_for)) = self.take(key) {
             let again = (idle_for >= RESEND_AFTER_IDLE)
                 .then(|| resend_copy(&req))
                 .flatten();
-            match send.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(key, send, resp, keep)),
+            let (sent_at, read_before) = (Instant::now(), conn.read.load(Ordering::Relaxed));
+            match conn.send.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(key, conn, resp, keep)),
                 Err(mut e) => match (e.take_message(), again) {
                     (Some(unsent), _) => req = unsent,
-                    (None, Some(copy)) if ended_unanswered(e.error()) => {
-                        debug!(error = %e.error(), "idle app connection failed: sending the request again on a new one");
-                        self.metrics.resent.inc();
-                        req = copy;
+                    // Not one byte of an answer, and at once: the app had
+                    // closed the connection, not failed the request.
+                    (None, Some(copy))
+                        if conn.read.load(Ordering::Relaxed) == read_before
+                            && sent_at.elapsed() < RESEND_WITHIN =>
+                    {
+                        debug!(error = %e.error(), "idle app connection closed under a request: sending it again on a new one");
+                        (req, resending) = (copy, true);
                         break;
                     }
                     (None, _) => return Err(AppError::Http(e.into_error())),
                 },
             }
         }
-        let mut send = self.connect(target).await?;
-        match send.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(key, send, resp, keep)),
+        let mut conn = self.connect(target).await?;
+        if resending {
+            self.metrics.resent.inc();
+        }
+        match conn.send.send_request(req).await {
+            Ok(resp) => Ok(self.wrap(key, conn, resp, keep)),
             Err(e) => Err(AppError::Http(e)),
         }
     }
@@ -212,15 +234,15 @@ impl<B: RequestBody> AppPool<B> {
     /// The newest idle connection of `key` and how long it was idle,
     /// dropping any found closed, no longer free, or idle too long on the
     /// way.
-    fn take(&self, key: Key) -> Option<(SendRequest<ToApp<B>>, Duration)> {
+    fn take(&self, key: Key) -> Option<(Conn<B>, Duration)> {
         let mut inner = self.lock();
         let list = inner.idle.get_mut(&key)?;
         let mut found = None;
         let before = list.len();
         while let Some(idle) = list.pop() {
             let idle_for = idle.since.elapsed();
-            if idle.send.is_ready() && idle_for < IDLE_TIMEOUT {
-                found = Some((idle.send, idle_for));
+            if idle.conn.send.is_ready() && idle_for < IDLE_TIMEOUT {
+                found = Some((idle.conn, idle_for));
                 break;
             }
         }
@@ -236,9 +258,9 @@ impl<B: RequestBody> AppPool<B> {
     /// Hands a connection whose exchange is over back to its shard's list,
     /// if it is free for the next request. When the pool is full, it
     /// replaces the oldest idle connection to the same app, if any.
-    fn put(&self, key: Key, send: SendRequest<ToApp<B>>) {
+    fn put(&self, key: Key, conn: Conn<B>) {
         // A request still being written, or a closed connection: not reused.
-        if !send.is_ready() {
+        if !conn.send.is_ready() {
             return;
         }
         // The sweeper (and hyper's connection task) need a runtime; a body
@@ -258,7 +280,7 @@ impl<B: RequestBody> AppPool<B> {
                 list.remove(0);
             }
             list.push(Idle {
-                send,
+                conn,
                 since: Instant::now(),
             });
             if !full {
@@ -298,7 +320,7 @@ impl<B: RequestBody> AppPool<B> {
         inner.idle.retain(|key, list| {
             if key.1 == shard {
                 let before = list.len();
-                list.retain(|i| i.send.is_ready() && i.since.elapsed() < IDLE_TIMEOUT);
+                list.retain(|i| i.conn.send.is_ready() && i.since.elapsed() < IDLE_TIMEOUT);
                 dropped += before - list.len();
             }
             !list.is_empty()
@@ -312,29 +334,34 @@ impl<B: RequestBody> AppPool<B> {
         left
     }
 
-    async fn connect(&self, target: SocketAddr) -> Result<SendRequest<ToApp<B>>, AppError> {
+    async fn connect(&self, target: SocketAddr) -> Result<Conn<B>, AppError> {
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target))
             .await
             .map_err(|_| AppError::ConnectTimeout)?
             .map_err(AppError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let (send, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
+        let read = Arc::new(AtomicU64::new(0));
+        let io = ReadCount {
+            inner: tcp,
+            read: read.clone(),
+        };
+        let (send, task) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
             .await
             .map_err(AppError::Http)?;
         self.metrics.opened.inc();
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
+            if let Err(e) = task.with_upgrades().await {
                 debug!(error = %e, "app connection ended with an error");
             }
         });
-        Ok(send)
+        Ok(Conn { send, read })
     }
 
     fn wrap(
         &self,
         key: Key,
-        send: SendRequest<ToApp<B>>,
+        conn: Conn<B>,
         resp: Response<Incoming>,
         keep: bool,
     ) -> Response<PooledBody<B>> {
@@ -346,7 +373,7 @@ impl<B: RequestBody> AppPool<B> {
         let back = reusable.then(|| Return {
             pool: self.clone(),
             key,
-            send,
+            conn,
         });
         resp.map(|body| PooledBody {
             body,
@@ -355,13 +382,6 @@ impl<B: RequestBody> AppPool<B> {
             failed: false,
         })
     }
-}
-
-/// The connection ended (closed, reset) before the app answered, rather
-/// than the app answering something unreadable.
-fn ended_unanswered(e: &hyper::Error) -> bool {
-    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
-    e.is_incomplete_message() || e.is_closed() || e.is_canceled() || io
 }
 
 /// A copy of `req` to send again if a connection fails it: only a GET,
@@ -381,7 +401,7 @@ fn resend_copy<B: RequestBody>(req: &Request<ToApp<B>>) -> Option<Request<ToApp<
 
 /// What goes to the app: the caller's body, or none (a request sent again,
 /// whose original body was empty and went with the failed attempt).
-pub enum ToApp<B> {
+pub(crate) enum ToApp<B> {
     Body(B),
     Empty,
 }
@@ -415,6 +435,28 @@ impl<B: RequestBody> Body for ToApp<B> {
     }
 }
 
+/// The app socket, counting the bytes read from it.
+struct ReadCount<S> {
+    inner: S,
+    read: Arc<AtomicU64>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadCount<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+write_through!(ReadCount);
+
 /// The request line's target as an origin server expects it: the path and
 /// query (`/` when empty).
 fn origin_form(uri: &mut Uri) {
@@ -428,7 +470,7 @@ fn origin_form(uri: &mut Uri) {
 struct Return<B: RequestBody> {
     pool: AppPool<B>,
     key: Key,
-    send: SendRequest<ToApp<B>>,
+    conn: Conn<B>,
 }
 
 /// A response body from the app. Read to its end, it returns its
@@ -475,7 +517,7 @@ impl<B: RequestBody> Drop for PooledBody<B> {
     fn drop(&mut self) {
         if let Some(back) = self.back.take() {
             if !self.failed && (self.ended || self.body.is_end_stream()) {
-                back.pool.put(back.key, back.send);
+                back.pool.put(back.key, back.conn);
             }
         }
     }

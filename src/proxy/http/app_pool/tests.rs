@@ -28,6 +28,9 @@ enum Answer {
     /// the head and closes without an answer (an app whose keep-alive
     /// timeout fired just as the request came).
     FirstOnly,
+    /// Like `FirstOnly`, but begins an answer to the second request
+    /// before closing.
+    FirstThenPartial,
 }
 
 /// An app on loopback: counts connections, records request heads.
@@ -64,8 +67,15 @@ async fn app(answer: Answer) -> App {
                             .unwrap()
                             .push(String::from_utf8_lossy(&head).into_owned());
                         served += 1;
-                        if matches!(answer, Answer::FirstOnly) && served > 1 {
-                            return;
+                        if served > 1 {
+                            match answer {
+                                Answer::FirstOnly => return,
+                                Answer::FirstThenPartial => {
+                                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
+                                    return;
+                                }
+                                _ => {}
+                            }
                         }
                         let reply: Vec<u8> = match answer {
                             Answer::Length => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
@@ -73,7 +83,7 @@ async fn app(answer: Answer) -> App {
                             Answer::Close => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec(),
                             Answer::Trailers => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\r\n\r\n".to_vec(),
                             Answer::Early => b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n".to_vec(),
-                            Answer::FirstOnly => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            Answer::FirstOnly | Answer::FirstThenPartial => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                             Answer::Large => {
                                 let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
                                 r.resize(r.len() + (1 << 20), b'x');
@@ -358,14 +368,25 @@ async fn on_a_closing_connection(
     idle: Duration,
     req: Request<TestBody>,
 ) -> (Result<StatusCode, AppError>, usize) {
-    let app = app(Answer::FirstOnly).await;
+    closing(Answer::FirstOnly, idle, req).await.0
+}
+
+/// `on_a_closing_connection` with another app answer; also the request
+/// heads the app saw.
+async fn closing(
+    answer: Answer,
+    idle: Duration,
+    req: Request<TestBody>,
+) -> ((Result<StatusCode, AppError>, usize), Vec<String>) {
+    let app = app(answer).await;
     let pool = pool();
     assert_eq!(exchange(&pool, app.addr, "/first").await, "ok");
     pool.age(idle);
     let status = pool.send(app.addr, req).await.map(|r| r.status());
     let accepted = app.accepted.load(Ordering::SeqCst);
     assert_eq!(pool.metrics.resent.get() as usize, accepted - 1, "resent");
-    (status, accepted)
+    let heads = app.heads.lock().unwrap().clone();
+    ((status, accepted), heads)
 }
 
 #[tokio::test]
@@ -387,13 +408,10 @@ async fn requests_that_are_not_safe_to_repeat_are_not_sent_again() {
         .unwrap();
     let mut delete = get("/thing");
     *delete.method_mut() = Method::DELETE;
-    let mut get_with_body = Request::get("/odd")
+    let get_with_body = Request::get("/odd")
         .header(hyper::header::HOST, "app.test")
         .body(http_body_util::Full::new(Bytes::from_static(b"x")).boxed())
         .unwrap();
-    get_with_body
-        .headers_mut()
-        .insert("x-case", "body".parse().unwrap());
     for req in [with_body, delete, get_with_body] {
         let what = format!("{} {}", req.method(), req.uri());
         let (status, accepted) = on_a_closing_connection(RESEND_AFTER_IDLE, req).await;
@@ -403,6 +421,29 @@ async fn requests_that_are_not_safe_to_repeat_are_not_sent_again() {
         );
         assert_eq!(accepted, 1, "{what}: sent again");
     }
+}
+
+#[tokio::test]
+async fn the_request_sent_again_is_the_same_request() {
+    let mut req = get("/same?q=1");
+    let xfcc = "By=a;URI=b".parse().unwrap();
+    req.headers_mut().insert("x-forwarded-client-cert", xfcc);
+    let ((status, _), heads) = closing(Answer::FirstOnly, RESEND_AFTER_IDLE, req).await;
+    assert_eq!(status.unwrap(), StatusCode::OK);
+    assert_eq!(heads.len(), 3, "{heads:?}");
+    assert_eq!(heads[1], heads[2], "the copy differs from the request");
+    assert!(
+        heads[2].contains("x-forwarded-client-cert: By=a;URI=b"),
+        "{heads:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_begun_is_not_asked_for_again() {
+    let partial = Answer::FirstThenPartial;
+    let ((status, accepted), _) = closing(partial, RESEND_AFTER_IDLE, get("/partial")).await;
+    assert!(matches!(status, Err(AppError::Http(_))), "{status:?}");
+    assert_eq!(accepted, 1, "sent again after part of an answer");
 }
 
 #[tokio::test]
