@@ -405,3 +405,79 @@ async fn http_connections_count_bytes_body_sizes_and_upgrades() {
     all_closed(&a, "outbound").await;
     promtool_check(&b.metrics.encode());
 }
+
+/// An app that answers the first request of each connection and keeps the
+/// connection, then closes it without answering when the next request
+/// comes (as if its keep-alive timeout had fired just then).
+async fn first_request_only_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut heads = 0;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        heads += 1;
+                        if heads > 1 {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhello\n";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A GET that crosses the app's close of an idle pooled connection is sent
+/// again on a new connection: the caller gets the answer, and the resend
+/// is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_crossing_the_apps_keep_alive_close_is_sent_again_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let app = first_request_only_app().await;
+    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
+    b_args.extend(["--inbound-target".to_string(), app.to_string()]);
+    let b = Sidecar::start(&b_args).await;
+    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
+    a_args.extend([
+        "--upstream".to_string(),
+        format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
+    ]);
+    let a = Sidecar::start(&a_args).await;
+    let get = b"GET /again HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let (_s, head) = send_head(a.upstream(), get).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let b = &b;
+    eventually(
+        "the app connection is pooled",
+        Duration::from_secs(5),
+        || async move { b.metric("portcullis_http_app_connections_idle", &[]) == 1.0 },
+    )
+    .await;
+    // The pool sends again only on a connection idle for a second or more.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_s, head) = send_head(a.upstream(), get).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "not sent again: {head}");
+    assert_eq!(
+        b.metric("portcullis_http_app_requests_resent_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        b.metric("portcullis_http_app_connections_opened_total", &[]),
+        2.0
+    );
+}
