@@ -334,11 +334,13 @@ impl<S> FirstLineGuard<S> {
         Ok(())
     }
 
-    /// A read error from the stream. A TLS peer that drops TCP without
-    /// close_notify ends the stream with `UnexpectedEof`, which the copy
-    /// loop takes as the end: an unended line must be judged then too.
+    /// A read error from the stream: its end, as far as the app is
+    /// concerned (a TLS peer that drops TCP without close_notify, a reset,
+    /// a tunnel stream cancelled). An unended line is judged then too, so
+    /// a request line cut off that way makes the app connection reset, not
+    /// closed as if the line were whole.
     fn look_at_error(&mut self, e: io::Error) -> io::Error {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
+        if self.scan.verdict.is_none() {
             if let Err(tripped) = self.look_at(&[]) {
                 return tripped;
             }

@@ -357,24 +357,28 @@ async fn an_unended_request_line_cut_by_a_dropped_tls_connection_is_reset() {
     let ca = Ca::root(dir.path(), "ca", TD);
     let (app, received) = recording_app().await;
     let b = server_with(&ca, app, &["--detect-timeout", "200ms"]).await;
-    let config = client_config(ca.leaf("client"), &ca.cert_pem());
-    let mut tls = tls_connect(config, b.addrs.inbound).await.unwrap();
-    // Slow enough that the sniff gives up and the bytes go on opaque.
-    tls.write_all(b"GET /dropped").await.unwrap();
-    tls.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    tls.write_all(b" HTTP/1.0").await.unwrap();
-    tls.flush().await.unwrap();
-    // Closes TCP without close_notify.
-    let (tcp, _) = tls.into_inner();
-    drop(tcp);
-    eventually(
-        "the app connection ends",
-        Duration::from_secs(5),
-        || async { received.lock().unwrap().len() == 1 },
-    )
-    .await;
-    let got = received.lock().unwrap()[0].clone();
-    assert!(got.reset, "the app saw a clean end of stream: {got:?}");
-    assert_eq!(b.metric("portcullis_opaque_request_lines_total", &[]), 1.0);
+    // Without close_notify, then with a TCP reset.
+    for (n, reset) in [(1, false), (2, true)] {
+        let config = client_config(ca.leaf("client"), &ca.cert_pem());
+        let mut tls = tls_connect(config, b.addrs.inbound).await.unwrap();
+        // Slow enough that the sniff gives up and the bytes go on opaque.
+        tls.write_all(b"GET /dropped").await.unwrap();
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        tls.write_all(b" HTTP/1.0").await.unwrap();
+        tls.flush().await.unwrap();
+        let (tcp, _) = tls.into_inner();
+        if reset {
+            let tcp = socket2::SockRef::from(&tcp);
+            tcp.set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(tcp);
+        let received = &received;
+        let ended = || async move { received.lock().unwrap().len() == n };
+        eventually("the app connection ends", Duration::from_secs(5), ended).await;
+        let got = received.lock().unwrap()[n - 1].clone();
+        assert!(got.reset, "reset {reset}: the app saw a clean end: {got:?}");
+        let counted = b.metric("portcullis_opaque_request_lines_total", &[]);
+        assert_eq!(counted, n as f64, "reset {reset}");
+    }
 }
