@@ -1,7 +1,8 @@
 //! The tunnel listener as an attacker or a misbehaving peer sees it: only
 //! mesh mTLS with h2, only CONNECT, only to this pod's own address and
 //! never to the sidecar's own ports; a rule change closes only the streams
-//! it denies. The "pod" is 127.0.0.2: the sidecar runs in transparent
+//! it denies; a stream cancelled in a request line resets the app
+//! connection. The "pod" is 127.0.0.2: the sidecar runs in transparent
 //! mode with its tunnel listener there, apps listen there too.
 
 use std::path::Path;
@@ -319,4 +320,74 @@ async fn a_stream_flood_is_held_to_the_limit_and_others_keep_working() {
     // And the flooder's held streams still work.
     assert!(echo_once(&mut held[0], b"held").await);
     extra.abort();
+}
+
+/// A peer that cancels its stream (RST_STREAM) in the middle of a request
+/// line carried as opaque bytes (the sniff gave up on it) gets the app
+/// connection reset, and counted; the app never sees a clean end after
+/// the unended line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cancelled_in_a_request_line_resets_the_app_connection() {
+    let p = pod(&["--detect-timeout", "200ms"]).await;
+    // The app says when the whole line has come, then how the connection
+    // ended: true for a reset.
+    let line = b"GET /cut HTTP/1.0".len();
+    let (got_line, mut line_came) = tokio::sync::mpsc::unbounded_channel();
+    let listener = tokio::net::TcpListener::bind(format!("{POD}:0"))
+        .await
+        .unwrap();
+    let app = listener.local_addr().unwrap();
+    let (ended, mut ends) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 256];
+        let mut total = 0;
+        let reset = loop {
+            match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                Ok(0) => break false,
+                Ok(n) => {
+                    total += n;
+                    if total == line {
+                        let _ = got_line.send(());
+                    }
+                }
+                Err(_) => break true,
+            }
+        };
+        let _ = ended.send(reset);
+    });
+    let config = tunnel_client_config(p.ca.leaf("client"), &p.ca.cert_pem());
+    let send = h2_client(config, p.tunnel).await.unwrap();
+    let mut send = send.ready().await.unwrap();
+    let connect = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(app.to_string())
+        .body(())
+        .unwrap();
+    let (response, mut stream) = send.send_request(connect, false).unwrap();
+    // The answer comes once the sniff has given up (the client spoke).
+    stream
+        .send_data(bytes::Bytes::from_static(b"GET /cut"), false)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stream
+        .send_data(bytes::Bytes::from_static(b" HTTP/1.0"), false)
+        .unwrap();
+    // A reset drops what is still queued: cancel once the app has it all.
+    tokio::time::timeout(Duration::from_secs(5), line_came.recv())
+        .await
+        .expect("the line reaches the app")
+        .unwrap();
+    stream.send_reset(h2::Reason::CANCEL);
+    let reset = tokio::time::timeout(Duration::from_secs(5), ends.recv())
+        .await
+        .expect("the app connection ends")
+        .unwrap();
+    assert!(reset, "the app saw a clean end after the unended line");
+    let counted = p
+        .sidecar
+        .metric("portcullis_opaque_request_lines_total", &[]);
+    assert_eq!(counted, 1.0);
 }
