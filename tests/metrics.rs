@@ -208,7 +208,7 @@ async fn tcp_metrics_are_labelled_by_peer_on_both_sides() {
     let (a, b) = (&pair.a, &pair.b);
     all_closed(b, "inbound").await;
     all_closed(a, "outbound").await;
-    let echo_port = pair.echo.port().to_string();
+    let echo_port = pair.app.port().to_string();
     let inbound = with(CLIENT, &[("direction", "inbound"), ("port", &echo_port)]);
     for (name, want) in [
         ("portcullis_tcp_connections_opened_total", 1.0),
@@ -326,15 +326,7 @@ async fn http_connections_count_bytes_body_sizes_and_upgrades() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
     let app = http_app().await;
-    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
-    b_args.extend(["--inbound-target".to_string(), app.to_string()]);
-    let b = Sidecar::start(&b_args).await;
-    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
-    a_args.extend([
-        "--upstream".to_string(),
-        format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
-    ]);
-    let a = Sidecar::start(&a_args).await;
+    let Pair { a, b, .. } = Pair::in_front_of(app, &ca, &ca.files.cert, &[], &[]).await;
 
     let post = b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nabcd";
     let (mut s, head) = send_head(a.upstream(), post).await;
@@ -449,15 +441,7 @@ async fn a_request_crossing_the_apps_keep_alive_close_is_sent_again_and_counted(
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root(dir.path(), "ca", TD);
     let app = first_request_only_app().await;
-    let mut b_args = issuer_args(&ca, &ca.files.cert, "server");
-    b_args.extend(["--inbound-target".to_string(), app.to_string()]);
-    let b = Sidecar::start(&b_args).await;
-    let mut a_args = issuer_args(&ca, &ca.files.cert, "client");
-    a_args.extend([
-        "--upstream".to_string(),
-        format!("127.0.0.1:0={}={}", b.addrs.inbound, id("server")),
-    ]);
-    let a = Sidecar::start(&a_args).await;
+    let Pair { a, b, .. } = Pair::in_front_of(app, &ca, &ca.files.cert, &[], &[]).await;
     let get = b"GET /again HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
     let (_s, head) = send_head(a.upstream(), get).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

@@ -219,8 +219,7 @@ impl Stream {
 /// end, including draining the proxies' buffers. `pids` are proxy
 /// processes outside this one, whose CPU time counts too.
 async fn stream(addr: SocketAddr, pids: &[u32]) -> Result<Stream> {
-    let faults_before = minor_faults()?;
-    let cpu_before = own_cpu_seconds()? + cpu_seconds(pids)?;
+    let before = Usage::now(pids)?;
     let start = Instant::now();
     let mut conn = connect(addr).await?;
     let chunk = vec![0x5a; CHUNK];
@@ -237,6 +236,7 @@ async fn stream(addr: SocketAddr, pids: &[u32]) -> Result<Stream> {
         .await
         .context("no byte count from the app after the half-close")??;
     let elapsed = start.elapsed();
+    let after = Usage::now(pids)?;
     let got = u64::from_be_bytes(reply[1..].try_into()?);
     if got != sent {
         bail!("the app received {got} of {sent} bytes");
@@ -244,24 +244,29 @@ async fn stream(addr: SocketAddr, pids: &[u32]) -> Result<Stream> {
     Ok(Stream {
         bytes: got,
         elapsed,
-        cpu_secs: own_cpu_seconds()? + cpu_seconds(pids)? - cpu_before,
-        faults: minor_faults()? - faults_before,
+        cpu_secs: after.cpu_secs - before.cpu_secs,
+        faults: after.faults - before.faults,
     })
 }
 
-/// CPU time of this process so far (every thread: client, app and the
-/// in-process sidecars), in seconds.
-fn own_cpu_seconds() -> Result<f64> {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    Ok(secs(usage.user_time()) + secs(usage.system_time()))
+/// CPU time so far of this process (every thread: client, app and the
+/// in-process sidecars) and of `pids`, and this process's minor page
+/// faults.
+struct Usage {
+    cpu_secs: f64,
+    faults: u64,
 }
 
-/// Minor page faults of this process so far.
-fn minor_faults() -> Result<u64> {
-    use nix::sys::resource::{getrusage, UsageWho};
-    Ok(getrusage(UsageWho::RUSAGE_SELF)?.minor_page_faults() as u64)
+impl Usage {
+    fn now(pids: &[u32]) -> Result<Usage> {
+        use nix::sys::resource::{getrusage, UsageWho};
+        let own = getrusage(UsageWho::RUSAGE_SELF)?;
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        Ok(Usage {
+            cpu_secs: secs(own.user_time()) + secs(own.system_time()) + cpu_seconds(pids)?,
+            faults: own.minor_page_faults() as u64,
+        })
+    }
 }
 
 /// The run with the median throughput.

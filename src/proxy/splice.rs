@@ -61,8 +61,8 @@ where
     let last = AtomicU64::new(0);
     let mut up = Transfer::new(&traffic.received);
     let mut down = Transfer::new(&traffic.sent);
+    let activity = Activity { last: &last, start };
     let both = poll_fn(|cx| {
-        let activity = Activity { last: &last, start };
         // Either direction's error ends the connection.
         let up_done = up.poll(cx, &mut accepted, &mut upstream, &activity)?;
         let down_done = down.poll(cx, &mut upstream, &mut accepted, &activity)?;

@@ -53,7 +53,7 @@ async fn sidecars_with_ca_url_survive_an_outage() {
     ]);
     let a = Sidecar::spawn_with(&a_args, point).await;
     a.wait_ready().await;
-    let pair = Pair { a, b, echo };
+    let pair = Pair { a, b, app: echo };
     assert!(pair.ping(b"through the pair").await);
 
     // The service goes down.

@@ -360,13 +360,26 @@ where
 pub struct Pair {
     pub a: Sidecar,
     pub b: Sidecar,
-    pub echo: SocketAddr,
+    /// The app behind B.
+    pub app: SocketAddr,
 }
 
 impl Pair {
+    /// A pair in front of an echo app.
     pub async fn start(ca: &Ca, bundle: &Path, a_extra: &[&str], b_extra: &[&str]) -> Pair {
-        let echo = echo_server().await;
-        let target = echo.to_string();
+        Self::in_front_of(echo_server().await, ca, bundle, a_extra, b_extra).await
+    }
+
+    /// A pair in front of `app`: A's upstream listener leads to B, B's
+    /// inbound to `app`.
+    pub async fn in_front_of(
+        app: SocketAddr,
+        ca: &Ca,
+        bundle: &Path,
+        a_extra: &[&str],
+        b_extra: &[&str],
+    ) -> Pair {
+        let target = app.to_string();
         let mut b_args = issuer_args(ca, bundle, "server");
         b_args.extend(["--inbound-target".to_string(), target]);
         b_args.extend(b_extra.iter().map(|s| s.to_string()));
@@ -378,7 +391,7 @@ impl Pair {
         ]);
         a_args.extend(a_extra.iter().map(|s| s.to_string()));
         let a = Sidecar::start(&a_args).await;
-        Pair { a, b, echo }
+        Pair { a, b, app }
     }
 
     /// One short echo through A → B; true when the echo came back whole.

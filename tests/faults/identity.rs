@@ -96,7 +96,7 @@ pub async fn identity_service_outage_longer_than_a_leaf() {
     ]);
     let a = Sidecar::spawn_with(&a_args, point).await;
     a.wait_ready().await;
-    let pair = Pair { a, b, echo };
+    let pair = Pair { a, b, app: echo };
     assert!(pair.ping(b"up").await);
 
     ca.stop().await;
