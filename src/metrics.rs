@@ -2,6 +2,7 @@
 //! registry made at start-up (no global registry), so tests can run many
 //! sidecars in one process and read each one's numbers.
 
+pub mod conn_series;
 pub mod peers;
 pub mod tunnel;
 
@@ -98,6 +99,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// The peer labels of per-peer metrics, capped (`--metrics-max-peers`).
     pub peers: peers::PeerLabels,
+    /// The connection series of each (direction, port, peer), resolved once.
+    pub conn_series: conn_series::ConnSeriesCache,
     /// `portcullis_access_log_dropped_total`: lines lost to a full queue.
     pub access_log_dropped: prometheus::IntCounter,
     /// `portcullis_opaque_request_lines_total`: connections carried as
@@ -271,6 +274,7 @@ impl Metrics {
                 "trust bundle",
             ),
             issuer_valid: validity_gauge(r, "portcullis_issuer_valid", "issuer (CA files)"),
+            conn_series: Default::default(),
             peers: peers::PeerLabels::new(single_counter(
                 r,
                 "portcullis_metrics_peers_overflow_total",

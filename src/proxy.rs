@@ -80,14 +80,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::authz::Peer;
 use crate::config::{InboundMode, PortRange};
 use crate::drain::Drain;
 use crate::limits::{LogEveryByKind, LogKind};
-use crate::metrics::peers::PeerLabel;
+use crate::metrics::conn_series::ConnSeries;
 use crate::metrics::Metrics;
 use crate::tls::MeshTls;
 
@@ -285,75 +284,49 @@ fn bind_std(flag: &'static str, addr: SocketAddr) -> Result<std::net::TcpListene
 /// plaintext one), outbound the server identity the sidecar verified
 /// (`unauthenticated` for plain TCP to a destination outside the mesh).
 /// The peer's labels are resolved once (capped by `--metrics-max-peers`)
-/// and shared with [`ConnGuard::traffic`] and the connection's HTTP metrics.
+/// and the series with them are shared with [`ConnGuard::traffic`] and the
+/// connection's HTTP metrics.
 pub struct ConnGuard {
-    closed: IntCounter,
-    open: IntGauge,
-    direction: &'static str,
-    port: String,
-    peer: Arc<PeerLabel>,
+    series: Arc<ConnSeries>,
 }
 
 impl ConnGuard {
     pub fn new(metrics: &Metrics, direction: &'static str, port: u16, peer: &Peer) -> Self {
-        let peer = metrics.peers.label(peer);
-        let port = port.to_string();
-        let labels = conn_labels(direction, &port, &peer);
-        metrics.connections_opened.with_label_values(&labels).inc();
-        let open = metrics.connections_open.with_label_values(&labels);
-        open.inc();
-        ConnGuard {
-            closed: metrics.connections_closed.with_label_values(&labels),
-            open,
-            direction,
-            port,
-            peer,
-        }
+        let series = conn_series(metrics, direction, port, peer);
+        series.opened.inc();
+        series.open.inc();
+        ConnGuard { series }
     }
 
     /// The byte counters of this connection (same labels as the guard).
-    pub fn traffic(&self, metrics: &Metrics) -> Traffic {
-        let labels = conn_labels(self.direction, &self.port, &self.peer);
+    pub fn traffic(&self) -> Traffic {
         Traffic {
-            received: metrics.received_bytes.with_label_values(&labels),
-            sent: metrics.sent_bytes.with_label_values(&labels),
+            received: self.series.received.clone(),
+            sent: self.series.sent.clone(),
         }
     }
 
-    /// The peer's metric labels, as resolved for this connection.
-    pub fn peer(&self) -> &Arc<PeerLabel> {
-        &self.peer
-    }
-
-    /// The app's port, as a label value.
-    pub fn port(&self) -> &str {
-        &self.port
+    /// The series of this connection's labels.
+    pub fn series(&self) -> &Arc<ConnSeries> {
+        &self.series
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.open.dec();
-        self.closed.inc();
+        self.series.open.dec();
+        self.series.closed.inc();
     }
 }
 
-/// The values of [`crate::metrics::CONN_LABELS`].
-fn conn_labels<'a>(direction: &'a str, port: &'a str, peer: &'a PeerLabel) -> [&'a str; 5] {
-    let [td, ns, sa] = peer.values();
-    [direction, port, td, ns, sa]
-}
-
-/// Byte counters for one connection, resolved once, for a caller without a
-/// [`ConnGuard`]; `peer` as in [`ConnGuard::new`].
-pub fn traffic(metrics: &Metrics, direction: &str, port: u16, peer: &Peer) -> Traffic {
-    let peer = metrics.peers.label(peer);
-    let port = port.to_string();
-    let labels = conn_labels(direction, &port, &peer);
-    Traffic {
-        received: metrics.received_bytes.with_label_values(&labels),
-        sent: metrics.sent_bytes.with_label_values(&labels),
-    }
+fn conn_series(
+    metrics: &Metrics,
+    direction: &'static str,
+    port: u16,
+    peer: &Peer,
+) -> Arc<ConnSeries> {
+    let label = metrics.peers.label(peer);
+    metrics.conn_series.get(metrics, direction, port, label)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! enough to see that connections are reused, why streams were refused, and
 //! how often a peer without a tunnel made us fall back.
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// `direction` is `inbound` (we serve the tunnel) or `outbound` (our pool).
 pub struct TunnelMetrics {
@@ -12,6 +12,26 @@ pub struct TunnelMetrics {
     pub streams_active: IntGaugeVec,
     pub pool: IntCounterVec,
     pub fallbacks: IntCounterVec,
+    /// The series every stream touches, resolved once per direction.
+    pub inbound: StreamSeries,
+    pub outbound: StreamSeries,
+    /// `portcullis_tunnel_pool_requests_total{result="hit"}`.
+    pub pool_hits: IntCounter,
+}
+
+/// A direction's `streams_total{result="ok"}` and `streams_active`.
+pub struct StreamSeries {
+    pub ok: IntCounter,
+    pub active: IntGauge,
+}
+
+impl StreamSeries {
+    fn new(streams: &IntCounterVec, active: &IntGaugeVec, direction: &str) -> Self {
+        StreamSeries {
+            ok: streams.with_label_values(&[direction, "ok"]),
+            active: active.with_label_values(&[direction]),
+        }
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -28,6 +48,24 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 
 impl TunnelMetrics {
     pub fn new(r: &Registry) -> Self {
+        let streams = counter(
+            r,
+            "portcullis_tunnel_streams_total",
+            "Tunnel streams (one per app connection) by result.",
+            &["direction", "result"],
+        );
+        let streams_active = gauge(
+            r,
+            "portcullis_tunnel_streams_active",
+            "Tunnel streams open now.",
+            &["direction"],
+        );
+        let pool = counter(
+            r,
+            "portcullis_tunnel_pool_requests_total",
+            "Outbound app connections that found a pooled tunnel connection with room (hit) or needed a new one (miss).",
+            &["result"],
+        );
         let m = TunnelMetrics {
             connections_open: gauge(
                 r,
@@ -41,24 +79,12 @@ impl TunnelMetrics {
                 "Tunnel connections established (each one is one mTLS handshake).",
                 &["direction"],
             ),
-            streams: counter(
-                r,
-                "portcullis_tunnel_streams_total",
-                "Tunnel streams (one per app connection) by result.",
-                &["direction", "result"],
-            ),
-            streams_active: gauge(
-                r,
-                "portcullis_tunnel_streams_active",
-                "Tunnel streams open now.",
-                &["direction"],
-            ),
-            pool: counter(
-                r,
-                "portcullis_tunnel_pool_requests_total",
-                "Outbound app connections that found a pooled tunnel connection with room (hit) or needed a new one (miss).",
-                &["result"],
-            ),
+            inbound: StreamSeries::new(&streams, &streams_active, "inbound"),
+            outbound: StreamSeries::new(&streams, &streams_active, "outbound"),
+            pool_hits: pool.with_label_values(&["hit"]),
+            streams,
+            streams_active,
+            pool,
             fallbacks: counter(
                 r,
                 "portcullis_tunnel_fallbacks_total",
@@ -69,12 +95,8 @@ impl TunnelMetrics {
         for direction in ["inbound", "outbound"] {
             m.connections_open.with_label_values(&[direction]);
             m.connections_opened.with_label_values(&[direction]);
-            m.streams_active.with_label_values(&[direction]);
-            m.streams.with_label_values(&[direction, "ok"]);
         }
-        for result in ["hit", "miss"] {
-            m.pool.with_label_values(&[result]);
-        }
+        m.pool.with_label_values(&["miss"]);
         for reason in ["refused", "timeout", "no_h2", "remembered"] {
             m.fallbacks.with_label_values(&[reason]);
         }

@@ -18,7 +18,6 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::{Histogram, IntCounter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -27,7 +26,7 @@ use tracing::{debug, info};
 use super::policy::RequestFacts;
 use super::{ConnGuard, Shared, Traffic};
 use crate::authz::Peer;
-use crate::metrics::peers::PeerLabel;
+use crate::metrics::conn_series::{ConnSeries, HttpSeries};
 
 mod admit;
 mod app_pool;
@@ -78,51 +77,6 @@ impl ConnInfo {
     }
 }
 
-/// The metrics of one connection's requests, resolved once per connection:
-/// the peer's labels and the port do not change between its requests.
-struct ConnMetrics {
-    port: String,
-    peer: Arc<PeerLabel>,
-    request_size: Histogram,
-    response_size: Histogram,
-    duration: Histogram,
-    /// `portcullis_http_requests_total` by the (method, status) pairs this
-    /// connection has seen, so a keep-alive connection looks each up once.
-    requests: std::sync::Mutex<Vec<(&'static str, StatusCode, IntCounter)>>,
-}
-
-/// The most (method, status) counters one connection keeps at hand.
-const CACHED_REQUEST_COUNTERS: usize = 8;
-
-impl ConnMetrics {
-    fn count_request(
-        &self,
-        metrics: &crate::metrics::Metrics,
-        method: &'static str,
-        status: StatusCode,
-    ) {
-        let mut cached = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, _, counter)) = cached.iter().find(|(m, s, _)| *m == method && *s == status)
-        {
-            return counter.inc();
-        }
-        let [td, ns, sa] = self.peer.values();
-        let counter = metrics.http_requests.with_label_values(&[
-            "inbound",
-            &self.port,
-            method,
-            status.as_str(),
-            td,
-            ns,
-            sa,
-        ]);
-        counter.inc();
-        if cached.len() < CACHED_REQUEST_COUNTERS {
-            cached.push((method, status, counter));
-        }
-    }
-}
-
 /// Serves HTTP/1.x, or HTTP/2 when `http2` (the detection already read
 /// the preface, so hyper is not asked to guess again), on one accepted
 /// connection until it closes (or, for an upgraded connection, until the
@@ -132,21 +86,11 @@ pub async fn serve<S>(shared: Arc<Shared>, io: S, conn: ConnInfo, guard: ConnGua
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let port = guard.port().to_string();
-    let sizes = ["inbound", port.as_str()];
-    let [td, ns, sa] = guard.peer().values();
-    let metrics = Arc::new(ConnMetrics {
-        request_size: shared.metrics.http_request_size.with_label_values(&sizes),
-        response_size: shared.metrics.http_response_size.with_label_values(&sizes),
-        duration: shared
-            .metrics
-            .http_request_duration
-            .with_label_values(&["inbound", &port, td, ns, sa]),
-        requests: Default::default(),
-        peer: guard.peer().clone(),
-        port,
-    });
-    let traffic = guard.traffic(&shared.metrics);
+    // Resolved once per label set, and shared by its connections: the
+    // peer's labels and the port do not change between requests.
+    let metrics = guard.series().clone();
+    metrics.http(&shared.metrics);
+    let traffic = guard.traffic();
     let io = Metered::new(io, traffic, guard);
     let (io, fragments) = fragment::Watch::new(io);
     let service = hyper::service::service_fn(move |req| {
@@ -183,37 +127,38 @@ where
 async fn handle(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
-    m: &ConnMetrics,
+    m: &ConnSeries,
     fragments: &Fragments,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
+    let h = m.http(&shared.metrics);
     if req.version() < Version::HTTP_2 && fragments.take(req.method().as_str(), req.uri()) {
         req.extensions_mut().insert(FragmentSeen);
     }
     let method = method_label(req.method());
     let resp = match admit(shared, conn, req) {
         Ok(req) => {
-            let req = req.map(|b| NoTrailers::new(b, m.request_size.clone()));
+            let req = req.map(|b| NoTrailers::new(b, h.request_size.clone()));
             forward(shared, conn, m, fragments, req).await
         }
         Err(resp) => {
             // Answered here: the body was not read, nothing went to the app.
-            m.request_size.observe(0.0);
-            local_size(m, &resp);
+            h.request_size.observe(0.0);
+            local_size(h, &resp);
             *resp
         }
     };
     m.count_request(&shared.metrics, method, resp.status());
-    m.duration.observe(started.elapsed().as_secs_f64());
+    h.duration.observe(started.elapsed().as_secs_f64());
     resp
 }
 
 /// Observes the size of a response the sidecar answers itself (a fixed
 /// body).
-fn local_size(m: &ConnMetrics, resp: &Response<Body>) {
+fn local_size(h: &HttpSeries, resp: &Response<Body>) {
     let size = resp.body().size_hint().exact().unwrap_or(0);
-    m.response_size.observe(size as f64);
+    h.response_size.observe(size as f64);
 }
 
 /// Runs [`admit_head`] with the current rules, records and logs the
@@ -279,7 +224,7 @@ fn refusal_body(refusal: &Refusal) -> &'static str {
 async fn forward(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
-    m: &ConnMetrics,
+    m: &ConnSeries,
     fragments: &Fragments,
     mut req: Request<NoTrailers>,
 ) -> Response<Body> {
@@ -293,7 +238,7 @@ async fn forward(
         host: req.uri().authority().map(|a| a.to_string()),
         headers: req.headers().clone(),
     });
-    let size = m.response_size.clone();
+    let size = m.http(&shared.metrics).response_size.clone();
     // The two clients' bodies differ in type: each is metered, then boxed.
     let sent: Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> =
         if req.version() == Version::HTTP_2 {
@@ -319,7 +264,7 @@ async fn forward(
                 )
             });
             let resp = text(StatusCode::BAD_GATEWAY, "app unreachable\n");
-            local_size(m, &resp);
+            local_size(m.http(&shared.metrics), &resp);
             return resp;
         }
     };

@@ -25,7 +25,7 @@ pub(super) async fn forward_opaque<S>(
     let started = std::time::Instant::now();
     let log = &shared.policy.access_log;
     debug!(peer = %conn.peer, target = %conn.target, "inbound connection forwarded");
-    let traffic = guard.traffic(&shared.metrics);
+    let traffic = guard.traffic();
     tokio::select! {
         r = splice(io, &mut app, shared.idle_timeout, &traffic) => {
             match &r {

@@ -117,8 +117,7 @@ async fn to_sidecar(
         } else {
             match tunnel::connect(&shared, &app, addr, dest, expect.as_ref(), transparent).await {
                 Ok(Link::Stream { io, slot, early }) => {
-                    let active = &shared.metrics.tunnel.streams_active;
-                    let active = active.with_label_values(&["outbound"]);
+                    let active = &shared.metrics.tunnel.outbound.active;
                     active.inc();
                     let server = slot.server().clone();
                     carry(&shared, app, io, dest, server, early).await;
@@ -170,7 +169,7 @@ async fn carry<S>(
 {
     let server = Peer::Mesh(server);
     let guard = ConnGuard::new(&shared.metrics, "outbound", dest.port(), &server);
-    let traffic = guard.traffic(&shared.metrics);
+    let traffic = guard.traffic();
     traffic.received.inc_by(early);
     if let Err(e) = splice(app, link, shared.idle_timeout, &traffic).await {
         debug!(%server, error = %e, "outbound connection ended with an error");
@@ -209,7 +208,7 @@ async fn transparent(shared: Arc<Shared>, app: TcpStream) {
             )
         }
     };
-    let traffic = guard.traffic(&shared.metrics);
+    let traffic = guard.traffic();
     if let Err(e) = splice(app, remote, shared.idle_timeout, &traffic).await {
         debug!(%dest, error = %e, "outbound connection ended with an error");
     }

@@ -11,7 +11,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::info;
 
 use super::early::Early;
-use super::pool::{self, Key, Opened, StreamSlot};
+use super::pool::{self, Opened, StreamSlot};
 use super::stream::H2Stream;
 use crate::identity::SpiffeId;
 use crate::proxy::dial::{dial, Alpn, DialError};
@@ -48,21 +48,19 @@ pub enum Failed {
 }
 
 fn count_stream(shared: &Shared, result: &str) {
-    shared
-        .metrics
-        .tunnel
-        .streams
-        .with_label_values(&["outbound", result])
-        .inc();
+    let tunnel = &shared.metrics.tunnel;
+    match result {
+        "ok" => tunnel.outbound.ok.inc(),
+        _ => tunnel.streams.with_label_values(&["outbound", result]).inc(),
+    }
 }
 
 fn count_pool(shared: &Shared, result: &str) {
-    shared
-        .metrics
-        .tunnel
-        .pool
-        .with_label_values(&[result])
-        .inc();
+    let tunnel = &shared.metrics.tunnel;
+    match result {
+        "hit" => tunnel.pool_hits.inc(),
+        _ => tunnel.pool.with_label_values(&[result]).inc(),
+    }
 }
 
 /// A stream's room to the peer at `addr`, dialling a new connection only
@@ -139,11 +137,7 @@ pub async fn connect(
     expect: Option<&SpiffeId>,
     transparent: bool,
 ) -> Result<Link, Failed> {
-    let key = Key {
-        addr,
-        expect: expect.cloned(),
-    };
-    let entry = shared.pool.entry(&key);
+    let entry = shared.pool.entry(addr, expect);
     let authority = authority.to_string();
     let mut early = Early::default();
     for _ in 0..ATTEMPTS {

@@ -27,13 +27,6 @@ use crate::proxy::Shared;
 /// How often a pooled connection checks whether it has idled long enough.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// A pool entry's key: where the peer sidecar is, and who it must be.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub addr: SocketAddr,
-    pub expect: Option<SpiffeId>,
-}
-
 /// One pooled tunnel connection.
 pub struct PooledConn {
     send: SendRequest<Bytes>,
@@ -157,26 +150,60 @@ pub struct Pool {
 /// talking to many live peers does not scan them all on every connection.
 const SWEEP_FLOOR: usize = 64;
 
+/// Entries by the peer sidecar's address, then by shard and the identity
+/// required of the peer (a short list: looked up without hashing or
+/// copying the identity).
 #[derive(Default)]
 struct Entries {
-    map: HashMap<(usize, Key), Arc<Entry>>,
+    map: HashMap<SocketAddr, Vec<Held>>,
+    len: usize,
     sweep_at: usize,
 }
 
+struct Held {
+    shard: usize,
+    expect: Option<SpiffeId>,
+    entry: Arc<Entry>,
+}
+
+impl Entries {
+    /// Drops the entries nobody holds and that have no connection left.
+    fn sweep(&mut self) {
+        self.map.retain(|_, held| {
+            held.retain(|h| Arc::strong_count(&h.entry) > 1 || h.entry.len() > 0);
+            !held.is_empty()
+        });
+        self.len = self.map.values().map(Vec::len).sum();
+        self.sweep_at = 2 * self.len;
+    }
+}
+
 impl Pool {
-    /// The calling shard's entry for `key`.
-    pub fn entry(&self, key: &Key) -> Arc<Entry> {
+    /// The calling shard's entry for the peer sidecar at `addr` that must
+    /// be `expect`.
+    pub fn entry(&self, addr: SocketAddr, expect: Option<&SpiffeId>) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         // Entries of peers with no connection left are dropped as we go,
         // so a pod that talked to many peers once does not keep them all.
-        if entries.map.len() > entries.sweep_at.max(SWEEP_FLOOR) {
-            entries
-                .map
-                .retain(|_, e| Arc::strong_count(e) > 1 || e.len() > 0);
-            entries.sweep_at = 2 * entries.map.len();
+        if entries.len > entries.sweep_at.max(SWEEP_FLOOR) {
+            entries.sweep();
         }
         let shard = crate::runtime::shard();
-        entries.map.entry((shard, key.clone())).or_default().clone()
+        let held = entries.map.entry(addr).or_default();
+        if let Some(h) = held
+            .iter()
+            .find(|h| h.shard == shard && h.expect.as_ref() == expect)
+        {
+            return h.entry.clone();
+        }
+        let entry = Arc::<Entry>::default();
+        held.push(Held {
+            shard,
+            expect: expect.cloned(),
+            entry: entry.clone(),
+        });
+        entries.len += 1;
+        entry
     }
 
     /// Whether `addr` refused a tunnel within the last `memory`.
@@ -380,11 +407,8 @@ pub async fn open(
 mod tests {
     use super::*;
 
-    fn key(port: u16) -> Key {
-        Key {
-            addr: SocketAddr::from(([10, 0, 0, 1], port)),
-            expect: None,
-        }
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
     }
 
     /// Entries nobody holds are swept; held ones survive every sweep, and
@@ -393,26 +417,26 @@ mod tests {
     fn unused_entries_are_swept_and_live_ones_kept() {
         let pool = Pool::default();
         for port in 0..1_000 {
-            drop(pool.entry(&key(port)));
+            drop(pool.entry(addr(port), None));
         }
-        let len = pool.entries.lock().unwrap().map.len();
+        let len = pool.entries.lock().unwrap().len;
         assert!(len <= SWEEP_FLOOR + 1, "{len} unused entries kept");
 
         let live: Vec<_> = (0..300)
-            .map(|p| (p, pool.entry(&key(10_000 + p))))
+            .map(|p| (p, pool.entry(addr(10_000 + p), None)))
             .collect();
         for (p, held) in &live {
-            assert!(Arc::ptr_eq(held, &pool.entry(&key(10_000 + p))));
+            assert!(Arc::ptr_eq(held, &pool.entry(addr(10_000 + p), None)));
         }
         let entries = pool.entries.lock().unwrap();
-        assert!(entries.map.len() >= 300);
+        assert!(entries.len >= 300);
         // The last sweep (at more than 150 entries) set the next one at
         // twice what it kept, beyond what the map holds now.
         assert!(
-            entries.sweep_at >= entries.map.len() && entries.sweep_at > 2 * SWEEP_FLOOR,
+            entries.sweep_at >= entries.len && entries.sweep_at > 2 * SWEEP_FLOOR,
             "next sweep at {} with {} entries",
             entries.sweep_at,
-            entries.map.len()
+            entries.len
         );
     }
 }

@@ -116,12 +116,11 @@ fn refuse(
 }
 
 fn count(shared: &Shared, result: &'static str) {
-    shared
-        .metrics
-        .tunnel
-        .streams
-        .with_label_values(&["inbound", result])
-        .inc();
+    let tunnel = &shared.metrics.tunnel;
+    match result {
+        "ok" => tunnel.inbound.ok.inc(),
+        _ => tunnel.streams.with_label_values(&["inbound", result]).inc(),
+    }
 }
 
 /// Whether `ip` is the address the peer reached us on (IPv4-mapped
@@ -191,7 +190,7 @@ async fn stream(
         let Some(io) = accept(&shared, respond, body) else {
             return;
         };
-        let _active = Open::new(metrics.streams_active.with_label_values(&["inbound"]));
+        let _active = Open::new(metrics.inbound.active.clone());
         return serve_app(shared.clone(), io, info, std::time::Duration::ZERO).await;
     }
     let decision = shared.policy.authorize_tcp(&info);
@@ -219,7 +218,7 @@ async fn stream(
     let Some(io) = accept(&shared, respond, body) else {
         return;
     };
-    let _active = Open::new(metrics.streams_active.with_label_values(&["inbound"]));
+    let _active = Open::new(metrics.inbound.active.clone());
     forward_opaque(&shared, io, app, &info, decision.rule, guard).await;
 }
 
