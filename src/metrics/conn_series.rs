@@ -164,7 +164,11 @@ mod tests {
         let text = metrics.encode();
         text.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .filter(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum()
     }
@@ -224,10 +228,14 @@ mod tests {
     fn the_cache_is_bounded_and_starts_again_without_losing_counts() {
         let metrics = Metrics::new();
         let label = metrics.peers.label(&Peer::Unauthenticated);
-        let first = metrics.conn_series.get(&metrics, "outbound", 1, label.clone());
+        let first = metrics
+            .conn_series
+            .get(&metrics, "outbound", 1, label.clone());
         first.sent.inc_by(7);
         for port in 2..=(MAX_CACHED as u16 + 1) {
-            metrics.conn_series.get(&metrics, "outbound", port, label.clone());
+            metrics
+                .conn_series
+                .get(&metrics, "outbound", port, label.clone());
         }
         assert!(metrics.conn_series.map.lock().unwrap().len() <= MAX_CACHED);
         let again = metrics.conn_series.get(&metrics, "outbound", 1, label);

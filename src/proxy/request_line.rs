@@ -51,6 +51,15 @@ const MAX_FIRST_LINE: usize = (1 << 20) + 4096;
 /// the last two the length of the rest.
 const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
+/// The kinds of PROXY protocol (v1) header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyV1 {
+    /// `PROXY TCP4|TCP6 source destination sport dport`.
+    Addresses,
+    /// `PROXY UNKNOWN`, with anything after it.
+    Unknown,
+}
+
 /// Where the scan is in the stream.
 #[derive(Debug, Clone, Copy)]
 enum Prelude {
@@ -85,6 +94,9 @@ struct Line {
     version: bool,
     /// The second word starts like a target (`/`, `*`, `http://`).
     target: bool,
+    /// The line starts like a PROXY protocol (v1) header: `PROXY TCP4` or
+    /// `PROXY TCP6` (then six words), or `PROXY UNKNOWN` (anything after).
+    proxy: Option<ProxyV1>,
     /// A control byte after the method: not text a line protocol sends,
     /// so the sniff need not wait for the line to end.
     control: bool,
@@ -206,7 +218,13 @@ impl LineScan {
         }
         if b == b'\n' {
             line.end_word();
-            let proxy_v1 = &line.method[..line.method_len.min(HEAD)] == b"PROXY";
+            // Only a header of the PROXY grammar is skipped: a request
+            // with `PROXY` as its method is judged like any other line.
+            let proxy_v1 = match line.proxy {
+                Some(ProxyV1::Addresses) => line.words == 6,
+                Some(ProxyV1::Unknown) => true,
+                None => false,
+            };
             if proxy_v1 && matches!(self.prelude, Prelude::Lines { proxy_seen: false }) {
                 self.next_line();
                 return None;
@@ -267,18 +285,28 @@ impl Line {
             self.target = matches!(head.first(), Some(b'/' | b'*'))
                 || starts(b"http://")
                 || starts(b"https://");
+            if &self.method[..self.method_len.min(HEAD)] == b"PROXY" {
+                self.proxy = match head {
+                    b"TCP4" | b"TCP6" => Some(ProxyV1::Addresses),
+                    b"UNKNOWN" => Some(ProxyV1::Unknown),
+                    _ => None,
+                };
+            }
         }
     }
 
-    /// `METHOD target … VERSION` however spaced, or the HTTP/0.9 form
-    /// `METHOD target`: `GET` with any target (Python serves `GET a/b`),
-    /// another uppercase method with a path or absolute URI (lowercase
-    /// two-word lines are text protocols: memcached's `get key`).
+    /// `METHOD target … VERSION` however spaced; `METHOD target word…` with
+    /// any last word (the JDK's server does not check the version, and
+    /// Go, the JDK and Netty take any token as a method); or the HTTP/0.9
+    /// form `METHOD target`: `GET` with any target (Python serves
+    /// `GET a/b`), another uppercase method with a path or absolute URI
+    /// (lowercase two-word lines are text protocols: memcached's `get key`).
     fn judge(&self) -> Verdict {
         let versioned = self.words >= 2 && self.version;
+        let targeted = self.words >= 3 && self.target;
         let get = &self.method[..self.method_len.min(HEAD)] == b"GET";
         let simple = self.words == 2 && (get || (self.target && !self.method_has_lowercase));
-        if versioned || simple {
+        if versioned || targeted || simple {
             Verdict::Request
         } else {
             Verdict::NotRequest

@@ -182,6 +182,16 @@ fn cut_off_cases() -> Vec<(&'static str, Vec<Part>)> {
                 rest(" HTTP/1.1"),
             ],
         ),
+        // Go, the JDK and Netty serve any token as a method, `PROXY` too.
+        (
+            "PROXY as the method",
+            vec![text("PROXY /pm"), pause(700), rest(" HTTP/1.1")],
+        ),
+        // The JDK's server does not check the version word.
+        (
+            "no version word",
+            vec![text("DELETE /nv"), pause(700), rest(" XYZ")],
+        ),
     ]
 }
 
@@ -275,6 +285,25 @@ async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
         (
             "lowercase method",
             vec![text(&request("foo / HTTP/1.1", "\n"))],
+        ),
+        (
+            "PROXY as the method",
+            vec![text(&request("PROXY /admin/x HTTP/1.1", "\r\n"))],
+        ),
+        (
+            "PROXY as the method, then a request",
+            vec![text(&format!(
+                "PROXY / HTTP/1.1\r\n{}",
+                request("DELETE /admin/x HTTP/1.1", "\r\n")
+            ))],
+        ),
+        (
+            "not a version",
+            vec![text(&request("DELETE /admin/x XYZ", "\r\n"))],
+        ),
+        (
+            "a word after the version",
+            vec![text(&request("DELETE /admin/x HTTP/1.1 x", "\r\n"))],
         ),
     ];
     for (what, parts) in parsed {

@@ -42,9 +42,22 @@ fn request_lines_however_spaced_or_named() {
         // Python checks only the `HTTP/` prefix (`int('+1')` parses).
         b"GET /admin/x HTTP/+1.1\r\n",
         b"get http/abc\r\n",
+        // Any last word: the JDK's server does not check the version.
+        b"DELETE /admin/users XYZ\r\n",
+        b"DELETE /admin/users HTTP/1.1 x\r\n",
+        b"GET / HTTP/1.1 200\r\n",
+        b"delete /admin/users x\r\n",
+        b"PUT http://svc/admin 1\r\n",
         // Past a PROXY protocol header, which an app may skip.
         b"PROXY TCP4 10.9.9.9 10.0.0.1 1111 80\r\nGET /admin/x HTTP/1.1\r\n",
+        b"PROXY TCP6 ::1 ::1 1111 80\r\nDELETE /admin/users XYZ\r\n",
         b"PROXY UNKNOWN\r\n\r\n GET / HTTP/1.1\r\n",
+        // `PROXY` as a method (Go, the JDK and Netty serve any token): a
+        // line that is not the PROXY header grammar is judged as a line.
+        b"PROXY /admin/delete-all HTTP/1.1\r\n",
+        b"PROXY /admin/delete-all\r\n",
+        b"PROXY / HTTP/1.1\r\nDELETE /admin/users HTTP/1.1\r\n",
+        b"PROXY TCP4 /admin HTTP/1.1\r\n",
     ];
     for line in requests {
         let text = String::from_utf8_lossy(line);
@@ -63,8 +76,9 @@ fn other_first_lines() {
         b"NICK httpbot\r\n",
         // The version must be the last word: an access log line is not a request.
         b"127.0.0.1 - - [04/Dec/2026] \"GET /x HTTP/1.1\" 200 12\n",
-        b"GET / HTTP/1.1 200\r\n",
         b"PROXY TCP4 10.9.9.9 10.0.0.1 1111 80\r\nget key\r\n",
+        b"GET x y\r\n",
+        b"CWD pub extra\r\n",
         // One PROXY header only.
         b"PROXY TCP4 a\r\nPROXY TCP4 b\r\nGET / HTTP/1.1\r\n",
         b"PING\r\n",
@@ -90,7 +104,8 @@ fn an_unended_line_is_judged_as_if_the_stream_ended() {
     let cases: &[(&[u8], Verdict)] = &[
         (b"GET /eof09", Verdict::Request),
         (b"GET / HTTP/1.1", Verdict::Request),
-        (b"GET / HTT", Verdict::NotRequest),
+        (b"GET / HTT", Verdict::Request),
+        (b"GET x HTT", Verdict::NotRequest),
         (b"get /key", Verdict::NotRequest),
         (b"GET", Verdict::NotRequest),
         (b"\r\n  ", Verdict::NotRequest),

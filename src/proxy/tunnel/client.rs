@@ -51,7 +51,10 @@ fn count_stream(shared: &Shared, result: &str) {
     let tunnel = &shared.metrics.tunnel;
     match result {
         "ok" => tunnel.outbound.ok.inc(),
-        _ => tunnel.streams.with_label_values(&["outbound", result]).inc(),
+        _ => tunnel
+            .streams
+            .with_label_values(&["outbound", result])
+            .inc(),
     }
 }
 
