@@ -20,7 +20,10 @@
 //! 7.   a calls its own pod IP;
 //! 8.   init twice leaves one set of rules; --cleanup restores the ruleset;
 //! 9.   b's sidecar killed: nothing gets through to b's app (fail closed);
-//!      restarted, traffic resumes within 2 s of its `/ready`.
+//!      restarted, traffic resumes within 2 s of its `/ready`;
+//! 10.  c routes packets for another host through b: b's sidecar never
+//!      connects there (the rules leave them alone, and the sidecar refuses
+//!      such a destination should a rule send it one).
 
 mod netns;
 
@@ -33,7 +36,7 @@ mod node;
 
 use std::time::Duration;
 
-use apps::{greeting, post, GREET_PORT, HTTP_PORT, OTHER_HTTP_PORT};
+use apps::{greeting, post, start_app, GREET_PORT, HTTP_PORT, OTHER_HTTP_PORT};
 use capture::Capture;
 use netns::skip;
 use node::{Node, Pod, Sidecar};
@@ -518,4 +521,72 @@ fn killed_sidecar_fails_closed() {
         resumed < Duration::from_secs(2),
         "resumed after {resumed:?}"
     );
+}
+
+/// Scenario 10: a pod is no proxy. `c` routes its packets for the node's
+/// address through `b`, whose sidecar is permissive and allows all (the
+/// easiest to misuse): `b`'s rules leave such packets alone (forwarding is
+/// off in a pod, so they go nowhere), and when another rule redirects them
+/// to the sidecar anyway, it refuses the foreign destination. The node's
+/// app never hears of `c`.
+#[test]
+fn packets_routed_through_a_pod_to_another_host_are_not_proxied() {
+    let test = "packets_routed_through_a_pod_to_another_host_are_not_proxied";
+    if skip(test, &tools(&["nft"])) {
+        return;
+    }
+    let node = Node::new();
+    let permissive = Sidecar {
+        run: strings(&["--inbound-mode", "permissive", "--default-policy", "allow"]),
+        ..Sidecar::default()
+    };
+    let b = node.meshed_pod("b", B, &permissive);
+    let c = node.plain_pod("c", C);
+    let host = node.node_ip();
+    let host_log = node.dir().join("host-app.log");
+    let _host_app = start_app(node.bridge(), "host", &host_log);
+    let direct = post(&c.ns, host, HTTP_PORT, "direct");
+    assert!(direct.ok(), "c reaches the host's app directly: {direct:?}");
+
+    c.ns.ok(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{host}/32"),
+        "via",
+        &b.v4,
+    ]);
+    let opened = b.metric(OPENED, &[("direction", "inbound")]);
+    // Not redirected: dropped, or forwarded by the kernel where the pod's
+    // settings forward (then it arrives from c itself), never proxied.
+    let routed = post(&c.ns, host, HTTP_PORT, "through-b-rules");
+    if routed.ok() {
+        assert!(
+            routed.body.contains(&format!("client=::ffff:{} ", c.v4)),
+            "{routed:?}"
+        );
+    }
+    let foreign = [("direction", "inbound"), ("result", "foreign_destination")];
+    assert_eq!(b.metric(OPENED, &[("direction", "inbound")]), opened);
+    assert_eq!(b.metric(HANDSHAKES, &foreign), 0.0, "the rules sent it on");
+
+    // A rule ahead of portcullis's that redirects everything to port
+    // HTTP_PORT, whatever its destination: the sidecar itself refuses.
+    let redirect = format!(
+        "table inet widen {{\n chain pre {{\n  type nat hook prerouting priority -150;\n  tcp dport {HTTP_PORT} redirect to :15006\n }}\n}}\n"
+    );
+    let added = b.ns.run_with_input(&["nft", "-f", "-"], &redirect);
+    assert!(added.status.success(), "{added:?}");
+    let refused = post(&c.ns, host, HTTP_PORT, "through-b-sidecar");
+    assert!(!refused.ok(), "b's sidecar must refuse it: {refused:?}");
+    node::eventually("the refusal is counted", Duration::from_secs(5), || {
+        b.metric(HANDSHAKES, &foreign) == 1.0
+    });
+    let heard = std::fs::read_to_string(&host_log).unwrap_or_default();
+    assert!(heard.contains("direct"), "{heard}");
+    assert!(
+        !heard.contains("through-b-sidecar"),
+        "proxied by b: {heard}"
+    );
+    assert_eq!(b.metric(OPENED, &[("direction", "inbound")]), opened);
 }

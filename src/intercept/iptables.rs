@@ -225,6 +225,7 @@ fn render_rule(chain: &str, rule: &Rule) -> Vec<String> {
             Match::SkUid(uid) => product(vec![format!("-m owner --uid-owner {uid}")]),
             Match::SkGid(gid) => product(vec![format!("-m owner --gid-owner {gid}")]),
             Match::Dport(ports) => product(multiport(ports)),
+            Match::NotLocalDaddr => product(vec!["-m addrtype ! --dst-type LOCAL".into()]),
             _ => {}
         }
     }

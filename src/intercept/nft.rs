@@ -73,6 +73,7 @@ fn render_rule(rule: &Rule) -> String {
             Match::SkUid(uid) => format!("meta skuid {uid}"),
             Match::SkGid(gid) => format!("meta skgid {gid}"),
             Match::OutLoopback => "oifname \"lo\"".to_string(),
+            Match::NotLocalDaddr => "fib daddr type != local".to_string(),
             Match::Daddr(cidrs) => format!("{} daddr {}", addr_kw(cidrs), set(cidrs)),
             Match::Saddr(cidrs) => format!("{} saddr {}", addr_kw(cidrs), set(cidrs)),
             Match::Dport(ports) => {

@@ -70,6 +70,8 @@ pub enum Match {
     SkGid(u32),
     /// The packet leaves through `lo`: its destination is this pod.
     OutLoopback,
+    /// The destination is not an address of this pod (network namespace).
+    NotLocalDaddr,
     /// The destination is in one of these networks (all of one family).
     Daddr(Vec<Cidr>),
     /// The source is in one of these networks (all of one family).
@@ -112,6 +114,13 @@ pub fn plan(opts: &InitOptions) -> RulePlan {
     let mut inbound = Vec::new();
     let capture_inbound = opts.include_inbound_ports != InboundPorts::Only(vec![]);
     if capture_inbound {
+        inbound.push(rule(
+            None,
+            vec![Match::NotLocalDaddr],
+            Verdict::Return,
+            "only connections to an address of this pod are redirected (no proxy for packets routed through it)"
+                .into(),
+        ));
         for &family in &families {
             let sources = per_family(&opts.exclude_inbound_cidrs, family);
             if !sources.is_empty() {
@@ -236,6 +245,7 @@ mod tests {
                 Match::SkUid(u) => format!("uid={u}"),
                 Match::SkGid(g) => format!("gid={g}"),
                 Match::OutLoopback => "oif=lo".into(),
+                Match::NotLocalDaddr => "dst!=local".into(),
                 Match::Daddr(c) => format!("dst={}", join(c)),
                 Match::Saddr(c) => format!("src={}", join(c)),
                 Match::Dport(p) => format!("dport={}", join(p)),
@@ -279,7 +289,11 @@ mod tests {
             Case {
                 name: "defaults",
                 opts: InitOptions::default(),
-                inbound: &["dport=15008,15020 return", "redirect:15006"],
+                inbound: &[
+                    "dst!=local return",
+                    "dport=15008,15020 return",
+                    "redirect:15006",
+                ],
                 outbound: base_out,
             },
             Case {
@@ -293,7 +307,7 @@ mod tests {
                     exclude_inbound_ports: vec![],
                     ..InitOptions::default()
                 },
-                inbound: &["redirect:1006"],
+                inbound: &["dst!=local return", "redirect:1006"],
                 outbound: &[
                     "uid=7 return",
                     "gid=8 return",
@@ -318,6 +332,7 @@ mod tests {
                     ..InitOptions::default()
                 },
                 inbound: &[
+                    "dst!=local return",
                     "IPv4 src=10.0.0.0/8 return",
                     "IPv6 src=fd00::/8 return",
                     "dport=15008,15020 return",
@@ -342,7 +357,11 @@ mod tests {
                     exclude_outbound_cidrs: cidrs(&["fd01::/16"]),
                     ..InitOptions::default()
                 },
-                inbound: &["dport=15008,15020 return", "redirect:15006"],
+                inbound: &[
+                    "dst!=local return",
+                    "dport=15008,15020 return",
+                    "redirect:15006",
+                ],
                 outbound: &[
                     "uid=1500 return",
                     "gid=1500 return",
@@ -370,7 +389,8 @@ mod tests {
             for r in p.inbound.iter().chain(&p.outbound) {
                 assert!(r.comment.starts_with("portcullis: "), "{}", r.comment);
                 assert!(!r.comment.contains(['"', '\'']), "{}", r.comment);
-                assert!(r.comment.len() < 250, "{}", r.comment);
+                // nft refuses comments of more than 128 bytes.
+                assert!(r.comment.len() <= 128, "{}", r.comment);
             }
         }
     }

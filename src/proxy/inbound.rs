@@ -144,6 +144,18 @@ impl Inbound {
     }
 }
 
+/// Whether a redirected connection's original destination is this pod's
+/// own address and not one of the sidecar's ports. A packet routed
+/// through the pod to another host, or one aimed at a sidecar port, would
+/// otherwise have the sidecar connect there on the sender's behalf.
+fn own_destination(shared: &Shared, stream: &TcpStream, target: SocketAddr) -> bool {
+    let Ok(local) = stream.local_addr() else {
+        return false;
+    };
+    !shared.tunnel.own_ports.contains(&target.port())
+        && super::is_own_address(target.ip(), local.ip())
+}
+
 /// Counts and logs (at most once per interval) a pending connection closed
 /// to make room for a newer one.
 fn evicted(shared: &Shared, why: Eviction) {
@@ -203,6 +215,14 @@ async fn serve(
     let target = match explicit {
         Some(t) => t,
         None => match original_destination(&stream) {
+            Ok(t) if !own_destination(&shared, &stream, t) => {
+                return refused(
+                    &shared,
+                    t.port(),
+                    "foreign_destination",
+                    &format_args!("{t} is not an address of this pod, or is a sidecar port"),
+                );
+            }
             Ok(t) if shared.forward_to_localhost => localhost(t),
             Ok(t) => t,
             Err(e) => return info!(error = %e, "inbound connection refused"),

@@ -19,6 +19,7 @@ table inet portcullis {
 		meta l4proto tcp jump outbound comment "portcullis: outbound TCP interception"
 	}
 	chain inbound {
+		fib daddr type != local return comment "portcullis: only connections to an address of this pod are redirected (no proxy for packets routed through it)"
 		tcp dport { 15008, 15020 } return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected"
 		meta l4proto tcp redirect to :15006 comment "portcullis: all other inbound TCP goes to the sidecar inbound listener"
 	}
@@ -47,6 +48,7 @@ table inet portcullis {
 		meta nfproto ipv4 meta l4proto tcp jump outbound comment "portcullis: outbound TCP interception (IPv6 is not intercepted: --ipv6 off)"
 	}
 	chain inbound {
+		fib daddr type != local return comment "portcullis: only connections to an address of this pod are redirected (no proxy for packets routed through it)"
 		ip saddr { 10.0.0.0/8, 192.168.0.0/16 } return comment "portcullis: excluded source networks (--exclude-inbound-cidrs) go straight to the app"
 		tcp dport { 22, 15008, 15020 } return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected"
 		tcp dport { 8080, 9000-9100 } redirect to :7006 comment "portcullis: inbound TCP to --include-inbound-ports goes to the sidecar inbound listener"

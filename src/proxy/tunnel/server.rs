@@ -3,7 +3,7 @@
 //! with the connection's peer identity and then served exactly like a
 //! direct connection (HTTP detection, per-request rules, or opaque bytes).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -21,7 +21,7 @@ use crate::authz::Peer;
 use crate::proxy::http::ConnInfo;
 use crate::proxy::inbound::{localhost, serve_app};
 use crate::proxy::opaque::forward_opaque;
-use crate::proxy::{ConnGuard, Shared};
+use crate::proxy::{same_host, ConnGuard, Shared};
 
 /// One accepted tunnel connection: who the peer is and where it came in.
 pub struct TunnelConn {
@@ -121,12 +121,6 @@ fn count(shared: &Shared, result: &'static str) {
         "ok" => tunnel.inbound.ok.inc(),
         _ => tunnel.streams.with_label_values(&["inbound", result]).inc(),
     }
-}
-
-/// Whether `ip` is the address the peer reached us on (IPv4-mapped
-/// addresses compare as IPv4).
-fn same_host(a: IpAddr, b: IpAddr) -> bool {
-    a.to_canonical() == b.to_canonical()
 }
 
 /// Where a stream's bytes go, or why it may not go anywhere.
