@@ -202,6 +202,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// A network of `run --mesh-cidrs`/`--passthrough-cidrs`, read with the one
+/// parser `init`, the rules and the injector use (a bare address is one
+/// host; host bits are refused, never widened), so a value one of them
+/// accepts is never refused by another at a pod's start.
+pub fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let c = crate::intercept::Cidr::parse(s)?;
+    ipnet::IpNet::new(c.addr, c.prefix).map_err(|e| e.to_string())
+}
+
 /// A port or an inclusive range of ports, written `80` or `8000-8100`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -269,5 +278,25 @@ mod tests {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }
         assert!("8000-8100".parse::<PortRange>().unwrap().contains(8050));
+    }
+
+    #[test]
+    fn cidrs_read_like_init_reads_them() {
+        for (s, want) in [
+            ("10.96.0.10", "10.96.0.10/32"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("fd00::1", "fd00::1/128"),
+            ("fd00::/8", "fd00::/8"),
+        ] {
+            assert_eq!(cidr(s).unwrap().to_string(), want, "{s}");
+        }
+        let e = cidr("10.0.0.1/8").unwrap_err();
+        assert!(
+            e.contains("host bits are set (did you mean 10.0.0.0/8?)"),
+            "{e}"
+        );
+        for bad in ["10.0.0.0/33", "nope", "10.0.0/8", ""] {
+            assert!(cidr(bad).is_err(), "{bad}");
+        }
     }
 }
