@@ -177,7 +177,17 @@ fn base64_of(s: &str) -> String {
 #[test]
 fn install_equals_a_helm_render_with_the_same_ca() {
     let (ns, td) = ("mesh-system", "example.org");
-    let (docs, _) = install(&["--namespace", ns, "--trust-domain", td]);
+    // A bare address is written as the /32 the chart's schema wants.
+    let (docs, _) = install(&[
+        "--namespace",
+        ns,
+        "--trust-domain",
+        td,
+        "--mesh-cidrs",
+        "10.244.0.0/16,fd00:10:244::/56",
+        "--mesh-cidrs",
+        "10.96.0.10",
+    ]);
     let (crt, key, bundle) = ca_objects(&docs);
     check_chain(&crt, &bundle, td);
     let dir = tempfile::tempdir().unwrap();
@@ -197,6 +207,10 @@ fn install_equals_a_helm_render_with_the_same_ca() {
         .args(["--namespace", ns, "--kube-version", "1.29.0"])
         .args(["--set", "webhook.tls.mode=cert-manager"])
         .args(["--set", &format!("trustDomain={td}")])
+        .args([
+            "--set",
+            "proxy.meshCidrs={10.244.0.0/16,fd00:10:244::/56,10.96.0.10/32}",
+        ])
         .arg("--set-file")
         .arg(format!("identity.issuer.crtPEM={}", crt_f.display()))
         .arg("--set-file")
@@ -247,6 +261,43 @@ fn install_equals_a_helm_render_with_the_same_ca() {
     assert_eq!(
         cfg["caUrl"],
         format!("https://portcullis-ca.{ns}.svc:15012").as_str()
+    );
+    assert_eq!(
+        cfg["proxy"]["meshCidrs"],
+        serde_json::json!(["10.244.0.0/16", "fd00:10:244::/56", "10.96.0.10/32"])
+    );
+}
+
+/// Without `--mesh-cidrs` the output is the same valid install with an
+/// empty list, and one warning line on stderr says what that breaks and
+/// how to set it; with them there is no warning.
+#[test]
+fn install_warns_once_without_mesh_cidrs() {
+    let warning = "warning: no --mesh-cidrs";
+    let out = portcullis(&["install"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains(warning)).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    for what in ["plain TCP", "refuse", "--mesh-cidrs 10.244.0.0/16"] {
+        assert!(warnings[0].contains(what), "{what:?} not in {err}");
+    }
+    let docs = docs(&text(&out.stdout));
+    validate(&docs, "1.33.0", "portcullis install without --mesh-cidrs");
+    let (cfg, _) = injector_config(&docs);
+    assert_eq!(cfg["proxy"]["meshCidrs"], serde_json::json!([]));
+
+    let out = portcullis(&["install", "--mesh-cidrs", "10.244.0.0/16"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains(warning),
+        "{}",
+        text(&out.stderr)
+    );
+    let (cfg, _) = injector_config(&support::docs(&text(&out.stdout)));
+    assert_eq!(
+        cfg["proxy"]["meshCidrs"],
+        serde_json::json!(["10.244.0.0/16"])
     );
 }
 
@@ -414,17 +465,30 @@ fn bootstrap_values_render_and_lint_with_helm() {
     let values = dir.path().join("values.yaml");
     let out = portcullis(&["ca", "bootstrap", "--values-out", values.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("-f "), "{}", text(&out.stdout));
+    // The hint names the values file and the mesh CIDRs, which Helm takes.
+    let hint = text(&out.stdout);
+    assert!(hint.contains("-f "), "{hint}");
+    let set = hint
+        .split("--set '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no --set in the hint: {hint}"));
+    assert!(set.starts_with("proxy.meshCidrs={"), "{hint}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&values).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let again = portcullis(&["ca", "bootstrap", "--values-out", values.to_str().unwrap()]);
     assert!(!again.status.success());
 
-    let r = Render::bare().file(&values);
+    let r = Render::bare().file(&values).set(set);
     r.lint()
         .unwrap_or_else(|e| panic!("helm lint --strict: {e}"));
     let docs = r.docs();
+    let (cfg, _) = injector_config(&docs);
+    assert_eq!(
+        cfg["proxy"]["meshCidrs"],
+        serde_json::json!(["10.244.0.0/16", "10.96.0.0/12"])
+    );
     let (crt, _, bundle) = ca_objects(&docs);
     check_chain(&crt, &bundle, "cluster.local");
     for kube in ["1.29.0", "1.33.0"] {

@@ -1,6 +1,6 @@
 //! Mesh CIDRs mean the same everywhere they are accepted: the injector's
-//! config, `portcullis run` (the flag and the variable the injector sets)
-//! and `init`'s exclusions read them with one parser.
+//! config, `portcullis run` (the flag and the variable the injector sets),
+//! `portcullis install` and `init`'s exclusions read them with one parser.
 //! A bare address is one host; host bits are refused with the same message.
 //! A value the injector accepts starts the injected sidecar; one it refuses,
 //! `run` refuses too.
@@ -102,6 +102,12 @@ fn a_bare_address_is_one_host_for_the_injector_and_the_sidecar() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(listening["admin"].is_string(), "{listening}");
+
+    // `install` takes it as well.
+    let out = portcullis(&["install", "--mesh-cidrs", "10.244.0.0/16,10.96.0.10"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 #[test]
@@ -129,6 +135,10 @@ fn host_bits_are_refused_everywhere_with_one_message() {
         (
             "--passthrough-cidrs",
             run_command(&ca, None, &["--passthrough-cidrs", bad]),
+        ),
+        (
+            "--mesh-cidrs",
+            portcullis(&["install", "--mesh-cidrs", bad]),
         ),
         (
             "--exclude-outbound-cidrs",
