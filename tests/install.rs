@@ -3,7 +3,8 @@
 //! the chart given the same CA (so it stays in step with the chart), its
 //! certificates chain, and an identity service started from its objects
 //! signs a sidecar's CSR. The chart itself refuses to render without a
-//! trust anchor, and `ca bootstrap`'s values make it render and lint clean.
+//! trust anchor, and `ca bootstrap`'s values make it render and lint clean;
+//! the GitOps values docs/kubernetes.md gives render no private key.
 
 #[allow(dead_code)]
 #[path = "ca_serve/apiserver.rs"]
@@ -518,4 +519,41 @@ fn chart_refuses_to_render_without_a_trust_anchor() {
         .set(bundle)
         .template()
         .expect("an existing Secret and a bundle are enough");
+}
+
+/// docs/kubernetes.md's GitOps advice: a render from `ca bootstrap` values
+/// with the default webhook TLS holds two private keys (the issuer's and a
+/// webhook key made at render time); with `identity.issuer.existingSecret`
+/// and cert-manager webhook TLS it holds none, and still validates.
+#[test]
+fn gitops_values_render_no_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    let out = portcullis(&["ca", "bootstrap", "--values-out", values.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let keys = |docs: &[Value]| -> Vec<String> {
+        of_kind(docs, "Secret")
+            .into_iter()
+            .filter(|s| s["data"]["tls.key"].is_string() || s["stringData"]["tls.key"].is_string())
+            .map(|s| name(s).to_string())
+            .collect()
+    };
+    let docs = Render::bare().file(&values).docs();
+    assert_eq!(
+        keys(&docs),
+        ["portcullis-ca-issuer", "portcullis-injector-tls"],
+        "the default render's private keys"
+    );
+
+    let v: Value = serde_norway::from_str(&std::fs::read_to_string(&values).unwrap()).unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, v["identity"]["trustBundlePEM"].as_str().unwrap()).unwrap();
+    let docs = Render::bare()
+        .set("identity.issuer.existingSecret=portcullis-ca-issuer")
+        .set_file("identity.trustBundlePEM", &bundle)
+        .set("webhook.tls.mode=cert-manager")
+        .docs();
+    assert_eq!(keys(&docs), Vec::<String>::new());
+    assert!(of_kind(&docs, "Secret").is_empty());
+    validate(&docs, "1.33.0", "GitOps values");
 }
