@@ -410,6 +410,7 @@ async fn admin_index_lists_the_endpoints() {
         "/rules",
         "/authz/explain",
         "/shutdown",
+        "/logging",
     ] {
         assert!(body.contains(path), "{path} missing from:\n{body}");
         let (status, _) = http_get(sidecar.addrs.admin, path).await.unwrap();
