@@ -211,6 +211,24 @@ pub fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
     ipnet::IpNet::new(c.addr, c.prefix).map_err(|e| e.to_string())
 }
 
+/// The `--admin` of `await` and `check`: `HOST:PORT` or `http://HOST:PORT`
+/// (a trailing `/` allowed), so each takes what the other's docs show.
+/// Returns `HOST:PORT`.
+pub fn admin_address(s: &str) -> Result<String, String> {
+    let bad = || "use HOST:PORT or http://HOST:PORT".to_string();
+    let s = s.trim().trim_end_matches('/');
+    let authority = s.strip_prefix("http://").unwrap_or(s);
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.is_empty() || host.contains('/') || (host.contains(':') && !bracketed) {
+        return Err(bad());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(authority.to_string()),
+        _ => Err(bad()),
+    }
+}
+
 /// A port or an inclusive range of ports, written `80` or `8000-8100`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -278,6 +296,35 @@ mod tests {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }
         assert!("8000-8100".parse::<PortRange>().unwrap().contains(8050));
+    }
+
+    #[test]
+    fn admin_addresses_with_or_without_http() {
+        for (s, want) in [
+            ("127.0.0.1:15020", "127.0.0.1:15020"),
+            ("http://127.0.0.1:15020", "127.0.0.1:15020"),
+            ("http://[::1]:15020/", "[::1]:15020"),
+            ("[::1]:15020", "[::1]:15020"),
+            ("localhost:1", "localhost:1"),
+        ] {
+            assert_eq!(admin_address(s).as_deref(), Ok(want), "{s}");
+        }
+        for bad in [
+            "nope",
+            "https://x:1",
+            "http://x",
+            "http://:80",
+            "x:0",
+            "x:99999",
+            "::1",
+            "http://x:1/ready",
+        ] {
+            assert_eq!(
+                admin_address(bad),
+                Err("use HOST:PORT or http://HOST:PORT".into()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
