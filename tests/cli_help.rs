@@ -189,7 +189,7 @@ fn a_closed_pipe_ends_completion_and_man_quietly() {
 
         // Like `head -c 64`: read a little, then close.
         let (mut reader, writer) = std::io::pipe().unwrap();
-        let mut child = Command::new(BIN)
+        let child = Command::new(BIN)
             .args(args)
             .stdout(writer)
             .stderr(Stdio::piped())
