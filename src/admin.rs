@@ -193,6 +193,8 @@ GET  /metrics         Prometheus metrics
 GET  /certs           this sidecar's certificate and trust bundle (JSON)
 GET  /rules           the rules in force, their hash and the last refused reload (JSON)
 GET  /authz/explain   ?from=ID&port=P[&method=M&path=/p]: why a request is allowed or denied (loopback only)
+GET  /logging         the log filter in force
+PUT  /logging         ?level=DIRECTIVE: replace the log filter (loopback only)
 POST /shutdown        drain and exit, for Jobs (loopback only)
 GET  /app-health/...  the app's probes, rewritten by the injector
 ";

@@ -17,7 +17,7 @@ pub struct AwaitArgs {
     /// Give up (exit 1) after this long.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// The sidecar's admin server, http://HOST:PORT.
+    /// The sidecar's admin server: HOST:PORT or http://HOST:PORT.
     #[arg(
         long,
         env = "PORTCULLIS_AWAIT_ADMIN",
@@ -38,16 +38,7 @@ const EXIT_CODES: &str = "Exit codes:
 /// error (exit 2, like every other command) and not a timeout (exit 1)
 /// two minutes later.
 fn parse_admin(s: &str) -> Result<String, String> {
-    let base = s.trim_end_matches('/');
-    let authority = base.strip_prefix("http://").ok_or("use http://HOST:PORT")?;
-    let port = authority
-        .rsplit_once(':')
-        .filter(|(host, _)| !host.is_empty())
-        .map(|(_, port)| port);
-    match port.map(str::parse::<u16>) {
-        Some(Ok(p)) if p != 0 => Ok(base.to_string()),
-        _ => Err("use http://HOST:PORT".into()),
-    }
+    crate::config::admin_address(s).map(|a| format!("http://{a}"))
 }
 
 /// How often `/ready` is asked.
@@ -55,13 +46,10 @@ const INTERVAL: Duration = Duration::from_millis(200);
 
 /// Ok once ready; Err with the last failure at the timeout.
 pub async fn wait(args: &AwaitArgs) -> Result<(), String> {
-    let base = args.admin.trim_end_matches('/');
-    // Checked by `parse_admin` already; kept for callers that build the
+    // Checked by `parse_admin` already; again for callers that build the
     // args by hand.
-    let authority = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("--admin {base:?}: use http://HOST:PORT"))?
-        .to_string();
+    let authority = crate::config::admin_address(&args.admin)
+        .map_err(|e| format!("--admin {:?}: {e}", args.admin))?;
     let deadline = Instant::now() + args.timeout;
     let mut last = String::from("not asked yet");
     loop {
@@ -103,28 +91,15 @@ mod tests {
     use super::parse_admin;
 
     #[test]
-    fn admin_must_be_http_host_port() {
-        for ok in [
-            "http://127.0.0.1:15020",
-            "http://[::1]:15020/",
-            "http://localhost:1",
-        ] {
-            assert!(parse_admin(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "nope",
-            "127.0.0.1:15020",
-            "https://x:1",
-            "http://x",
-            "http://:80",
-            "http://x:0",
-            "http://x:99999",
-        ] {
-            assert_eq!(
-                parse_admin(bad),
-                Err("use http://HOST:PORT".into()),
-                "{bad}"
-            );
-        }
+    fn admin_is_host_port_with_or_without_http() {
+        assert_eq!(
+            parse_admin("127.0.0.1:15020").as_deref(),
+            Ok("http://127.0.0.1:15020")
+        );
+        assert_eq!(
+            parse_admin("http://[::1]:15020/").as_deref(),
+            Ok("http://[::1]:15020")
+        );
+        assert!(parse_admin("https://x:1").is_err());
     }
 }

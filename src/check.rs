@@ -29,12 +29,13 @@ pub use netfilter::{compare as compare_interception, Expected, Installed, Listen
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES)]
 pub struct CheckArgs {
-    /// The sidecar's admin address (HOST:PORT).
+    /// The sidecar's admin address: HOST:PORT or http://HOST:PORT.
     #[arg(
         long,
         env = "PORTCULLIS_CHECK_ADMIN",
         default_value = "127.0.0.1:15020",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = parse_admin
     )]
     pub admin: SocketAddr,
     /// The rule files to compare with the rules in force [default: the
@@ -76,6 +77,18 @@ pub struct CheckArgs {
     /// Print JSON ({"ok": bool, "checks": [...]}) instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--admin` in either form `await` takes too; a name is resolved once
+/// (its first address).
+fn parse_admin(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let authority = crate::config::admin_address(s)?;
+    let resolved = authority.to_socket_addrs();
+    resolved
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority}: no address"))
 }
 
 /// `portcullis init`'s default `--proxy-uid`.

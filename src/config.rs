@@ -202,6 +202,33 @@ pub enum LogFormat {
     Json,
 }
 
+/// A network of `run --mesh-cidrs`/`--passthrough-cidrs`, read with the one
+/// parser `init`, the rules and the injector use (a bare address is one
+/// host; host bits are refused, never widened), so a value one of them
+/// accepts is never refused by another at a pod's start.
+pub fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let c = crate::intercept::Cidr::parse(s)?;
+    ipnet::IpNet::new(c.addr, c.prefix).map_err(|e| e.to_string())
+}
+
+/// The `--admin` of `await` and `check`: `HOST:PORT` or `http://HOST:PORT`
+/// (a trailing `/` allowed), so each takes what the other's docs show.
+/// Returns `HOST:PORT`.
+pub fn admin_address(s: &str) -> Result<String, String> {
+    let bad = || "use HOST:PORT or http://HOST:PORT".to_string();
+    let s = s.trim().trim_end_matches('/');
+    let authority = s.strip_prefix("http://").unwrap_or(s);
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.is_empty() || host.contains('/') || (host.contains(':') && !bracketed) {
+        return Err(bad());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(authority.to_string()),
+        _ => Err(bad()),
+    }
+}
+
 /// A port or an inclusive range of ports, written `80` or `8000-8100`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -269,5 +296,54 @@ mod tests {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }
         assert!("8000-8100".parse::<PortRange>().unwrap().contains(8050));
+    }
+
+    #[test]
+    fn admin_addresses_with_or_without_http() {
+        for (s, want) in [
+            ("127.0.0.1:15020", "127.0.0.1:15020"),
+            ("http://127.0.0.1:15020", "127.0.0.1:15020"),
+            ("http://[::1]:15020/", "[::1]:15020"),
+            ("[::1]:15020", "[::1]:15020"),
+            ("localhost:1", "localhost:1"),
+        ] {
+            assert_eq!(admin_address(s).as_deref(), Ok(want), "{s}");
+        }
+        for bad in [
+            "nope",
+            "https://x:1",
+            "http://x",
+            "http://:80",
+            "x:0",
+            "x:99999",
+            "::1",
+            "http://x:1/ready",
+        ] {
+            assert_eq!(
+                admin_address(bad),
+                Err("use HOST:PORT or http://HOST:PORT".into()),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cidrs_read_like_init_reads_them() {
+        for (s, want) in [
+            ("10.96.0.10", "10.96.0.10/32"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("fd00::1", "fd00::1/128"),
+            ("fd00::/8", "fd00::/8"),
+        ] {
+            assert_eq!(cidr(s).unwrap().to_string(), want, "{s}");
+        }
+        let e = cidr("10.0.0.1/8").unwrap_err();
+        assert!(
+            e.contains("host bits are set (did you mean 10.0.0.0/8?)"),
+            "{e}"
+        );
+        for bad in ["10.0.0.0/33", "nope", "10.0.0/8", ""] {
+            assert!(cidr(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -45,6 +45,14 @@ rules:
       paths: [\"/hello\", \"/hello/**\"]
 ";
 
+/// The client sidecar's rules: none (it serves nothing in the demo). Its
+/// own directory, so it never reads the host's /etc/portcullis/rules.
+const CLIENT_RULES: &str = "\
+# portcullis demo: the client sidecar's rules. It receives no traffic in the
+# demo, so it has none; inbound connections would get the default policy.
+rules: []
+";
+
 /// Runs the demo until Ctrl-C or SIGTERM, then drains and cleans up.
 pub async fn run(args: DemoArgs) -> Result<()> {
     init_logs()?;
@@ -111,9 +119,15 @@ pub async fn start(args: DemoArgs) -> Result<Demo> {
     let (server_sidecar, server) = Sidecar::start("server", argv)
         .await
         .context("server sidecar")?;
+    let client_rules = dir.join("client-rules");
+    std::fs::create_dir(&client_rules)
+        .and_then(|()| std::fs::write(client_rules.join("client.yaml"), CLIENT_RULES))
+        .with_context(|| format!("writing {}", client_rules.display()))?;
     let (port, dest) = (args.port, server.inbound);
     let flags = format!("--upstream 127.0.0.1:{port}={dest}={SERVER_ID}");
-    let (client_sidecar, client) = Sidecar::start("client", run_argv(&ca, "client", &flags))
+    let mut argv = run_argv(&ca, "client", &flags);
+    argv.extend([OsString::from("--rules-dir"), OsString::from(&client_rules)]);
+    let (client_sidecar, client) = Sidecar::start("client", argv)
         .await
         .context("client sidecar")?;
     let listen = *client.upstreams.first().context("no upstream")?;

@@ -3,9 +3,10 @@
 //!
 //! `install` prints the whole manifest set: the chart's render
 //! (deploy/portcullis.yaml, embedded at build time) with the chosen
-//! namespace and trust domain applied structurally ([`manifest`]), plus the
-//! identity service's issuer Secret and the trust-bundle ConfigMap made from
-//! a trust anchor ([`anchor`]): a new one, or one the user keeps offline.
+//! namespace, trust domain and mesh CIDRs applied structurally
+//! ([`manifest`]), plus the identity service's issuer Secret and the
+//! trust-bundle ConfigMap made from a trust anchor ([`anchor`]): a new one,
+//! or one the user keeps offline.
 //! `ca bootstrap` writes the same CA material as Helm values, so that
 //! `helm install -f values.yaml` needs no `--set-file`.
 
@@ -83,7 +84,16 @@ pub struct InstallArgs {
     /// bundle and trust domain are used instead of generating new ones.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["trust_anchor_cert", "trust_anchor_key_out", "trust_anchor_cert_out"])]
     pub values: Option<PathBuf>,
+    /// The cluster's pod and Service networks (e.g. 10.244.0.0/16,10.96.0.0/12):
+    /// every sidecar sends connections there over mTLS. Without them
+    /// outbound traffic leaves as plain TCP, which strict sidecars refuse.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR", value_parser = crate::intercept::Cidr::parse)]
+    pub mesh_cidrs: Vec<crate::intercept::Cidr>,
 }
+
+/// Printed when `install` is given no `--mesh-cidrs`: the install works, but
+/// meshed pods cannot call each other until it is set.
+pub const NO_MESH_CIDRS_WARNING: &str = "portcullis install: warning: no --mesh-cidrs: sidecars will send outbound traffic as plain TCP, which the receiving sidecars (strict by default) refuse, so meshed pods cannot call each other; give your pod and Service CIDRs, e.g. --mesh-cidrs 10.244.0.0/16,10.96.0.0/12";
 
 /// `portcullis ca bootstrap` flags.
 #[derive(Debug, Clone, Args)]
@@ -121,8 +131,12 @@ pub fn install(args: &InstallArgs) -> Result<(), Error> {
             material
         }
     };
-    let text = render(&args.namespace, &material)?;
+    let cidrs: Vec<String> = args.mesh_cidrs.iter().map(|c| c.to_string()).collect();
+    let text = render(&args.namespace, &material, &cidrs)?;
     print!("{text}");
+    if cidrs.is_empty() {
+        eprintln!("{NO_MESH_CIDRS_WARNING}");
+    }
     eprintln!(
         "portcullis install: namespace {}, trust domain {}; the output holds the issuer's private key, treat it as a secret",
         args.namespace, material.trust_domain
@@ -142,7 +156,7 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<(), Error> {
     )?;
     write_anchor_outputs(&material, &args.anchor)?;
     println!(
-        "wrote {} (trust domain {}): helm install portcullis charts/portcullis -n portcullis --create-namespace -f {}",
+        "wrote {} (trust domain {}): helm install portcullis charts/portcullis -n portcullis --create-namespace -f {} --set 'proxy.meshCidrs={{10.244.0.0/16,10.96.0.0/12}}' (your cluster's pod and Service CIDRs)",
         args.values_out.display(),
         material.trust_domain,
         args.values_out.display()

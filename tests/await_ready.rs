@@ -1,5 +1,6 @@
-//! Issue 6, test 5: `portcullis await` exits 0 once `/ready` answers 200,
-//! 1 at its timeout (also when nothing listens), and 2 on a usage error.
+//! `portcullis await` exits 0 once `/ready` answers 200, 1 at its timeout
+//! (also when nothing listens), and 2 on a usage error; `--admin` is
+//! HOST:PORT or http://HOST:PORT.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -33,15 +34,13 @@ fn admin(ready: Arc<AtomicBool>) -> u16 {
 }
 
 fn await_cmd(port: u16, timeout: &str) -> (std::process::Output, Duration) {
+    await_admin(&format!("http://127.0.0.1:{port}"), timeout)
+}
+
+fn await_admin(admin: &str, timeout: &str) -> (std::process::Output, Duration) {
     let started = Instant::now();
     let out = Command::new(BIN)
-        .args([
-            "await",
-            "--timeout",
-            timeout,
-            "--admin",
-            &format!("http://127.0.0.1:{port}"),
-        ])
+        .args(["await", "--timeout", timeout, "--admin", admin])
         .output()
         .unwrap();
     (out, started.elapsed())
@@ -67,6 +66,21 @@ fn exits_zero_once_ready() {
         "returned before ready: {took:?}"
     );
     assert!(took < Duration::from_secs(5), "too slow: {took:?}");
+}
+
+/// `--admin` takes HOST:PORT as `check --admin` does, not only a URL.
+#[test]
+fn admin_without_http_works_too() {
+    let port = admin(Arc::new(AtomicBool::new(true)));
+    for admin in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("http://127.0.0.1:{port}/"),
+    ] {
+        let (out, _) = await_admin(&admin, "10s");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{admin}: {stderr}");
+    }
 }
 
 #[test]
@@ -106,7 +120,10 @@ fn usage_errors_exit_2_and_help_lists_exit_codes() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{admin}: {stderr}");
         assert!(stderr.contains("--admin"), "{stderr}");
-        assert!(stderr.contains("use http://HOST:PORT"), "{stderr}");
+        assert!(
+            stderr.contains("use HOST:PORT or http://HOST:PORT"),
+            "{stderr}"
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
     }
     let out = Command::new(BIN)

@@ -105,6 +105,34 @@ async fn admin_port_unreachable_fails_and_skips_what_depends_on_it() {
     assert!(lines[at + 1].trim_start().starts_with("fix: "), "{table}");
 }
 
+/// `--admin` takes http://HOST:PORT as `await --admin` does.
+#[tokio::test]
+async fn admin_takes_a_url_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root(dir.path(), "ca", TD);
+    let sidecar = Sidecar::start(&issuer_args(&ca, &ca.files.cert, "web")).await;
+    let port = sidecar.addrs.admin.port();
+    for admin in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{port}/"),
+    ] {
+        let args = vec![admin.clone(), "--no-interception".into()];
+        let (_, report) = check_json(&[vec!["--admin".into()], args].concat()).await;
+        assert_eq!(finding(&report, "admin").0, "ok", "{admin}: {report:#}");
+        assert_eq!(finding(&report, "ready").0, "ok", "{admin}: {report:#}");
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--admin", "https://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("use HOST:PORT or http://HOST:PORT"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn not_ready_while_the_identity_service_is_unreachable() {
     let dir = tempfile::tempdir().unwrap();
@@ -410,6 +438,7 @@ async fn admin_index_lists_the_endpoints() {
         "/rules",
         "/authz/explain",
         "/shutdown",
+        "/logging",
     ] {
         assert!(body.contains(path), "{path} missing from:\n{body}");
         let (status, _) = http_get(sidecar.addrs.admin, path).await.unwrap();

@@ -1,9 +1,11 @@
 //! The command line documents itself: every flag and argument of every
 //! command has help text, completions cover every subcommand (and bash
-//! accepts the script), the man page comes from the same definitions, and
-//! a webhook that cannot bind says so once, naming the flag and address.
+//! accepts the script), the man page comes from the same definitions,
+//! both end quietly when their reader goes away (`| head`), and a webhook
+//! that cannot bind says so once, naming the flag and address.
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
 
 use clap::CommandFactory;
 use portcullis::config::Cli;
@@ -158,5 +160,47 @@ fn webhook_bind_error_is_one_line_naming_flag_and_address() {
         assert_eq!(lines.len(), 1, "{stderr}");
         assert!(lines[0].contains(&format!("{flag} {addr}")), "{stderr}");
         assert_eq!(lines[0].matches("in use").count(), 1, "{stderr}");
+    }
+}
+
+/// `portcullis completion bash | head` and `portcullis man | head`: a pipe
+/// whose reader is gone ends the command quietly with exit 0, like other
+/// tools (it used to panic with a backtrace, or print "Broken pipe").
+#[test]
+fn a_closed_pipe_ends_completion_and_man_quietly() {
+    for args in [
+        &["completion", "bash"][..],
+        &["completion", "zsh"],
+        &["man"],
+    ] {
+        // The reader is closed before the command writes its first byte,
+        // so every write meets EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BIN)
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}");
+
+        // Like `head -c 64`: read a little, then close.
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 64];
+        reader.read_exact(&mut first).unwrap();
+        drop(reader);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}");
     }
 }

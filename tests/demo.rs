@@ -1,5 +1,6 @@
 //! `portcullis demo` end to end: a request through the client sidecar reaches
-//! the echo app over mTLS, both sidecars are ready, and stopping cleans up.
+//! the echo app over mTLS, both sidecars are ready and read rules only from
+//! the demo's directory, and stopping cleans up.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -45,6 +46,16 @@ async fn demo_carries_a_request_and_cleans_up() {
     for admin in [demo.client.admin, demo.server.admin] {
         let ready = get(admin, "/ready").await.unwrap();
         assert!(ready.starts_with("HTTP/1.1 200"), "{admin}: {ready}");
+        // Each sidecar reads rules from the demo's directory, never from
+        // the host's /etc/portcullis/rules.
+        let rules = get(admin, "/rules").await.unwrap();
+        let body = rules.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let status: serde_json::Value = serde_json::from_str(body).unwrap();
+        let rules_dir = status["dir"].as_str().unwrap_or_default();
+        assert!(
+            rules_dir.starts_with(dir.to_str().unwrap()),
+            "{admin}: {status}"
+        );
     }
     // The hop between the sidecars really was mesh TLS...
     let metrics = get(demo.server.admin, "/metrics").await.unwrap();

@@ -3,7 +3,8 @@
 //! the chart given the same CA (so it stays in step with the chart), its
 //! certificates chain, and an identity service started from its objects
 //! signs a sidecar's CSR. The chart itself refuses to render without a
-//! trust anchor, and `ca bootstrap`'s values make it render and lint clean.
+//! trust anchor, and `ca bootstrap`'s values make it render and lint clean;
+//! the GitOps values docs/kubernetes.md gives render no private key.
 
 #[allow(dead_code)]
 #[path = "ca_serve/apiserver.rs"]
@@ -177,7 +178,17 @@ fn base64_of(s: &str) -> String {
 #[test]
 fn install_equals_a_helm_render_with_the_same_ca() {
     let (ns, td) = ("mesh-system", "example.org");
-    let (docs, _) = install(&["--namespace", ns, "--trust-domain", td]);
+    // A bare address is written as the /32 the chart's schema wants.
+    let (docs, _) = install(&[
+        "--namespace",
+        ns,
+        "--trust-domain",
+        td,
+        "--mesh-cidrs",
+        "10.244.0.0/16,fd00:10:244::/56",
+        "--mesh-cidrs",
+        "10.96.0.10",
+    ]);
     let (crt, key, bundle) = ca_objects(&docs);
     check_chain(&crt, &bundle, td);
     let dir = tempfile::tempdir().unwrap();
@@ -197,6 +208,10 @@ fn install_equals_a_helm_render_with_the_same_ca() {
         .args(["--namespace", ns, "--kube-version", "1.29.0"])
         .args(["--set", "webhook.tls.mode=cert-manager"])
         .args(["--set", &format!("trustDomain={td}")])
+        .args([
+            "--set",
+            "proxy.meshCidrs={10.244.0.0/16,fd00:10:244::/56,10.96.0.10/32}",
+        ])
         .arg("--set-file")
         .arg(format!("identity.issuer.crtPEM={}", crt_f.display()))
         .arg("--set-file")
@@ -247,6 +262,43 @@ fn install_equals_a_helm_render_with_the_same_ca() {
     assert_eq!(
         cfg["caUrl"],
         format!("https://portcullis-ca.{ns}.svc:15012").as_str()
+    );
+    assert_eq!(
+        cfg["proxy"]["meshCidrs"],
+        serde_json::json!(["10.244.0.0/16", "fd00:10:244::/56", "10.96.0.10/32"])
+    );
+}
+
+/// Without `--mesh-cidrs` the output is the same valid install with an
+/// empty list, and one warning line on stderr says what that breaks and
+/// how to set it; with them there is no warning.
+#[test]
+fn install_warns_once_without_mesh_cidrs() {
+    let warning = "warning: no --mesh-cidrs";
+    let out = portcullis(&["install"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains(warning)).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    for what in ["plain TCP", "refuse", "--mesh-cidrs 10.244.0.0/16"] {
+        assert!(warnings[0].contains(what), "{what:?} not in {err}");
+    }
+    let docs = docs(&text(&out.stdout));
+    validate(&docs, "1.33.0", "portcullis install without --mesh-cidrs");
+    let (cfg, _) = injector_config(&docs);
+    assert_eq!(cfg["proxy"]["meshCidrs"], serde_json::json!([]));
+
+    let out = portcullis(&["install", "--mesh-cidrs", "10.244.0.0/16"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains(warning),
+        "{}",
+        text(&out.stderr)
+    );
+    let (cfg, _) = injector_config(&support::docs(&text(&out.stdout)));
+    assert_eq!(
+        cfg["proxy"]["meshCidrs"],
+        serde_json::json!(["10.244.0.0/16"])
     );
 }
 
@@ -414,17 +466,30 @@ fn bootstrap_values_render_and_lint_with_helm() {
     let values = dir.path().join("values.yaml");
     let out = portcullis(&["ca", "bootstrap", "--values-out", values.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("-f "), "{}", text(&out.stdout));
+    // The hint names the values file and the mesh CIDRs, which Helm takes.
+    let hint = text(&out.stdout);
+    assert!(hint.contains("-f "), "{hint}");
+    let set = hint
+        .split("--set '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no --set in the hint: {hint}"));
+    assert!(set.starts_with("proxy.meshCidrs={"), "{hint}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&values).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let again = portcullis(&["ca", "bootstrap", "--values-out", values.to_str().unwrap()]);
     assert!(!again.status.success());
 
-    let r = Render::bare().file(&values);
+    let r = Render::bare().file(&values).set(set);
     r.lint()
         .unwrap_or_else(|e| panic!("helm lint --strict: {e}"));
     let docs = r.docs();
+    let (cfg, _) = injector_config(&docs);
+    assert_eq!(
+        cfg["proxy"]["meshCidrs"],
+        serde_json::json!(["10.244.0.0/16", "10.96.0.0/12"])
+    );
     let (crt, _, bundle) = ca_objects(&docs);
     check_chain(&crt, &bundle, "cluster.local");
     for kube in ["1.29.0", "1.33.0"] {
@@ -454,4 +519,41 @@ fn chart_refuses_to_render_without_a_trust_anchor() {
         .set(bundle)
         .template()
         .expect("an existing Secret and a bundle are enough");
+}
+
+/// docs/kubernetes.md's GitOps advice: a render from `ca bootstrap` values
+/// with the default webhook TLS holds two private keys (the issuer's and a
+/// webhook key made at render time); with `identity.issuer.existingSecret`
+/// and cert-manager webhook TLS it holds none, and still validates.
+#[test]
+fn gitops_values_render_no_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    let out = portcullis(&["ca", "bootstrap", "--values-out", values.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let keys = |docs: &[Value]| -> Vec<String> {
+        of_kind(docs, "Secret")
+            .into_iter()
+            .filter(|s| s["data"]["tls.key"].is_string() || s["stringData"]["tls.key"].is_string())
+            .map(|s| name(s).to_string())
+            .collect()
+    };
+    let docs = Render::bare().file(&values).docs();
+    assert_eq!(
+        keys(&docs),
+        ["portcullis-ca-issuer", "portcullis-injector-tls"],
+        "the default render's private keys"
+    );
+
+    let v: Value = serde_norway::from_str(&std::fs::read_to_string(&values).unwrap()).unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, v["identity"]["trustBundlePEM"].as_str().unwrap()).unwrap();
+    let docs = Render::bare()
+        .set("identity.issuer.existingSecret=portcullis-ca-issuer")
+        .set_file("identity.trustBundlePEM", &bundle)
+        .set("webhook.tls.mode=cert-manager")
+        .docs();
+    assert_eq!(keys(&docs), Vec::<String>::new());
+    assert!(of_kind(&docs, "Secret").is_empty());
+    validate(&docs, "1.33.0", "GitOps values");
 }

@@ -10,27 +10,43 @@ use super::Cli;
 /// Writes the completion script for `shell` to stdout.
 pub fn completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
     let mut cmd = Cli::command();
-    let mut out = std::io::stdout().lock();
+    // Into memory first: clap_complete panics on a write error, e.g. when
+    // stdout is a pipe that `head` has closed.
+    let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, "portcullis", &mut out);
-    out.flush()?;
-    Ok(())
+    to_stdout(&out)
 }
 
 /// Writes `portcullis.1` (roff) to stdout: the top-level page, then one
 /// section per command with its flags.
 pub fn man_page() -> anyhow::Result<()> {
-    let cmd = Cli::command();
+    let mut out = Vec::new();
+    render_man(&mut out)?;
+    to_stdout(&out)
+}
+
+/// Writes `text` to stdout. A reader that went away (`| head`, `| less`
+/// quit early) has all it wanted: like other command-line tools, end
+/// quietly and successfully instead of reporting the broken pipe.
+fn to_stdout(text: &[u8]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let man = clap_mangen::Man::new(cmd.clone());
-    man.render_title(&mut out)?;
-    man.render_name_section(&mut out)?;
-    man.render_synopsis_section(&mut out)?;
-    man.render_description_section(&mut out)?;
-    for sub in cmd.get_subcommands() {
-        section(&mut out, sub, "portcullis")?;
+    match out.write_all(text).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
-    man.render_version_section(&mut out)?;
-    out.flush()?;
+}
+
+fn render_man(out: &mut impl Write) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    for sub in cmd.get_subcommands() {
+        section(out, sub, "portcullis")?;
+    }
+    man.render_version_section(out)?;
     Ok(())
 }
 

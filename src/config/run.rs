@@ -138,7 +138,8 @@ pub struct RunArgs {
         long,
         env = "PORTCULLIS_MESH_CIDRS",
         value_delimiter = ',',
-        value_name = "CIDR"
+        value_name = "CIDR",
+        value_parser = super::cidr
     )]
     pub mesh_cidrs: Vec<IpNet>,
     /// Never use mTLS to these networks, even inside --mesh-cidrs.
@@ -146,7 +147,8 @@ pub struct RunArgs {
         long,
         env = "PORTCULLIS_PASSTHROUGH_CIDRS",
         value_delimiter = ',',
-        value_name = "CIDR"
+        value_name = "CIDR",
+        value_parser = super::cidr
     )]
     pub passthrough_cidrs: Vec<IpNet>,
     /// Never use mTLS to these destination ports (ranges like 9000-9100 too).

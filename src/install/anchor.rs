@@ -152,8 +152,13 @@ impl FromValues {
             for k in map.keys() {
                 let k = k.as_str().unwrap_or("?");
                 if !keys.contains(&k) {
+                    let hint = if format!("{at}{k}") == "proxy" {
+                        " (for proxy.meshCidrs give --mesh-cidrs)"
+                    } else {
+                        ""
+                    };
                     return Err(bad(format!(
-                        "{at}{k} is not applied by `portcullis install` (only trustDomain, identity.issuer.crtPEM/keyPEM and identity.trustBundlePEM are); use Helm for other values"
+                        "{at}{k} is not applied by `portcullis install` (only trustDomain, identity.issuer.crtPEM/keyPEM and identity.trustBundlePEM are); use Helm for other values{hint}"
                     )));
                 }
             }

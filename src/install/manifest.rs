@@ -17,15 +17,16 @@ pub const BASE_NAMESPACE: &str = "portcullis";
 /// The trust domain of the embedded render (the chart's default).
 pub const BASE_TRUST_DOMAIN: &str = "cluster.local";
 
-/// The complete manifest set for `namespace`, with `ca`'s issuer and bundle.
-pub fn render(namespace: &str, ca: &CaMaterial) -> Result<String, Error> {
+/// The complete manifest set for `namespace`, with `ca`'s issuer and
+/// bundle, and `mesh_cidrs` (checked networks) in the injector's config.
+pub fn render(namespace: &str, ca: &CaMaterial, mesh_cidrs: &[String]) -> Result<String, Error> {
     check_namespace(namespace)?;
     let mut docs = parse(BASE)?;
     let td = ca.trust_domain.as_str();
     let mut config_sum = None;
     for doc in docs.iter_mut() {
         retarget(doc, namespace, td);
-        if let Some(text) = injector_config(doc, namespace, td, &ca.bundle_pem)? {
+        if let Some(text) = injector_config(doc, namespace, td, &ca.bundle_pem, mesh_cidrs)? {
             config_sum = Some(sha256_hex(&text));
         }
     }
@@ -199,12 +200,14 @@ fn retarget(doc: &mut Value, ns: &str, td: &str) {
 
 /// Edits the injector's config file inside its ConfigMap (trust domain,
 /// the identity service's URL, the excluded release namespace, the trust
-/// bundle); returns the new file text, or None for other objects.
+/// bundle, the mesh CIDRs); returns the new file text, or None for other
+/// objects.
 fn injector_config(
     doc: &mut Value,
     ns: &str,
     td: &str,
     bundle: &str,
+    mesh_cidrs: &[String],
 ) -> Result<Option<String>, Error> {
     if kind(doc) != "ConfigMap" {
         return Ok(None);
@@ -235,6 +238,11 @@ fn injector_config(
         swap(Some(v), BASE_NAMESPACE, ns);
     }
     cfg["trustBundle"] = bundle.into();
+    let proxy = cfg
+        .get_mut("proxy")
+        .filter(|p| p.get("meshCidrs").is_some())
+        .ok_or_else(|| Error::Manifest("injector config has no proxy.meshCidrs".into()))?;
+    proxy["meshCidrs"] = Value::Sequence(mesh_cidrs.iter().map(|c| c.as_str().into()).collect());
     // The comment lines the chart puts on top, then the edited keys.
     let head: String = old
         .lines()
@@ -349,7 +357,7 @@ mod tests {
     #[test]
     fn render_moves_everything_to_the_namespace_and_trust_domain() {
         let ca = material("example.org");
-        let text = render("mesh", &ca).unwrap();
+        let text = render("mesh", &ca, &[]).unwrap();
         let docs = parse(&text).unwrap();
         assert_eq!(kind(&docs[0]), "Namespace");
         assert_eq!(docs[0]["metadata"]["name"].as_str(), Some("mesh"));
@@ -369,6 +377,6 @@ mod tests {
         assert!(!text.contains("cluster.local\"") && !text.contains("=cluster.local"));
         assert!(text.contains("--trust-domain=example.org"));
         assert!(!text.contains(ca.anchor_key_pem().unwrap().lines().nth(1).unwrap()));
-        assert!(render("Not A Namespace", &ca).is_err());
+        assert!(render("Not A Namespace", &ca, &[]).is_err());
     }
 }
