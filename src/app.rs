@@ -136,6 +136,7 @@ impl App {
             .map(|a| a.port())
             .collect();
         let shared = Arc::new(Shared {
+            tunnel_sources: proxy::tunnel::SourceLimit::new(tunnel.max_connections_per_source),
             tls: tls.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),

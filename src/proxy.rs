@@ -112,6 +112,8 @@ pub enum Error {
 /// What every connection handler needs, shared by all listeners.
 pub struct Shared {
     pub tls: Arc<MeshTls>,
+    /// Tunnel connections open per source address (as a server).
+    pub tunnel_sources: tunnel::SourceLimit,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pub mode: InboundMode,

@@ -31,6 +31,7 @@ const NAMES: &[&str] = &[
     "portcullis_http_app_connections_opened_total",
     "portcullis_http_app_connections_idle",
     "portcullis_http_app_requests_resent_total",
+    "portcullis_tunnel_connections_refused_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "process_open_fds",

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::proxy::tunnel::{TunnelSettings, DEFAULT_PORT};
+use crate::proxy::tunnel::{TunnelSettings, DEFAULT_MAX_CONNECTIONS_PER_SOURCE, DEFAULT_PORT};
 
 /// `--tunnel`: whether outbound connections use the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,6 +59,16 @@ pub struct TunnelArgs {
         value_name = "N"
     )]
     pub tunnel_max_streams: u32,
+    /// Tunnel connections one source address may hold open to this
+    /// sidecar; past it its new ones are closed after the handshake
+    /// (each may hold up to 8 MiB of bytes the app has not read yet).
+    #[arg(
+        long,
+        env = "PORTCULLIS_TUNNEL_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+        value_name = "N"
+    )]
+    pub tunnel_max_connections_per_source: usize,
 }
 
 impl TunnelArgs {
@@ -71,6 +81,9 @@ impl TunnelArgs {
         }
         if self.tunnel_max_streams == 0 {
             return Err("--tunnel-max-streams: must be at least 1".into());
+        }
+        if self.tunnel_max_connections_per_source == 0 {
+            return Err("--tunnel-max-connections-per-source: must be at least 1".into());
         }
         let listen = match self.tunnel_listen {
             Some(TunnelListen::Off) => None,
@@ -94,6 +107,7 @@ impl TunnelArgs {
                 idle_timeout: self.tunnel_idle_timeout,
                 peer_port,
                 own_ports: Vec::new(),
+                max_connections_per_source: self.tunnel_max_connections_per_source,
             },
         ))
     }

@@ -17,6 +17,13 @@ const SBIN: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
 
 const CAP_HINT: &str = " (init needs CAP_NET_ADMIN in the pod's network namespace)";
 
+/// Writes to stdout. A reader that went away (`--dry-run | head`) is not
+/// an error: the rules are installed (or not, for a dry run) all the same.
+fn show(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 /// `portcullis init`: installs (or with `--cleanup` removes) the rules, or
 /// prints them with `--dry-run`. Prints the backend it uses on stdout.
 pub fn run(args: &InitArgs) -> Result<(), Error> {
@@ -27,9 +34,9 @@ pub fn run(args: &InitArgs) -> Result<(), Error> {
     let observed = observe();
     let say = |line: String| {
         if args.dry_run {
-            println!("# {line}");
+            show(&format!("# {line}\n"));
         } else {
-            println!("{line}");
+            show(&format!("{line}\n"));
         }
     };
     let explicit = Backend::from_choice(args.backend);
@@ -160,7 +167,7 @@ fn observe() -> Observed {
 fn apply_nft(plan: &RulePlan, dry_run: bool) -> Result<(), Error> {
     let script = nft::apply_script(plan);
     if dry_run {
-        print!("{script}");
+        show(&script);
         return Ok(());
     }
     load("nft", &["-f", "-"], &script)
@@ -188,7 +195,7 @@ fn apply_iptables(backend: Backend, plan: &RulePlan, dry_run: bool) -> Result<()
         };
         let Some(input) = input else { continue };
         if dry_run {
-            print!("{input}");
+            show(&input);
             continue;
         }
         match load(&restore_program(backend, family), &["--noflush"], &input) {
@@ -227,7 +234,7 @@ fn remove(backend: Backend, dry_run: bool) -> Result<(), Error> {
         Backend::Nft => {
             let script = nft::cleanup_script();
             if dry_run {
-                print!("{script}");
+                show(&script);
                 Ok(())
             } else {
                 load("nft", &["-f", "-"], &script)
@@ -251,7 +258,7 @@ fn remove_family(backend: Backend, family: Family, dry_run: bool) -> Result<(), 
         return Ok(());
     };
     if dry_run {
-        print!("{input}");
+        show(&input);
         return Ok(());
     }
     load(&restore_program(backend, family), &["--noflush"], &input)

@@ -12,6 +12,8 @@ pub struct TunnelMetrics {
     pub streams_active: IntGaugeVec,
     pub pool: IntCounterVec,
     pub fallbacks: IntCounterVec,
+    /// Tunnel connections closed after the handshake, by reason.
+    pub connections_refused: IntCounterVec,
     /// The series every stream touches, resolved once per direction.
     pub inbound: StreamSeries,
     pub outbound: StreamSeries,
@@ -85,6 +87,12 @@ impl TunnelMetrics {
             streams,
             streams_active,
             pool,
+            connections_refused: counter(
+                r,
+                "portcullis_tunnel_connections_refused_total",
+                "Tunnel connections closed after their handshake (source_limit: the source address already held --tunnel-max-connections-per-source).",
+                &["reason"],
+            ),
             fallbacks: counter(
                 r,
                 "portcullis_tunnel_fallbacks_total",
@@ -97,6 +105,7 @@ impl TunnelMetrics {
             m.connections_opened.with_label_values(&[direction]);
         }
         m.pool.with_label_values(&["miss"]);
+        m.connections_refused.with_label_values(&["source_limit"]);
         for reason in ["refused", "timeout", "no_h2", "remembered"] {
             m.fallbacks.with_label_values(&[reason]);
         }

@@ -8,12 +8,14 @@ mod early;
 mod health;
 mod pool;
 mod server;
+mod sources;
 mod stream;
 
 pub use client::{connect, Failed, Link};
 pub use health::{ConnHealth, Stale};
 pub use pool::Pool;
 pub use server::{serve, TunnelConn};
+pub use sources::SourceLimit;
 pub use stream::H2Stream;
 
 use std::time::Duration;
@@ -25,12 +27,18 @@ use prometheus::IntGauge;
 pub const DEFAULT_PORT: u16 = 15008;
 
 /// HTTP/2 flow-control windows and frame size: large enough that one bulk
-/// stream is not held back by window updates on a fast link, bounded so a
-/// slow reader cannot make us buffer much.
-const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// stream is not held back by window updates on a fast link (4 MiB in
+/// flight carries 30 Gbit/s at a 1 ms round trip), bounded so a slow
+/// reader cannot make us buffer much: a peer can make a sidecar hold at
+/// most a connection window of unread bytes per tunnel connection, and
+/// [`SourceLimit`] caps the connections of one source address.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
-const SEND_BUFFER: usize = 4 * 1024 * 1024;
+const SEND_BUFFER: usize = 1024 * 1024;
+
+/// The default of `--tunnel-max-connections-per-source`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 16;
 
 /// How long a peer whose tunnel port refused us is sent per-connection
 /// mTLS without trying its tunnel again.
@@ -52,6 +60,8 @@ pub struct TunnelSettings {
     pub peer_port: u16,
     /// This sidecar's own listener ports: a CONNECT may not name them.
     pub own_ports: Vec<u16>,
+    /// Tunnel connections one source address may hold open as a server.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for TunnelSettings {
@@ -63,6 +73,7 @@ impl Default for TunnelSettings {
             idle_timeout: Duration::from_secs(60),
             peer_port: DEFAULT_PORT,
             own_ports: Vec::new(),
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
         }
     }
 }

@@ -391,3 +391,98 @@ async fn a_stream_cancelled_in_a_request_line_resets_the_app_connection() {
         .metric("portcullis_opaque_request_lines_total", &[]);
     assert_eq!(counted, 1.0);
 }
+
+/// An HTTP/2 client over mesh mTLS from the source address `from`, and
+/// the task driving its connection (aborted: the connection closes).
+async fn h2_client_from(
+    from: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{from}:0").parse().unwrap())?;
+    let tcp = socket.connect(addr).await?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(std::io::Error::other)?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((send, task))
+}
+
+/// One source address holds at most `--tunnel-max-connections-per-source`
+/// tunnel connections (each may hold a connection window of unread
+/// bytes): its next one is closed after the handshake and counted; its
+/// open ones and other sources keep working, and a closed one frees a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_holds_at_most_its_share_of_tunnel_connections() {
+    let p = pod(&["--tunnel-max-connections-per-source", "2"]).await;
+    let app = echo_on(POD).await;
+    let authority = app.to_string();
+    let config = as_peer(&p.ca, p.ca.leaf("many"));
+    let works = |send: h2::client::SendRequest<bytes::Bytes>, msg: &'static [u8]| {
+        let authority = authority.clone();
+        async move {
+            match open_stream(&send, Method::CONNECT, &authority).await {
+                Ok((StatusCode::OK, Some(mut io))) => echo_once(&mut io, msg).await,
+                _ => false,
+            }
+        }
+    };
+    let (first, _first) = h2_client_from("127.0.0.1", config.clone(), p.tunnel)
+        .await
+        .unwrap();
+    let (second, second_task) = h2_client_from("127.0.0.1", config.clone(), p.tunnel)
+        .await
+        .unwrap();
+    assert!(works(first.clone(), b"first").await);
+    assert!(works(second.clone(), b"second").await);
+    let refused = || {
+        p.sidecar.metric(
+            "portcullis_tunnel_connections_refused_total",
+            &[("reason", "source_limit")],
+        )
+    };
+    assert_eq!(refused(), 0.0);
+
+    let third = h2_client_from("127.0.0.1", config.clone(), p.tunnel).await;
+    let served = match third {
+        Ok((send, _task)) => works(send, b"third").await,
+        Err(_) => false,
+    };
+    assert!(!served, "a third connection from one source was served");
+    assert_eq!(refused(), 1.0);
+    assert!(works(first.clone(), b"first again").await);
+    let (elsewhere, _elsewhere) = h2_client_from("127.0.0.3", config.clone(), p.tunnel)
+        .await
+        .unwrap();
+    assert!(works(elsewhere, b"another source").await);
+
+    // Closing one gives its slot back (the other source's connection
+    // closes too: its client dropped its last handle).
+    drop(second);
+    second_task.abort();
+    let open = || {
+        p.sidecar.metric(
+            "portcullis_tunnel_connections_open",
+            &[("direction", "inbound")],
+        )
+    };
+    eventually(
+        "only the first connection open",
+        Duration::from_secs(5),
+        || async { open() == 1.0 },
+    )
+    .await;
+    let (again, _again) = h2_client_from("127.0.0.1", config, p.tunnel).await.unwrap();
+    assert!(works(again, b"again").await);
+    assert_eq!(refused(), 1.0);
+}

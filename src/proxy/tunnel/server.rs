@@ -52,6 +52,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = &shared.metrics.tunnel;
+    let Some(_source) = shared.tunnel_sources.acquire(conn.source.ip()) else {
+        shared.log_refusal(("tunnel", "source_limit"), |count| {
+            info!(peer = %conn.peer, source = %conn.source.ip(), count, "tunnel connection refused: its source address holds --tunnel-max-connections-per-source open already")
+        });
+        return metrics
+            .connections_refused
+            .with_label_values(&["source_limit"])
+            .inc();
+    };
     let handshake = builder(&shared.tunnel).handshake::<_, Bytes>(io);
     let mut h2 = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Ok(Ok(h2)) => h2,
