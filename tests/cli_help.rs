@@ -163,15 +163,17 @@ fn webhook_bind_error_is_one_line_naming_flag_and_address() {
     }
 }
 
-/// `portcullis completion bash | head` and `portcullis man | head`: a pipe
-/// whose reader is gone ends the command quietly with exit 0, like other
-/// tools (it used to panic with a backtrace, or print "Broken pipe").
+/// `portcullis completion bash | head`, `portcullis man | head` and
+/// `portcullis init --dry-run | head`: a pipe whose reader is gone ends the
+/// command quietly with exit 0, like other tools (it used to panic with a
+/// backtrace, or print "Broken pipe").
 #[test]
 fn a_closed_pipe_ends_completion_and_man_quietly() {
     for args in [
         &["completion", "bash"][..],
         &["completion", "zsh"],
         &["man"],
+        &["init", "--dry-run", "--backend", "nft", "--ipv6", "on"],
     ] {
         // The reader is closed before the command writes its first byte,
         // so every write meets EPIPE.
