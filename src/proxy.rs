@@ -69,7 +69,7 @@ pub use http::AppClients;
 pub use inbound::{Inbound, PendingHandshakes};
 pub use orig_dst::original_destination;
 pub use outbound::{Outbound, UpstreamListener};
-pub use own_address::{is_own_address, same_host};
+pub use own_address::{may_receive, same_host};
 pub use plan::{plan, OutboundPolicy, Route};
 pub use policy::Policy;
 pub use read_ahead::ReadAhead;

@@ -145,15 +145,14 @@ impl Inbound {
 }
 
 /// Whether a redirected connection's original destination is this pod's
-/// own address and not one of the sidecar's ports. A packet routed
+/// own address, not a loopback one and not one of the sidecar's ports. A packet routed
 /// through the pod to another host, or one aimed at a sidecar port, would
 /// otherwise have the sidecar connect there on the sender's behalf.
 fn own_destination(shared: &Shared, stream: &TcpStream, target: SocketAddr) -> bool {
     let Ok(local) = stream.local_addr() else {
         return false;
     };
-    !shared.tunnel.own_ports.contains(&target.port())
-        && super::is_own_address(target.ip(), local.ip())
+    super::may_receive(target, local.ip(), &shared.tunnel.own_ports)
 }
 
 /// Counts and logs (at most once per interval) a pending connection closed

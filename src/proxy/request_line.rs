@@ -97,6 +97,18 @@ struct Line {
     /// The line starts like a PROXY protocol (v1) header: `PROXY TCP4` or
     /// `PROXY TCP6` (then six words), or `PROXY UNKNOWN` (anything after).
     proxy: Option<ProxyV1>,
+    /// A separator other than one space (a tab, two spaces, 0xa0…): the
+    /// PROXY header grammar allows single spaces only, and a server that
+    /// splits on spaces alone reads `PROXY\tUNKNOWN` as one method.
+    odd_space: bool,
+    /// The same line split on spaces alone, as the JDK's server splits it
+    /// (a tab is part of a word there): its words so far, and whether its
+    /// second word starts like a target.
+    sp_words: u8,
+    sp_in_word: bool,
+    sp_head: [u8; HEAD],
+    sp_head_len: usize,
+    sp_target: bool,
     /// A control byte after the method: not text a line protocol sends,
     /// so the sniff need not wait for the line to end.
     control: bool,
@@ -151,6 +163,7 @@ impl LineScan {
         }
         let mut line = self.line.clone();
         line.end_word();
+        line.end_space_word();
         line.judge()
     }
 
@@ -218,20 +231,26 @@ impl LineScan {
         }
         if b == b'\n' {
             line.end_word();
+            line.end_space_word();
             // Only a header of the PROXY grammar is skipped: a request
-            // with `PROXY` as its method is judged like any other line.
-            let proxy_v1 = match line.proxy {
+            // with `PROXY` as its method is judged like any other line, and
+            // so is one spaced otherwise or ending in a version.
+            let grammar = match line.proxy {
                 Some(ProxyV1::Addresses) => line.words == 6,
                 Some(ProxyV1::Unknown) => true,
                 None => false,
             };
+            let proxy_v1 = grammar && !line.odd_space && !line.version;
             if proxy_v1 && matches!(self.prelude, Prelude::Lines { proxy_seen: false }) {
                 self.next_line();
                 return None;
             }
             return Some(line.judge());
         }
+        line.space_split(b);
         if is_space(b) {
+            // The CR of a CRLF line end is no separator.
+            line.odd_space |= (b != b' ' && b != b'\r') || !line.in_word;
             line.end_word();
             return None;
         }
@@ -268,6 +287,32 @@ impl LineScan {
 }
 
 impl Line {
+    /// Follows the split on spaces alone (`b` is not the line end).
+    fn space_split(&mut self, b: u8) {
+        if b == b' ' {
+            self.end_space_word();
+            return;
+        }
+        if !self.sp_in_word {
+            self.sp_in_word = true;
+            self.sp_words = self.sp_words.saturating_add(1);
+        }
+        if self.sp_words == 2 && self.sp_head_len < HEAD {
+            self.sp_head[self.sp_head_len] = b;
+            self.sp_head_len += 1;
+        }
+    }
+
+    fn end_space_word(&mut self) {
+        if !self.sp_in_word {
+            return;
+        }
+        self.sp_in_word = false;
+        if self.sp_words == 2 {
+            self.sp_target = starts_like_target(&self.sp_head[..self.sp_head_len]);
+        }
+    }
+
     fn end_word(&mut self) {
         if !self.in_word {
             return;
@@ -282,9 +327,7 @@ impl Line {
             self.version = starts(b"HTTP/") || starts(b"RTSP/") || starts(b"ICE/");
         }
         if self.words == 2 {
-            self.target = matches!(head.first(), Some(b'/' | b'*'))
-                || starts(b"http://")
-                || starts(b"https://");
+            self.target = starts_like_target(head);
             if &self.method[..self.method_len.min(HEAD)] == b"PROXY" {
                 self.proxy = match head {
                     b"TCP4" | b"TCP6" => Some(ProxyV1::Addresses),
@@ -303,7 +346,7 @@ impl Line {
     /// (lowercase two-word lines are text protocols: memcached's `get key`).
     fn judge(&self) -> Verdict {
         let versioned = self.words >= 2 && self.version;
-        let targeted = self.words >= 3 && self.target;
+        let targeted = (self.words >= 3 && self.target) || (self.sp_words >= 3 && self.sp_target);
         let get = &self.method[..self.method_len.min(HEAD)] == b"GET";
         let simple = self.words == 2 && (get || (self.target && !self.method_has_lowercase));
         if versioned || targeted || simple {
@@ -312,6 +355,15 @@ impl Line {
             Verdict::NotRequest
         }
     }
+}
+
+/// Whether a word starts like a request target: a path, `*`, or an
+/// absolute `http://` or `https://` URI.
+fn starts_like_target(head: &[u8]) -> bool {
+    let starts = |prefix: &[u8]| {
+        head.len() >= prefix.len() && head[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    matches!(head.first(), Some(b'/' | b'*')) || starts(b"http://") || starts(b"https://")
 }
 
 /// The error a [`FirstLineGuard`] fails a read with.

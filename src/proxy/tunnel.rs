@@ -38,7 +38,7 @@ const MAX_FRAME: u32 = 1024 * 1024;
 const SEND_BUFFER: usize = 1024 * 1024;
 
 /// The default of `--tunnel-max-connections-per-source`.
-pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 32;
 
 /// How long a peer whose tunnel port refused us is sent per-connection
 /// mTLS without trying its tunnel again.

@@ -302,6 +302,10 @@ async fn no_way_of_sending_a_request_line_gets_a_forged_caller_to_the_app() {
             vec![text(&request("DELETE /admin/x XYZ", "\r\n"))],
         ),
         (
+            "a PROXY header spaced with a tab",
+            vec![text(&request("PROXY\tUNKNOWN /admin/x HTTP/1.1", "\r\n"))],
+        ),
+        (
             "a word after the version",
             vec![text(&request("DELETE /admin/x HTTP/1.1 x", "\r\n"))],
         ),

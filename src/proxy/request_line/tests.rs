@@ -58,6 +58,13 @@ fn request_lines_however_spaced_or_named() {
         b"PROXY /admin/delete-all\r\n",
         b"PROXY / HTTP/1.1\r\nDELETE /admin/users HTTP/1.1\r\n",
         b"PROXY TCP4 /admin HTTP/1.1\r\n",
+        // A PROXY header spaced otherwise, or ending in a version: the JDK
+        // splits on spaces only and reads `PROXY\tUNKNOWN` as the method.
+        b"PROXY\tUNKNOWN /admin HTTP/1.1\r\n",
+        b"PROXY\x0bUNKNOWN /admin HTTP/1.1\r\n",
+        b"PROXY\tTCP4 /admin HTTP/1.1 a b\r\n",
+        b"PROXY\xa0TCP4 /admin HTTP/1.1 a b\r\n",
+        b"PROXY UNKNOWN HTTP/1.1\r\n",
     ];
     for line in requests {
         let text = String::from_utf8_lossy(line);
@@ -79,6 +86,8 @@ fn other_first_lines() {
         b"PROXY TCP4 10.9.9.9 10.0.0.1 1111 80\r\nget key\r\n",
         b"GET x y\r\n",
         b"CWD pub extra\r\n",
+        // Not a PROXY header (two spaces), and no server reads a target in it.
+        b"PROXY TCP4  /admin HTTP/1.1 a b\r\n",
         // One PROXY header only.
         b"PROXY TCP4 a\r\nPROXY TCP4 b\r\nGET / HTTP/1.1\r\n",
         b"PING\r\n",
