@@ -122,6 +122,18 @@ pub fn plan(opts: &InitOptions) -> RulePlan {
                 .into(),
         ));
         for &family in &families {
+            let loopback = match family {
+                Family::V4 => "127.0.0.0/8",
+                Family::V6 => "::1/128",
+            };
+            inbound.push(rule(
+                Some(family),
+                vec![Match::Daddr(vec![Cidr::parse(loopback).expect("constant")])],
+                Verdict::Return,
+                "loopback is never a destination from outside the pod (routing drops it)".into(),
+            ));
+        }
+        for &family in &families {
             let sources = per_family(&opts.exclude_inbound_cidrs, family);
             if !sources.is_empty() {
                 inbound.push(rule(
@@ -291,6 +303,8 @@ mod tests {
                 opts: InitOptions::default(),
                 inbound: &[
                     "dst!=local return",
+                    "IPv4 dst=127.0.0.0/8 return",
+                    "IPv6 dst=::1/128 return",
                     "dport=15008,15020 return",
                     "redirect:15006",
                 ],
@@ -307,7 +321,11 @@ mod tests {
                     exclude_inbound_ports: vec![],
                     ..InitOptions::default()
                 },
-                inbound: &["dst!=local return", "redirect:1006"],
+                inbound: &[
+                    "dst!=local return",
+                    "IPv4 dst=127.0.0.0/8 return",
+                    "redirect:1006",
+                ],
                 outbound: &[
                     "uid=7 return",
                     "gid=8 return",
@@ -333,6 +351,8 @@ mod tests {
                 },
                 inbound: &[
                     "dst!=local return",
+                    "IPv4 dst=127.0.0.0/8 return",
+                    "IPv6 dst=::1/128 return",
                     "IPv4 src=10.0.0.0/8 return",
                     "IPv6 src=fd00::/8 return",
                     "dport=15008,15020 return",
@@ -359,6 +379,7 @@ mod tests {
                 },
                 inbound: &[
                     "dst!=local return",
+                    "IPv4 dst=127.0.0.0/8 return",
                     "dport=15008,15020 return",
                     "redirect:15006",
                 ],

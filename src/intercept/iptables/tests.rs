@@ -9,6 +9,7 @@ const DEFAULTS_V4: &str = r#"# portcullis interception rules (IPv4), one transac
 :PORTCULLIS_INBOUND - [0:0]
 :PORTCULLIS_OUTBOUND - [0:0]
 -A PORTCULLIS_INBOUND -p tcp -m addrtype ! --dst-type LOCAL -m comment --comment "portcullis: only connections to an address of this pod are redirected (no proxy for packets routed through it)" -j RETURN
+-A PORTCULLIS_INBOUND -d 127.0.0.0/8 -p tcp -m comment --comment "portcullis: loopback is never a destination from outside the pod (routing drops it)" -j RETURN
 -A PORTCULLIS_INBOUND -p tcp -m multiport --dports 15008,15020 -m comment --comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected" -j RETURN
 -A PORTCULLIS_INBOUND -p tcp -m comment --comment "portcullis: all other inbound TCP goes to the sidecar inbound listener" -j REDIRECT --to-ports 15006
 -A PORTCULLIS_OUTBOUND -p tcp -m owner --uid-owner 1500 -m comment --comment "portcullis: the sidecar (uid 1500) is never redirected, or its own connections would loop" -j RETURN
@@ -32,6 +33,7 @@ const EXCLUSIONS_V6_RERUN: &str = r#"# portcullis interception rules (IPv6), one
 -D OUTPUT -p tcp -m comment --comment "portcullis: outbound TCP interception" -j PORTCULLIS_OUTBOUND
 -X PORTCULLIS_OLD
 -A PORTCULLIS_INBOUND -p tcp -m addrtype ! --dst-type LOCAL -m comment --comment "portcullis: only connections to an address of this pod are redirected (no proxy for packets routed through it)" -j RETURN
+-A PORTCULLIS_INBOUND -d ::1/128 -p tcp -m comment --comment "portcullis: loopback is never a destination from outside the pod (routing drops it)" -j RETURN
 -A PORTCULLIS_INBOUND -s fd00::/8 -p tcp -m comment --comment "portcullis: excluded source networks (--exclude-inbound-cidrs) go straight to the app" -j RETURN
 -A PORTCULLIS_INBOUND -s fd01::/16 -p tcp -m comment --comment "portcullis: excluded source networks (--exclude-inbound-cidrs) go straight to the app" -j RETURN
 -A PORTCULLIS_INBOUND -p tcp -m multiport --dports 15008,15020 -m comment --comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected" -j RETURN

@@ -20,6 +20,8 @@ table inet portcullis {
 	}
 	chain inbound {
 		fib daddr type != local return comment "portcullis: only connections to an address of this pod are redirected (no proxy for packets routed through it)"
+		ip daddr 127.0.0.0/8 return comment "portcullis: loopback is never a destination from outside the pod (routing drops it)"
+		ip6 daddr ::1/128 return comment "portcullis: loopback is never a destination from outside the pod (routing drops it)"
 		tcp dport { 15008, 15020 } return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected"
 		meta l4proto tcp redirect to :15006 comment "portcullis: all other inbound TCP goes to the sidecar inbound listener"
 	}
@@ -49,6 +51,7 @@ table inet portcullis {
 	}
 	chain inbound {
 		fib daddr type != local return comment "portcullis: only connections to an address of this pod are redirected (no proxy for packets routed through it)"
+		ip daddr 127.0.0.0/8 return comment "portcullis: loopback is never a destination from outside the pod (routing drops it)"
 		ip saddr { 10.0.0.0/8, 192.168.0.0/16 } return comment "portcullis: excluded source networks (--exclude-inbound-cidrs) go straight to the app"
 		tcp dport { 22, 15008, 15020 } return comment "portcullis: excluded inbound ports (--exclude-inbound-ports, by default the tunnel and admin ports) are not redirected"
 		tcp dport { 8080, 9000-9100 } redirect to :7006 comment "portcullis: inbound TCP to --include-inbound-ports goes to the sidecar inbound listener"
