@@ -89,6 +89,15 @@ pub enum Verdict {
     Redirect(u16),
 }
 
+/// The destination is the family's loopback network.
+fn to_loopback(family: Family) -> Match {
+    let net = match family {
+        Family::V4 => "127.0.0.0/8",
+        Family::V6 => "::1/128",
+    };
+    Match::Daddr(vec![Cidr::parse(net).expect("constant")])
+}
+
 /// Builds the rule plan for `opts`. Pure: the same options always give the
 /// same plan, which is what makes dry runs and idempotency trustworthy.
 pub fn plan(opts: &InitOptions) -> RulePlan {
@@ -122,13 +131,9 @@ pub fn plan(opts: &InitOptions) -> RulePlan {
                 .into(),
         ));
         for &family in &families {
-            let loopback = match family {
-                Family::V4 => "127.0.0.0/8",
-                Family::V6 => "::1/128",
-            };
             inbound.push(rule(
                 Some(family),
-                vec![Match::Daddr(vec![Cidr::parse(loopback).expect("constant")])],
+                vec![to_loopback(family)],
                 Verdict::Return,
                 "loopback is never a destination from outside the pod (routing drops it)".into(),
             ));
@@ -190,13 +195,9 @@ pub fn plan(opts: &InitOptions) -> RulePlan {
         ),
     ];
     for &family in &families {
-        let loopback = match family {
-            Family::V4 => "127.0.0.0/8",
-            Family::V6 => "::1/128",
-        };
         outbound.push(rule(
             Some(family),
-            vec![Match::Daddr(vec![Cidr::parse(loopback).expect("constant")])],
+            vec![to_loopback(family)],
             Verdict::Return,
             "loopback destinations stay local".into(),
         ));

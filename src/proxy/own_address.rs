@@ -15,7 +15,7 @@ pub fn same_host(a: IpAddr, b: IpAddr) -> bool {
 /// destination to the primary address of the interface it came in on);
 /// any other address is asked of the kernel, which lets a socket bind
 /// only to a local address.
-pub fn is_own_address(ip: IpAddr, arrived_on: IpAddr) -> bool {
+fn is_own_address(ip: IpAddr, arrived_on: IpAddr) -> bool {
     same_host(ip, arrived_on) || bindable(ip.to_canonical())
 }
 
